@@ -1,0 +1,1 @@
+"""jackpots_jax: lottery jackpots (sparse masks over frozen pre-trained weights) in JAX."""
