@@ -1,0 +1,37 @@
+"""Independent numpy references for the core functions (brute force, full stable sorts)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+
+def topk_mask(scores, keep, current=None):
+    """The first `keep` entries of a stable sort by (score desc, in `current` first, index asc)."""
+    s = np.asarray(scores, np.float64).ravel()
+    cur = np.zeros(s.size, bool) if current is None else np.asarray(current, bool).ravel()
+    # np.lexsort sorts by the last key first; -s maps -0.0 and 0.0 to equal keys.
+    order = np.lexsort((np.arange(s.size), (~cur).astype(np.int8), -s))
+    mask = np.zeros(s.size, bool)
+    mask[order[:keep]] = True
+    return mask.reshape(np.shape(scores))
+
+
+def restricted_refresh(scores, old, keep, rate):
+    """ALGORITHM.md 6.3 by brute force: ceil(rate * c) of the c proposed swaps, extremes first."""
+    s = np.asarray(scores, np.float64).ravel()
+    old = np.asarray(old, bool).ravel()
+    target = topk_mask(s, keep, old).ravel()
+    revive = np.flatnonzero(target & ~old)
+    remove = np.flatnonzero(old & ~target)
+    c = revive.size
+    n = c if rate >= 1 else math.ceil(Fraction(repr(float(rate))) * c)
+    # Highest-scored revivals (ties: lower index); lowest-scored removals (ties: higher index).
+    come_in = revive[np.lexsort((revive, -s[revive]))][:n]
+    go_out = remove[np.lexsort((-remove, s[remove]))][:n]
+    new = old.copy()
+    new[go_out] = False
+    new[come_in] = True
+    return new.reshape(np.shape(scores)), c, n
