@@ -1,0 +1,108 @@
+"""ImageNet ResNets in torchvision's layout: ResNet-18/34 (basic blocks) and ResNet-50 (bottleneck).
+
+A 7x7 stride-2 stem conv, a 3x3 stride-2 max-pool, four stages of widths 64/128/256/512 (stride 2
+at the start of stages 2-4), global average pooling and the classifier. The bottleneck puts its
+stride on the 3x3 conv (torchvision's "ResNet v1.5", also the lottery-jackpots reference code's);
+a projection shortcut (1x1 conv + BN) is used where the shape changes.
+
+Module names follow torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/downsample_conv`,
+`layer1_0/downsample_bn`, ..., the classifier `head`), so `jackpots_jax.convert` maps
+`layer1_0/downsample_conv` to `layer1.0.downsample.0` and `head` to `fc`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jackpots_jax.models import layers
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity or projection shortcut (expansion 1).
+
+    Attributes:
+      planes: output channels.
+      stride: stride of the first conv and of the projection.
+    """
+
+    planes: int
+    stride: int = 1
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        y = layers.conv(self.planes, 3, self.stride, name="conv1")(x)
+        y = nn.relu(layers.batch_norm(train, "bn1")(y))
+        y = layers.conv(self.planes, 3, name="conv2")(y)
+        y = layers.batch_norm(train, "bn2")(y)
+        return nn.relu(y + _projection(x, self.planes, self.stride, train))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 conv+BN layers, output `4 * planes` channels.
+
+    Attributes:
+      planes: channels of the inner convs; the block outputs `4 * planes`.
+      stride: stride of the 3x3 conv and of the projection.
+    """
+
+    planes: int
+    stride: int = 1
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        out = self.planes * self.expansion
+        y = layers.conv(self.planes, 1, name="conv1")(x)
+        y = nn.relu(layers.batch_norm(train, "bn1")(y))
+        y = layers.conv(self.planes, 3, self.stride, name="conv2")(y)
+        y = nn.relu(layers.batch_norm(train, "bn2")(y))
+        y = layers.conv(out, 1, name="conv3")(y)
+        y = layers.batch_norm(train, "bn3")(y)
+        return nn.relu(y + _projection(x, out, self.stride, train))
+
+
+def _projection(x: jnp.ndarray, out: int, stride: int, train: bool) -> jnp.ndarray:
+    """The shortcut: identity, or a strided 1x1 conv + BN where the shape changes.
+
+    Called inside a block's compact `__call__`, so the layers belong to that block.
+    """
+    if stride == 1 and x.shape[-1] == out:
+        return x
+    x = layers.conv(out, 1, stride, name="downsample_conv")(x)
+    return layers.batch_norm(train, "downsample_bn")(x)
+
+
+class ResNet(nn.Module):
+    """ResNet for ImageNet-sized inputs (any size works; 224x224 is the standard).
+
+    Attributes:
+      stage_sizes: number of blocks in each of the four stages, e.g. `(3, 4, 6, 3)`.
+      block: `BasicBlock` or `Bottleneck`.
+      num_classes: number of logits.
+
+    Example:
+      >>> model = ResNet((3, 4, 6, 3), Bottleneck, num_classes=1000)       # ResNet-50
+      >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    """
+
+    stage_sizes: tuple[int, ...]
+    block: type[BasicBlock] | type[Bottleneck]
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Logits `[batch, num_classes]` (float32) of NHWC images `x`."""
+        x = layers.inputs(x)
+        x = layers.conv(64, 7, 2, name="conv1")(x)
+        x = nn.relu(layers.batch_norm(train, "bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, blocks in enumerate(self.stage_sizes):
+            for i in range(blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                x = self.block(64 * 2**stage, stride, name=f"layer{stage + 1}_{i}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return layers.logits(layers.head(self.num_classes)(x))

@@ -1,0 +1,260 @@
+"""Models: registry, interface, shortcut and batch-norm numerics, parameter counts by hand."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jackpots_jax import models
+from jackpots_jax.models import layers
+from jackpots_jax.models.resnet_cifar import CifarBasicBlock
+from jackpots_jax.models.small import max_pool_2x2
+
+ALL = (
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet32_w2",
+    "vgg19",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "fmnist_cnn",
+)
+
+
+def abstract_variables(name, num_classes=10, hw=None, **kwargs):
+    model = models.create(name, num_classes, **kwargs)
+    h, w, c = models.input_shape(name)
+    if hw is not None:
+        h = w = hw
+    x = jax.ShapeDtypeStruct((2, h, w, c), jnp.float32)
+    return model, x, jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def kernels(params):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(k.key for k in p): v for p, v in flat if p[-1].key == "kernel"}
+
+
+def test_names_lists_every_model():
+    assert set(models.names()) == set(ALL)
+
+
+def test_create_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match="resnet99") as err:
+        models.create("resnet99", 10)
+    for name in ALL:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.5, True])
+def test_create_rejects_bad_num_classes(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        models.create("resnet20", num_classes)
+
+
+def test_create_rejects_unknown_option():
+    with pytest.raises(ValueError, match="depth.*allowed options: \\['width'\\]"):
+        models.create("resnet20", 10, depth=3)
+    with pytest.raises(ValueError, match="width"):
+        models.create("vgg19", 10, width=2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_interface(name):
+    """Logits [B, classes] float32; classifier `head` at the top; conv kernels HWIO, no bias."""
+    model, x, variables = abstract_variables(
+        name, num_classes=7, hw=64 if "resnet" in name else None
+    )
+    assert set(variables) == {"params", "batch_stats"}
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert out.shape == (2, 7) and out.dtype == jnp.float32
+    out, updates = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x
+    )
+    assert out.shape == (2, 7) and out.dtype == jnp.float32
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+        variables["batch_stats"]
+    )
+
+    params = variables["params"]
+    assert params["head"]["kernel"].shape[-1] == 7 and params["head"]["bias"].shape == (7,)
+    for path, kernel in kernels(params).items():
+        assert kernel.ndim in (2, 4), path
+        if kernel.ndim == 4:
+            module = params
+            for key in path.split("/")[:-1]:
+                module = module[key]
+            assert set(module) == {"kernel"}, f"{path}: a conv followed by batch norm has no bias"
+    assert params["conv1"]["kernel"].shape[2] == x.shape[-1]
+
+
+def test_width_multiplier_and_resnet32_w2():
+    _, _, w2 = abstract_variables("resnet32", width=2)
+    _, _, ref = abstract_variables("resnet32_w2")
+    shapes = lambda v: jax.tree.map(lambda a: a.shape, v)
+    assert shapes(w2) == shapes(ref)
+    assert ref["params"]["conv1"]["kernel"].shape == (3, 3, 3, 32)
+    assert ref["params"]["layer3_4"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert ref["params"]["head"]["kernel"].shape == (128, 10)
+
+
+@pytest.mark.parametrize("depth,blocks", [(20, 3), (32, 5), (56, 9)])
+def test_cifar_resnet_depth(depth, blocks):
+    _, _, v = abstract_variables(f"resnet{depth}")
+    params = v["params"]
+    for stage in (1, 2, 3):
+        assert f"layer{stage}_{blocks - 1}" in params and f"layer{stage}_{blocks}" not in params
+    # 2 convs per block, the stem and the classifier.
+    assert len(kernels(params)) == depth
+
+
+def test_cifar_resnet_rejects_bad_depth():
+    model = models.create("resnet20", 10)
+    bad = model.clone(depth=21)
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        jax.eval_shape(bad.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_option_a_shortcut_subsamples_and_pads_evenly():
+    """With zero conv kernels (and identity batch norms) a block is relu(shortcut(x))."""
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    identity = {"scale": np.ones(9, np.float32), "bias": np.zeros(9, np.float32)}
+    params = {
+        "conv1": {"kernel": np.zeros((3, 3, 4, 9), np.float32)},
+        "conv2": {"kernel": np.zeros((3, 3, 9, 9), np.float32)},
+        "bn1": identity,
+        "bn2": identity,
+    }
+    fresh = {"mean": np.zeros(9, np.float32), "var": np.ones(9, np.float32)}
+    variables = {"params": params, "batch_stats": {"bn1": fresh, "bn2": fresh}}
+    out = np.asarray(CifarBasicBlock(planes=9, stride=2).apply(variables, x, train=False))
+    expected = np.zeros((2, 4, 4, 9), np.float32)
+    # 5 zero channels: (9 - 4) // 2 = 2 in front, the other 3 behind (the common CIFAR code).
+    expected[..., 2:6] = x[:, ::2, ::2, :]
+    np.testing.assert_allclose(out, np.maximum(expected, 0.0), rtol=0, atol=1e-6)
+
+
+def test_batch_norm_uses_pytorch_numerics():
+    """eps 1e-5, running average with PyTorch momentum 0.1 (Flax 0.9), batch stats in train."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(4, 5, 5, 3)).astype(np.float32)
+    bn = layers.batch_norm(train=True, name="bn")
+    variables = bn.init(jax.random.key(0), x)
+    out, updates = bn.apply(variables, x, mutable=["batch_stats"])
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+
+    # A running variance of the order of eps tells PyTorch's eps (1e-5) from Flax's (1e-6).
+    stats = {"mean": np.float32([1.0, -1.0, 0.5]), "var": np.float32([4.0, 1e-5, 1.0])}
+    params = {"scale": np.float32([2.0, 1.0, -1.0]), "bias": np.float32([0.0, 1.0, 3.0])}
+    out = layers.batch_norm(train=False, name="bn").apply(
+        {"params": params, "batch_stats": stats}, x
+    )
+    expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"]
+    np.testing.assert_allclose(out, expected + params["bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_vgg19_layout():
+    _, _, v = abstract_variables("vgg19")
+    convs = {k: a.shape for k, a in kernels(v["params"]).items() if a.ndim == 4}
+    widths = [64, 64, 128, 128] + [256] * 4 + [512] * 8
+    assert [convs[f"conv{i}/kernel"][-1] for i in range(1, 17)] == widths
+    assert len(convs) == 16
+    assert v["params"]["head"]["kernel"].shape == (512, 10)  # no hidden dense layers
+
+
+def test_bad_input_rank():
+    model = models.create("fmnist_cnn", 10)
+    with pytest.raises(ValueError, match="NHWC"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((28, 28, 1)))
+
+
+@pytest.mark.parametrize("hw", [8, 7])
+def test_small_model_pool_equals_max_pool(hw):
+    x = np.random.default_rng(0).normal(size=(2, hw, hw, 3)).astype(np.float32)
+    want = nn.max_pool(x, (2, 2), strides=(2, 2))  # VALID: an odd last row / column is dropped
+    np.testing.assert_array_equal(max_pool_2x2(x), want)
+
+
+def test_small_model_trains_and_updates_batch_stats():
+    model = models.create("fmnist_cnn", 10)
+    x = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
+    y = np.arange(16) % 10
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+
+    @jax.jit
+    def step(params, stats):
+        def loss(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            picked = jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)
+            return -picked.mean(), updates["batch_stats"]
+
+        (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), new_stats, value
+
+    params, stats = variables["params"], variables["batch_stats"]
+    params, new_stats, first = step(params, stats)
+    assert not np.allclose(new_stats["bn1"]["mean"], stats["bn1"]["mean"])
+    for _ in range(20):
+        params, _, value = step(params, stats)
+    assert value < 0.5 * first
+
+
+# Parameter counts, from the architecture arithmetic (k * k * c_in * c_out per conv).
+
+
+def test_resnet32_w2_masked_weight_count():
+    n, widths = 5, (32, 64, 128)
+    convs = 3 * 3 * 3 * 32  # stem
+    cin = 32
+    for w in widths:
+        for _ in range(n):
+            convs += 3 * 3 * cin * w + 3 * 3 * w * w
+            cin = w
+    assert convs == 1_844_064  # "about 1.85M" prunable weights of the reference ResNet-32
+    _, _, v = abstract_variables("resnet32_w2")
+    counted = sum(a.size for a in kernels(v["params"]).values() if a.ndim == 4)
+    assert counted == convs
+
+
+def test_vgg19_conv_weight_count():
+    cfg = [64, 64, 128, 128, 256, 256, 256, 256] + [512] * 8
+    cins = [3] + cfg[:-1]
+    convs = sum(9 * cin * cout for cin, cout in zip(cins, cfg, strict=True))
+    assert convs == 20_018_880  # "20.0M"
+    _, _, v = abstract_variables("vgg19")
+    counted = sum(a.size for a in kernels(v["params"]).values() if a.ndim == 4)
+    assert counted == convs
+
+
+def test_resnet50_total_parameter_count():
+    bn = lambda c: 2 * c  # scale and bias (the running statistics are not parameters)
+    total = 7 * 7 * 3 * 64 + bn(64)
+    cin = 64
+    for planes, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True):
+        for i in range(blocks):
+            total += cin * planes + bn(planes)
+            total += 9 * planes * planes + bn(planes)
+            total += planes * 4 * planes + bn(4 * planes)
+            if i == 0:
+                total += cin * 4 * planes + bn(4 * planes)
+            cin = 4 * planes
+    total += 2048 * 1000 + 1000
+    assert total == 25_557_032  # torchvision's ResNet-50
+    _, _, v = abstract_variables("resnet50", num_classes=1000)
+    assert sum(a.size for a in jax.tree.leaves(v["params"])) == total
+
+
+def test_input_shape():
+    assert models.input_shape("fmnist_cnn") == (28, 28, 1)
+    assert models.input_shape("vgg19") == (32, 32, 3)
+    with pytest.raises(ValueError, match="unknown model"):
+        models.input_shape("lenet")
