@@ -243,6 +243,4 @@ def replace_masks(opt_state: Any, masks: PyTree) -> Any:
             return x._replace(masks=masks)
         return x
 
-    return jax.tree.map(
-        swap, opt_state, is_leaf=lambda x: isinstance(x, ShortRestrictionState)
-    )
+    return jax.tree.map(swap, opt_state, is_leaf=lambda x: isinstance(x, ShortRestrictionState))

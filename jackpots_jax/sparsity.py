@@ -49,7 +49,9 @@ def _compile_patterns(dense: str | Sequence[str] | None) -> list[re.Pattern]:
     try:
         return [re.compile(p) for p in dense]
     except re.error as e:
-        raise ValueError(f"`dense` holds an invalid regular expression {e.pattern!r}: {e}") from None
+        raise ValueError(
+            f"`dense` holds an invalid regular expression {e.pattern!r}: {e}"
+        ) from None
 
 
 def prunable_leaves(params: PyTree, dense: str | Sequence[str] | None = DEFAULT_DENSE) -> PyTree:
@@ -69,8 +71,8 @@ def prunable_leaves(params: PyTree, dense: str | Sequence[str] | None = DEFAULT_
       A pytree of Python bools with the structure of `params`.
 
     Example:
-      >>> params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4))}, 'head': {'kernel': jnp.ones((4, 2))}}
-      >>> prunable_leaves(params)
+      >>> conv, head = jnp.ones((3, 3, 1, 4)), jnp.ones((4, 2))
+      >>> prunable_leaves({'conv': {'kernel': conv}, 'head': {'kernel': head}})
       {'conv': {'kernel': True}, 'head': {'kernel': False}}
     """
     patterns = _compile_patterns(dense)
@@ -290,8 +292,9 @@ def sparsity_report(
     kernels = [0, 0]
     everything = [0, 0]
     flat_params = named_leaves(params)
-    flat_masks = jax.tree.leaves(jax.tree.map(lambda m, p: m, masks, params, is_leaf=is_none),
-                                 is_leaf=is_none)
+    flat_masks = jax.tree.leaves(
+        jax.tree.map(lambda m, p: m, masks, params, is_leaf=is_none), is_leaf=is_none
+    )
     flat_kernel = jax.tree.leaves(all_kernels)
     for (name, w), m, is_kernel in zip(flat_params, flat_masks, flat_kernel, strict=True):
         size = int(np.prod(np.shape(w)))
