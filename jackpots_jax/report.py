@@ -1,0 +1,569 @@
+"""Markdown tables, PNG plots and the `report.md` of a run, from its metrics and mask statistics.
+
+Everything here works on plain dicts: the lines of `<workdir>/metrics.jsonl` (`read_metrics`), a
+`sparsity_report`, a `mask_overlap`. The table and plot functions are pure apart from the one file a
+plot writes; `write_report` is the edge that writes a whole report.
+
+Figures are made with `matplotlib.figure.Figure` on an Agg canvas, never through `pyplot`: nothing
+is registered in pyplot's global list of open figures, the process-wide backend is left alone, and
+each figure is cleared as soon as its PNG is written.
+
+Every file is written under a temporary name in its final folder and renamed into place, so a reader
+(or a run killed half-way) never sees a half-written report or PNG.
+
+Metric records (one JSON dict per line):
+
+* `{"phase", "kind": "train", "step", "epoch", "loss", "accuracy", "learning_rate",
+  "images_per_s"}` (search lines may carry `"churn"` too);
+* `{"phase", "kind": "eval", "step", "epoch", "accuracy", "loss", "count"}`;
+* `{"phase": "search", "kind": "churn", "epoch", "churn", "churn_per_layer", "kept"}`: entries
+  flipped during that search epoch, summed over its steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+TOTALS = (
+    ("budgeted", "total over masked layers"),
+    ("prunable", "total over all conv/dense kernels"),
+    ("all", "total over all parameters"),
+)
+# How many layers a churn plot names in its legend; the rest are drawn as one "other layers" band.
+MAX_LEGEND_LAYERS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading metrics.
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a `metrics.jsonl` file, in file order.
+
+    A run killed while writing leaves its last line without the closing newline; that line is
+    dropped when it does not parse. Any other line that is not a JSON object is an error: metrics
+    are never silently lost from the middle of a file. Blank lines are skipped.
+
+    Args:
+      path: the JSON-lines file (one dict per line).
+
+    Returns:
+      A list of dicts.
+
+    Raises:
+      FileNotFoundError: the file is not there.
+      ValueError: a line other than an unterminated last one is not a JSON object; the message
+        names the file and the line number.
+
+    Example:
+      >>> records = read_metrics("/tmp/run/metrics.jsonl")
+      >>> [r["accuracy"] for r in records if r["kind"] == "eval"]
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    # After a final newline, split leaves an empty string; anything else there is unterminated.
+    unterminated = len(lines) - 1 if lines[-1] else None
+    records = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if index == unterminated:
+                break
+            raise ValueError(
+                f"{os.fspath(path)}, line {index + 1}: not valid JSON ({e.msg} at column "
+                f"{e.colno}); every line of a metrics file must be one JSON object"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{os.fspath(path)}, line {index + 1}: expected a JSON object, got "
+                f"{type(record).__name__} {line.strip()[:40]!r}"
+            )
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown tables.
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("\n", " ").replace("|", "\\|")
+
+
+def _markdown(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table; `align` holds one `l` or `r` per column."""
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _percent(fraction: Any) -> str:
+    if fraction is None:
+        return ""
+    return f"{float(fraction):.2%}"
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def _check_fraction(value: Any, field: str, where: str) -> None:
+    if value is None:
+        return
+    # numbers.Real takes numpy scalars too (an accuracy straight from a device array's item()).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: `{field}` must be a number in [0, 1], got {value!r}")
+    # NaN passes: a diverged run is still worth a row.
+    if not math.isnan(value) and not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{where}: `{field}` must be a fraction in [0, 1] (it is printed as a percentage), "
+            f"got {value!r}"
+        )
+
+
+def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of final results, one row per model.
+
+    Known columns come first (`model`, `sparsity`, `accuracy`, `loss`), then any other keys in the
+    order they first appear, then `note`. A column no row has is left out; a row without a key
+    gets an empty cell. `sparsity` and `accuracy` are fractions, printed as percentages with two
+    decimals; `loss` gets four decimals.
+
+    Args:
+      rows: dicts such as `{"model": "dense", "sparsity": 0.0, "accuracy": 0.9271,
+        "loss": 0.21, "note": "pre-trained"}`.
+
+    Returns:
+      The table as one string (no trailing newline).
+
+    Raises:
+      ValueError: `rows` is empty, or a `sparsity`/`accuracy` is outside [0, 1].
+
+    Example:
+      >>> print(results_table([{"model": "dense", "sparsity": 0.0, "accuracy": 0.9271}]))
+      | model | sparsity | accuracy |
+      |---|---:|---:|
+      | dense | 0.00% | 92.71% |
+    """
+    if not rows:
+        raise ValueError("results_table needs at least one row, got none")
+    known = ("model", "sparsity", "accuracy", "loss")
+    extra: list[str] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"results row {i} must be a mapping, got {type(row).__name__}")
+        for field in ("sparsity", "accuracy"):
+            _check_fraction(row.get(field), field, f"results row {i}")
+        extra += [k for k in row if k not in known and k != "note" and k not in extra]
+    present = set().union(*(row.keys() for row in rows))
+    columns = [k for k in known if k in present] + extra + (["note"] if "note" in present else [])
+    formats: dict[str, Callable[[Any], str]] = {
+        "sparsity": _percent,
+        "accuracy": _percent,
+        "loss": _number,
+    }
+    align = "".join("l" if c in ("model", "note") else "r" for c in columns)
+    body = [[formats.get(c, _number)(row.get(c)) for c in columns] for row in rows]
+    return _markdown(columns, align, body)
+
+
+def _require(mapping: Mapping, keys: Sequence[str], what: str, made_by: str) -> None:
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(
+            f"{what} lacks the keys {missing} (it has {sorted(mapping)}); pass the dict returned "
+            f"by {made_by}"
+        )
+
+
+def sparsity_table(report: Mapping[str, Any]) -> str:
+    """A Markdown table of a `sparsity_report`: one row per layer, then the three totals.
+
+    Layers kept dense (`masked: False`) are marked `(dense)`. When a layer's dict carries a
+    `shape`, a shape column is added.
+
+    Args:
+      report: the dict returned by `jackpots_jax.sparsity_report(masks, params)`.
+
+    Returns:
+      The table: layer, [shape,] weights, kept, sparsity (%), density (%).
+
+    Example:
+      >>> print(sparsity_table(jj.sparsity_report(masks, params)))
+    """
+    _require(report, ["layers"] + [k for k, _ in TOTALS], "the sparsity report", "sparsity_report")
+    layers = report["layers"]
+    with_shape = any("shape" in r for r in layers.values())
+    header = ["layer"] + (["shape"] if with_shape else []) + ["weights", "kept", "sparsity"]
+    header.append("density")
+
+    def row(label, r, shape=None):
+        cells = [label] + ([shape] if with_shape else [])
+        return cells + [r["size"], r["kept"], _percent(r["sparsity"]), _percent(r["density"])]
+
+    body = []
+    for name, r in layers.items():
+        label = name if r.get("masked", True) else f"{name} (dense)"
+        shape = "×".join(map(str, r["shape"])) if "shape" in r else ""
+        body.append(row(label, r, shape))
+    body += [row(f"**{label}**", report[key], "") for key, label in TOTALS]
+    return _markdown(header, "l" + "l" * with_shape + "rrrr", body)
+
+
+def overlap_table(overlap: Mapping[str, Any], names: tuple[str, str] = ("a", "b")) -> str:
+    """A Markdown table of a `mask_overlap(a, b)`: per layer, then the total.
+
+    Columns: the weights each mask keeps, the weights both keep, the IoU of the two kept sets (a
+    fraction, four decimals) and the share of `b`'s kept weights that `a` keeps too (%).
+
+    Args:
+      overlap: the dict returned by `jackpots_jax.mask_overlap(a, b)`.
+      names: what to call `a` and `b` in the header, e.g. `("jackpot", "magnitude")`.
+
+    Returns:
+      The table as one string.
+
+    Example:
+      >>> print(overlap_table(jj.mask_overlap(found, magnitude), names=("jackpot", "magnitude")))
+    """
+    _require(overlap, ["layers", "total"], "the overlap", "mask_overlap")
+    a, b = names
+    header = ["layer", f"{a} kept", f"{b} kept", "both kept", "IoU", f"share of {b} kept by {a}"]
+
+    def row(label, s):
+        return [label, s["a_kept"], s["b_kept"], s["intersection"], f"{s['iou']:.4f}"] + [
+            _percent(s["b_in_a"])
+        ]
+
+    body = [row(name, s) for name, s in overlap["layers"].items()]
+    body.append(row("**total**", overlap["total"]))
+    return _markdown(header, "lrrrrr", body)
+
+
+def _latest(records: Iterable[Mapping], kind: str, key: str) -> list[Mapping]:
+    """One record of `kind` per (phase, key): a resumed run logs some again; the last wins."""
+    chosen: dict[tuple, Mapping] = {}
+    for r in records:
+        if r.get("kind") == kind and r.get(key) is not None:
+            chosen[(r.get("phase"), r[key])] = r
+    return list(chosen.values())
+
+
+def _churn_records(records: Iterable[Mapping]) -> list[Mapping]:
+    return sorted(_latest(records, "churn", "epoch"), key=lambda r: r["epoch"])
+
+
+def churn_table(records: Iterable[Mapping[str, Any]]) -> str:
+    """A Markdown table of the mask churn of every search epoch.
+
+    Churn counts flipped mask entries, so swapping one kept weight for another counts 2; as a share
+    of the kept weights it can therefore reach 200%.
+
+    Args:
+      records: metric records (e.g. from `read_metrics`); only `kind == "churn"` ones are used. When
+        an epoch appears twice (a resumed run), the later record wins.
+
+    Returns:
+      The table: epoch, churn, churn as % of kept weights, kept.
+
+    Raises:
+      ValueError: there is no churn record.
+    """
+    rows = _churn_records(records)
+    if not rows:
+        raise ValueError('churn_table found no record with kind == "churn" (search epochs only)')
+    body = []
+    for r in rows:
+        kept = r.get("kept")
+        share = _percent(r["churn"] / kept) if kept else ""
+        body.append([r["epoch"], r["churn"], share, kept])
+    return _markdown(["epoch", "churn", "churn (% of kept)", "kept"], "rrrr", body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files atomically.
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes through `write(file)` to a temporary name in `path`'s folder, then renames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
+    # Imported here so that reading metrics and making tables does not load matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    path = Path(path)
+    try:
+        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        fig.clear()
+    return str(path)
+
+
+def _series(records: Iterable[Mapping], phase: str, kind: str, field: str):
+    rows = [r for r in records if r.get("phase") == phase and r.get(field) is not None]
+    rows = sorted(_latest(rows, kind, "step"), key=lambda r: (r["epoch"], r["step"]))
+    return [r["epoch"] for r in rows], [r[field] for r in rows]
+
+
+def plot_curves(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Loss and accuracy against epoch, train and eval, one colour per phase, as a PNG.
+
+    Train records are drawn as thin lines, eval records as dashed lines with markers. A step logged
+    twice (a resumed run) is drawn once, from its later record.
+
+    Args:
+      records: metric records; `kind` "train" and "eval" ones with an `epoch` and a `step` are used.
+      path: where to write the PNG (its folder is created).
+
+    Returns:
+      `path` as a string.
+
+    Raises:
+      ValueError: there is no train or eval record.
+    """
+    records = [r for r in records if r.get("kind") in ("train", "eval") and "epoch" in r]
+    if not records:
+        raise ValueError('plot_curves found no record with kind "train" or "eval" and an epoch')
+    phases = list(dict.fromkeys(r.get("phase") for r in records))
+    fig, axes = _figure(11, 4, 1, 2)
+    loss_ax, acc_ax = axes[0]
+    for i, phase in enumerate(phases):
+        colour = f"C{i}"
+        for kind, style in (
+            ("train", {"lw": 1, "alpha": 0.8}),
+            ("eval", {"ls": "--", "marker": "o"}),
+        ):
+            label = f"{phase} {kind}"
+            x, y = _series(records, phase, kind, "loss")
+            if x:
+                loss_ax.plot(x, y, color=colour, label=label, ms=4, **style)
+            x, y = _series(records, phase, kind, "accuracy")
+            if x:
+                acc_ax.plot(x, [100 * v for v in y], color=colour, label=label, ms=4, **style)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_sparsity(report: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """A horizontal bar per layer of a `sparsity_report`, with the masked-layer total as a line.
+
+    Args:
+      report: the dict returned by `jackpots_jax.sparsity_report`.
+      path: where to write the PNG (its folder is created).
+
+    Returns:
+      `path` as a string.
+
+    Raises:
+      ValueError: the report has no layer.
+    """
+    _require(report, ["layers", "budgeted"], "the sparsity report", "sparsity_report")
+    layers = report["layers"]
+    if not layers:
+        raise ValueError("plot_sparsity: the sparsity report has no layer")
+    names = list(layers)
+    values = [100 * layers[n]["sparsity"] for n in names]
+    colours = ["C0" if layers[n].get("masked", True) else "C7" for n in names]
+    fig, axes = _figure(8, 1.5 + 0.25 * len(names))
+    ax = axes[0][0]
+    ax.barh(range(len(names)), values, color=colours)
+    ax.set_yticks(
+        range(len(names)), [n if layers[n].get("masked", True) else f"{n} (dense)" for n in names]
+    )
+    ax.invert_yaxis()
+    total = 100 * report["budgeted"]["sparsity"]
+    ax.axvline(total, color="C3", ls="--", label=f"masked layers: {total:.2f}%")
+    ax.set(xlabel="sparsity (%)", xlim=(0, 100), title="sparsity per layer")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    return _save(fig, path)
+
+
+def plot_churn(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Mask churn per search epoch as stacked bars per layer, with the total marked on top.
+
+    The `MAX_LEGEND_LAYERS` layers with the most churn are named; the rest form one grey band. When
+    no record has `churn_per_layer`, the bars are the totals.
+
+    Args:
+      records: metric records; only `kind == "churn"` ones are used.
+      path: where to write the PNG (its folder is created).
+
+    Returns:
+      `path` as a string.
+
+    Raises:
+      ValueError: there is no churn record.
+    """
+    rows = _churn_records(records)
+    if not rows:
+        raise ValueError('plot_churn found no record with kind == "churn" (search epochs only)')
+    epochs = [r["epoch"] for r in rows]
+    totals = [r["churn"] for r in rows]
+    per_layer = [r.get("churn_per_layer") or {} for r in rows]
+    layer_sums: dict[str, int] = {}
+    for d in per_layer:
+        for name, c in d.items():
+            layer_sums[name] = layer_sums.get(name, 0) + c
+    ranked = sorted(layer_sums, key=lambda n: -layer_sums[n])
+    named, rest = ranked[:MAX_LEGEND_LAYERS], ranked[MAX_LEGEND_LAYERS:]
+    bands = [(n, [d.get(n, 0) for d in per_layer]) for n in named]
+    if rest:
+        bands.append(
+            (f"{len(rest)} other layers", [sum(d.get(n, 0) for n in rest) for d in per_layer])
+        )
+    stacked = bool(bands)
+    if not stacked:
+        bands = [("total", totals)]
+    fig, axes = _figure(10, 4.5)
+    ax = axes[0][0]
+    bottom = [0] * len(rows)
+    for i, (name, heights) in enumerate(bands):
+        colour = "lightgrey" if rest and i == len(bands) - 1 else f"C{i}"
+        ax.bar(epochs, heights, bottom=bottom, color=colour, label=name, width=0.8)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    if stacked:
+        ax.plot(epochs, totals, color="black", marker="o", ms=4, lw=1, label="total")
+    ax.set(xlabel="search epoch", ylabel="mask entries flipped", title="mask churn per epoch")
+    ax.grid(axis="y", alpha=0.3)
+    # Outside the axes: with many layers the legend would hide the bars.
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def _config_text(config: Any) -> str:
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        config = config.to_dict()
+    return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def write_report(
+    workdir: str | os.PathLike,
+    *,
+    title: str,
+    results: Sequence[Mapping[str, Any]],
+    sparsity: Mapping[str, Any] | None = None,
+    overlap: Mapping[str, Any] | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    config: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    overlap_names: tuple[str, str] = ("jackpot", "magnitude"),
+) -> str:
+    """Writes `<workdir>/report.md` and its PNGs in `<workdir>/plots/`.
+
+    Sections, in order: results, notes, sparsity per layer, overlap with the magnitude mask, mask
+    churn per search epoch, plots (linked by relative path) and the config (a fenced JSON block).
+    A section whose input is `None` or empty is left out, and so is a plot with nothing to draw.
+    Every file is written under a temporary name and renamed into place.
+
+    Args:
+      workdir: the run's folder (created if missing).
+      title: the report's heading.
+      results: rows for `results_table`.
+      sparsity: a `sparsity_report` of the found masks.
+      overlap: `mask_overlap(found_masks, magnitude_masks)`.
+      records: metric records (`read_metrics(<workdir>/metrics.jsonl)`).
+      config: the run's config (a mapping, or anything with `to_dict()` like a `ConfigDict`).
+      notes: free-text remarks, one bullet each.
+      overlap_names: what the overlap table calls its `a` and `b` masks.
+
+    Returns:
+      The path of `report.md` as a string.
+
+    Example:
+      >>> write_report(workdir, title="ResNet-20, 90% sparse", results=rows,
+      ...              sparsity=jj.sparsity_report(masks, params),
+      ...              records=read_metrics(f"{workdir}/metrics.jsonl"), config=config)
+    """
+    workdir = Path(workdir)
+    records = list(records or ())
+    sections = [f"# {title}"]
+    if results:
+        sections.append("## Results\n\n" + results_table(results))
+    if notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
+    if sparsity:
+        sections.append("## Sparsity per layer\n\n" + sparsity_table(sparsity))
+    if overlap:
+        sections.append(
+            "## Overlap with the magnitude mask\n\n" + overlap_table(overlap, overlap_names)
+        )
+    has_churn = bool(_churn_records(records))
+    if has_churn:
+        sections.append("## Mask churn per search epoch\n\n" + churn_table(records))
+
+    plots = []
+    if any(r.get("kind") in ("train", "eval") and "epoch" in r for r in records):
+        plots.append(("Loss and accuracy", plot_curves(records, workdir / "plots" / "curves.png")))
+    if sparsity and sparsity.get("layers"):
+        plots.append(
+            ("Sparsity per layer", plot_sparsity(sparsity, workdir / "plots" / "sparsity.png"))
+        )
+    if has_churn:
+        plots.append(("Mask churn", plot_churn(records, workdir / "plots" / "churn.png")))
+    if plots:
+        links = [f"![{alt}]({Path(p).relative_to(workdir).as_posix()})" for alt, p in plots]
+        sections.append("## Plots\n\n" + "\n\n".join(links))
+
+    if config:
+        sections.append("## Config\n\n```json\n" + _config_text(config) + "\n```")
+    path = workdir / "report.md"
+    _write_text(path, "\n\n".join(sections) + "\n")
+    return str(path)
