@@ -1,0 +1,122 @@
+"""A tiny search that checkpoints as it goes and resumes from its newest checkpoint.
+
+Run by `tests/test_checkpoints.py`, which kills it with SIGKILL, restarts it, and compares its final
+state with that of a run that was never stopped. Batch `i` is derived from the seed and `i` alone,
+so a resumed run sees the same batches as an uninterrupted one.
+
+Usage:
+  python tests/resume_driver.py WORKDIR OUT.npz [--steps 12] [--save-every 2] [--delay 0.05]
+
+Prints `resumed <step>` after a restore, `step <k> done` after step `k` (and its checkpoint, when
+due), and `finished` once `OUT.npz` (every state leaf by its path, and the loss history) is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from test_step import TinyNet
+
+import jackpots_jax as jj
+from jackpots_jax._tree import named_leaves
+from jackpots_jax.checkpoints import Checkpointer
+from jackpots_jax.step import create_search_state, search_optimizer, search_step
+
+
+def build_search(steps: int, seed: int = 0):
+    """A TinyNet search (70% uniform budget, cosine rate): `(model, budget, tx, state)`.
+
+    The numbers come from numpy: compiling Flax's random initialisers takes seconds on a busy CPU.
+    The state's PRNG key is a typed key, to check that one survives a checkpoint too.
+    """
+    model = TinyNet(bn=True)
+    rng = np.random.default_rng(seed)
+    x = jax.ShapeDtypeStruct((1, 8, 8, 2), jnp.float32)
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    params = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(a.dtype), abstract["params"])
+    stats = jax.tree.map(
+        lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype), abstract["batch_stats"]
+    )
+    budget = jj.layer_budgets(params, 0.7, "uniform")
+    scores = jax.tree.map(
+        lambda b, p: None if b is None else rng.normal(0, 1, p.shape).astype(np.float32),
+        budget,
+        params,
+        is_leaf=lambda x: x is None,
+    )
+    tx = search_optimizer(
+        budget, learning_rate=0.1, total_steps=steps, rate=jj.schedules.cosine(steps)
+    )
+    create = jax.jit(lambda p, s, sc: create_search_state(p, s, sc, tx, jax.random.key(seed)))
+    return model, budget, tx, create(params, stats, scores)
+
+
+def batch(seed: int, i: int, size: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, i])
+    return {
+        "image": rng.standard_normal((size, 8, 8, 2)).astype(np.float32),
+        "label": rng.integers(0, 5, size).astype(np.int32),
+    }
+
+
+def leaves_by_path(state) -> dict[str, np.ndarray]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir")
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model, budget, tx, state = build_search(args.steps, args.seed)
+    identity = {
+        "kind": "search",
+        "model": "TinyNet",
+        "budget": {name: int(b) for name, b in named_leaves(budget) if b is not None},
+        "steps": args.steps,
+    }
+    ckpt = Checkpointer(args.workdir, identity=identity, save_every_steps=args.save_every, keep=2)
+    start, losses = 0, []
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state, extra, start = restored
+        assert extra["next_batch"] == start == int(state.step), (extra, start, state.step)
+        losses = extra["losses"]
+        print(f"resumed {start}", flush=True)
+
+    step_fn = jax.jit(partial(search_step, model=model, tx=tx, budget=budget))
+    for i in range(start, args.steps):
+        state, metrics = step_fn(state, batch(args.seed, i))
+        losses.append(float(metrics["loss"]))
+        extra = {"next_batch": i + 1, "losses": losses}
+        ckpt.save(i + 1, state, extra, force=i + 1 == args.steps)
+        print(f"step {i + 1} done", flush=True)
+        time.sleep(args.delay)
+    ckpt.close()
+
+    arrays = leaves_by_path(state)
+    arrays["losses"] = np.asarray(losses, np.float64)
+    with open(args.out + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(args.out + ".tmp", args.out)
+    print("finished", flush=True)
+
+
+if __name__ == "__main__":
+    main()
