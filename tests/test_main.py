@@ -1,0 +1,305 @@
+"""End to end: the command line on every config's tiny variant, the default job, and its errors.
+
+Each run is a real subprocess of `python -m jackpots_jax.main` on small data the tests write in
+the datasets' own formats (Fashion-MNIST IDX files; tfds array_record copies of CIFAR and
+ImageNet). The checks are independent of the code under test: the exported masks hold exactly the
+budget that `layer_budgets` gives for the pre-trained weights, re-evaluating the exported jackpot
+reproduces the accuracy the search reported, evaluation counts every test example once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from test_data import Cifar10, Imagenet2012, build_fixture, encode, write_idx
+
+import jackpots_jax as jj
+from jackpots_jax import convert
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(config, workdir, *overrides, devices=1, timeout=600):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jackpots_jax.main",
+        f"--config={os.path.join(ROOT, 'configs', config)}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}"
+
+
+def results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return {row["model"]: row for row in json.load(f)}
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small datasets in the real formats.
+
+
+def learnable_images(n, shape, seed, num_classes):
+    """Images whose label can be read off them (a bright row band per class) plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    images = rng.integers(0, 80, (n, *shape), dtype=np.uint8)
+    band = shape[0] // num_classes if num_classes <= shape[0] else 1
+    for i, label in enumerate(labels):
+        row = (label * band) % shape[0]
+        images[i, row : row + max(band, 1)] = 250
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fmnist_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmnist_src")
+    names = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 300, 0),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 120, 1),
+    }
+    for images_name, labels_name, n, seed in names.values():
+        images, labels = learnable_images(n, (28, 28), seed, 10)
+        write_idx(root / images_name, images, compress=False)
+        write_idx(root / labels_name, labels, compress=False)
+    return root
+
+
+class Cifar100(Cifar10, skip_registration=True):
+    name = "cifar100"
+    VERSION = tfds.core.Version("3.0.2")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=100),
+                    "coarse_label": tfds.features.ClassLabel(num_classes=20),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A tfds data directory with tiny cifar10, cifar100 and imagenet2012 copies."""
+    root = tmp_path_factory.mktemp("tfds")
+    for cls, classes in ((Cifar10, 10), (Cifar100, 100)):
+        examples = {}
+        for split, n, seed in (("train", 40, 2), ("test", 20, 3)):
+            images, labels = learnable_images(n, (32, 32, 3), seed, classes)
+            examples[split] = [
+                {"id": f"{split}_{i}", "image": encode(x, "PNG"), "label": int(y)}
+                | ({"coarse_label": int(y) // 5} if classes == 100 else {})
+                for i, (x, y) in enumerate(zip(images, labels, strict=True))
+            ]
+        build_fixture(cls, root, examples)
+    rng = np.random.default_rng(5)
+    examples = {
+        split: [
+            {
+                "image": encode(rng.integers(0, 256, (64 + 8 * i, 72, 3), dtype=np.uint8), "JPEG"),
+                "label": int(rng.integers(0, 1000)),
+                "file_name": f"{split}_{i}.JPEG",
+            }
+            for i in range(n)
+        ]
+        for split, n in (("train", 6), ("validation", 5))
+    }
+    build_fixture(Imagenet2012, root, examples)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# The default job, cut down.
+
+
+@pytest.mark.slow
+def test_default_job_tiny(tmp_path, fmnist_source):
+    workdir = tmp_path / "work"
+    data_dir = tmp_path / "tfds"
+    proc = run_main(
+        "default.py:tiny",
+        workdir,
+        f"--config.dataset.data_dir={data_dir}",
+        f"--config.dataset.source_dir={fmnist_source}",
+    )
+    check_ok(proc)
+    rows = results(workdir)
+    assert set(rows) == {
+        "dense",
+        "magnitude pruning",
+        "magnitude pruning + BN re-estimation",
+        "jackpot (search)",
+    }
+    for row in rows.values():
+        assert row["count"] == 100  # every evaluation example exactly once (num_eval = 100)
+        assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["loss"])
+    # The band task is easy: two tiny epochs of dense training get well above chance (10%).
+    assert rows["dense"]["accuracy"] > 0.3
+    # The printed table is the one in the report.
+    assert "jackpot (search)" in proc.stdout and "report.md" in proc.stdout
+
+    # Files written.
+    for name in ("report.md", "metrics.jsonl", "results.json", "config.json"):
+        assert (workdir / name).is_file(), name
+    plots = sorted(p.name for p in (workdir / "plots").iterdir())
+    assert plots and all(p.endswith(".png") for p in plots)
+    report = (workdir / "report.md").read_text()
+    for section in ("magnitude pruning + BN re-estimation", "conv1/kernel", "fc1/kernel"):
+        assert section in report
+    export = workdir / "export"
+    assert {"masks.npz", "jackpot.safetensors", "jackpot.json"} <= {
+        p.name for p in export.iterdir()
+    }
+
+    # The exported masks hold exactly the budget of the pre-trained weights at 90% sparsity.
+    variables, _, _ = convert.import_checkpoint(
+        workdir / "pretrain" / "model.safetensors", "fmnist_cnn"
+    )
+    budget = jj.layer_budgets(variables["params"], 0.9, "global_magnitude")
+    with np.load(export / "masks.npz") as f:
+        masks = dict(f)
+    expected = {name: b for name, b in jj._tree.named_leaves(budget) if b is not None}
+    assert set(masks) == set(expected)
+    for name, pruned in expected.items():
+        assert masks[name].size - int(masks[name].sum()) == pruned, name
+    assert "head/kernel" not in masks  # the classifier stays dense
+
+    # Metrics: the search logged every epoch's churn and evaluation; steps are increasing.
+    records = metrics(workdir)
+    search = [r for r in records if r["phase"] == "search"]
+    assert [r["epoch"] for r in search if r["kind"] == "churn"] == [1, 2]
+    assert [r["epoch"] for r in search if r["kind"] == "eval"] == [1, 2]
+    steps = [r["step"] for r in search if r["kind"] == "train"]
+    assert steps == sorted(steps) and steps[-1] == 2 * (256 // 32)
+
+    # Evaluating the exported jackpot (masked weights, masks and the re-estimated BN statistics,
+    # as a PyTorch-style file) reproduces the accuracy the search reported.
+    proc = run_main(
+        "default.py:tiny",
+        workdir,
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.mode=evaluate",
+        f"--config.weights.path={export / 'jackpot.safetensors'}",
+    )
+    check_ok(proc)
+    again = results(workdir)["evaluated"]
+    assert again["accuracy"] == rows["jackpot (search)"]["accuracy"]
+    assert again["sparsity"] == pytest.approx(rows["jackpot (search)"]["sparsity"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every config's tiny variant: pretrain -> search -> evaluate -> export.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, full",
+    [
+        ("cifar10_resnet32.py", True),
+        ("cifar100_resnet32.py", False),
+        ("cifar10_vgg19.py", True),
+        ("cifar100_vgg19.py", False),
+        ("imagenet_resnet50.py", True),
+    ],
+)
+def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
+    # `full`: also evaluate and export again (the CIFAR-100 variants differ from the CIFAR-10
+    # ones only in their dataset and classifier, so they stop after the search to save CI time).
+    workdir = tmp_path / "work"
+    common = [f"--config.dataset.data_dir={tfds_dir}"]
+    check_ok(run_main(f"{config}:tiny_pretrain", workdir, *common))
+    assert (workdir / "pretrain" / "model.safetensors").is_file()
+    check_ok(run_main(f"{config}:tiny", workdir, *common))
+    rows = results(workdir)
+    assert rows["jackpot (search)"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert rows["jackpot (search)"]["count"] == (16 if config.startswith("cifar") else 4)
+    if not full:
+        return
+    check_ok(
+        run_main(
+            f"{config}:tiny",
+            workdir,
+            *common,
+            "--config.mode=evaluate",
+            f"--config.weights.path={workdir / 'export' / 'jackpot.safetensors'}",
+        )
+    )
+    assert results(workdir)["evaluated"]["accuracy"] == rows["jackpot (search)"]["accuracy"]
+    # Export from the search checkpoint again (the `export` mode) into the same files.
+    os.remove(workdir / "export" / "masks.npz")
+    check_ok(run_main(f"{config}:tiny", workdir, *common, "--config.mode=export"))
+    assert (workdir / "export" / "masks.npz").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: a clear message and a non-zero exit before any compute.
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.search.sparsityy=0.9"], "unknown config field(s) search.sparsityy"),
+        (["--config.search.sparsity=1.0"], "`search.sparsity` is 1.0"),
+        (["--config.search.batch_size=12"], "`search.batch_size` is 12"),
+        (["--config.search.rule=magnitude"], "`search.rule` is 'magnitude'"),
+    ],
+)
+def test_bad_config_values(tmp_path, fmnist_source, overrides, message):
+    proc = run_main(
+        "default.py:tiny",
+        tmp_path / "work",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+        *overrides,
+        devices=8,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_weights_is_an_error(tmp_path, fmnist_source):
+    proc = run_main(
+        "default.py:tiny",
+        tmp_path / "work",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+        "--config.mode=search",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no pre-trained weights" in proc.stderr and "weights.random" in proc.stderr
+    assert not (tmp_path / "work" / "search").exists()  # nothing started
+
+
+def test_missing_dataset_is_an_error(tmp_path):
+    proc = run_main(
+        "cifar10_vgg19.py:tiny", tmp_path / "work", f"--config.dataset.data_dir={tmp_path}"
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cifar10" in proc.stderr and "tfds build" in proc.stderr
+    assert "Traceback" not in proc.stderr
