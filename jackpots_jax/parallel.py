@@ -6,14 +6,20 @@ arguments (the state, or `params, batch_stats, masks` for evaluation) are replic
 device, the batch is split along its leading axis, and every output is replicated (the step makes
 it so with `pmean`/`psum`).
 
+Several hosts: every process calls `initialize_distributed()` first (before any other JAX call),
+builds the same mesh over the global devices (`make_mesh()`), reads only its own rows of every
+global batch and passes them through `shard_batch`; the same program then runs on every process.
+
 Example:
+  >>> initialize_distributed()  # a no-op on one machine
   >>> mesh = make_mesh()
   >>> run = data_parallel(search_step, mesh=mesh, model=model, tx=tx, budget=budget)
-  >>> state, metrics = run(state, shard_batch(batch, mesh))
+  >>> state, metrics = run(state, shard_batch(local_batch, mesh))
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -29,12 +35,154 @@ AXIS = "data"
 BACKENDS = ("shard_map", "pmap")
 
 
+# ---------------------------------------------------------------------------------------------
+# Several processes.
+
+# The variables of our own launchers (jax itself reads only JAX_COORDINATOR_ADDRESS of these).
+_ENV_ADDRESS, _ENV_COUNT, _ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+# What jax's own cluster detection (`jax._src.clusters`) looks for.
+_SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
+_OMPI_URI = "OMPI_MCA_orte_hnp_uri"
+_TPU_HOSTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def _detected_cluster() -> str | None:
+    """The cluster whose environment asks for several processes, or `None` (one machine)."""
+    if all(v in os.environ for v in _SLURM_VARS) and (_env_int("SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    if _OMPI_URI in os.environ and (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "ompi"
+    hosts = next((os.environ[v] for v in _TPU_HOSTS if os.environ.get(v)), "")
+    if len([h for h in hosts.split(",") if h.strip()]) > 1 or os.environ.get(
+        "MEGASCALE_COORDINATOR_ADDRESS"
+    ):
+        return "tpu"
+    return None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = "gloo",
+) -> bool:
+    """Joins this process to a multi-process JAX run when one is asked for; idempotent.
+
+    Call it first thing, before any other JAX call (JAX cannot join once its backend is up). It
+    calls `jax.distributed.initialize` when
+      * the arguments are given (all three), or the environment variables `JAX_COORDINATOR_ADDRESS`,
+        `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` are set (arguments win over the environment; in a
+        detected cluster, as below, any of them may be given to override what JAX detects);
+      * or one of the clusters that `jax.distributed.initialize()` detects on its own asks for more
+        than one process: a Slurm job step (`SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_NTASKS`
+        > 1, `SLURM_PROCID`, `SLURM_LOCALID`), an Open MPI launch (`OMPI_MCA_orte_hnp_uri`,
+        `OMPI_COMM_WORLD_SIZE` > 1), or a Cloud TPU pod slice (several `TPU_WORKER_HOSTNAMES` /
+        `TPU_PROCESS_ADDRESSES`, or `MEGASCALE_COORDINATOR_ADDRESS`); JAX then fills in the
+        coordinator, the process count and this process's id.
+    Otherwise (a plain machine, or one process) it does nothing and touches no JAX backend. On a
+    TPU pod slice whose hosts JAX finds without these variables, the TPU runtime joins the hosts
+    by itself and this returns `False` without harm.
+
+    Args:
+      coordinator_address: `'host:port'` of process 0, reachable from every process.
+      num_processes: the number of processes.
+      process_id: this process's id in `0 .. num_processes - 1`.
+      cpu_collectives: the CPU collectives implementation set before joining (`'gloo'`, the one
+        that runs across processes on CPU; `'mpi'` needs an MPI library), or `None` to leave
+        JAX's setting alone. It only concerns the CPU backend.
+
+    Returns:
+      Whether this run has more than one process.
+
+    Raises:
+      ValueError: only some of the three settings are given outside a detected cluster, or they
+        are invalid.
+      RuntimeError: (from JAX) a multi-process run is asked for but JAX's backend is already
+        initialised.
+
+    Example:
+      >>> initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=0)  # on host 0
+      True
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    address = coordinator_address or os.environ.get(_ENV_ADDRESS) or None
+    count = num_processes if num_processes is not None else _env_int(_ENV_COUNT)
+    pid = process_id if process_id is not None else _env_int(_ENV_ID)
+    given = {"coordinator_address": address, "num_processes": count, "process_id": pid}
+    cluster = _detected_cluster()
+    if cluster is None and any(v is None for v in given.values()):
+        if all(v is None for v in given.values()):
+            return False
+        raise ValueError(
+            f"initialize_distributed needs coordinator_address, num_processes and process_id "
+            f"together (as arguments or as {_ENV_ADDRESS}, {_ENV_COUNT}, {_ENV_ID}) outside a "
+            f"cluster JAX detects; missing "
+            f"{', '.join(k for k, v in given.items() if v is None)} (given: "
+            f"{', '.join(f'{k}={v!r}' for k, v in given.items() if v is not None)})"
+        )
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"`num_processes` must be a positive int, got {count!r}")
+        if count == 1:
+            return False
+    if pid is not None and (
+        isinstance(pid, bool)
+        or not isinstance(pid, int)
+        or not 0 <= pid < (count if count is not None else pid + 1)
+    ):
+        raise ValueError(f"`process_id` must be an int in [0, num_processes={count}), got {pid!r}")
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    # Settings left as None are filled in by JAX's detection of the cluster.
+    jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid)
+    return jax.process_count() > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes and batches.
+
+
 def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Mesh:
-    """A 1-D mesh with axis `'data'` over the first `num_devices` devices (all by default)."""
+    """A 1-D mesh with axis `'data'` over `num_devices` of `devices` (all global devices).
+
+    With several processes and no `devices`, each process contributes the same number of its
+    own devices (`num_devices // jax.process_count()`, the first ones), in process order, so
+    that every process holds a contiguous part of the batch.
+    """
+    explicit = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"`num_devices` must be in 1..{len(devices)}, got {num_devices!r}")
+    processes = jax.process_count()
+    if not explicit and processes > 1 and n < len(devices):
+        if n % processes:
+            raise ValueError(
+                f"`num_devices` must be a multiple of the {processes} processes, got {n}"
+            )
+        per_process = n // processes
+        chosen = []
+        for p in range(processes):
+            chosen += [d for d in devices if d.process_index == p][:per_process]
+        devices = chosen
     return jax.make_mesh(
         (n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
     )
@@ -44,13 +192,34 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     """Global arrays split over `'data'` from this process's share of the batch.
 
     On one host `batch` is the whole batch; on several hosts each passes its own rows and the
-    global batch is their concatenation in process order. The leading dimension must divide
-    evenly over this process's devices of the mesh.
+    global batch is their concatenation in process order (the order of `make_mesh`'s devices).
+    The leading dimension must divide evenly over this process's devices of the mesh.
     """
     sharding = NamedSharding(mesh, P(AXIS))
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
-    )
+    local = len(_local_devices(mesh))
+
+    def one(x):
+        x = np.asarray(x)
+        if not x.ndim or x.shape[0] % local:
+            raise ValueError(
+                f"a batch leaf of shape {x.shape} does not split over this process's {local} "
+                f"devices of the mesh"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, batch)
+
+
+def _local_devices(mesh: Mesh) -> list:
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def _local_rows(x: Any) -> Any:
+    """This process's rows of a global array (in mesh order); other values pass through."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards])
+    return x
 
 
 def _block_on_cpu(out: Any) -> Any:
@@ -77,7 +246,19 @@ def data_parallel(
     backend: str = "shard_map",
     **static: Any,
 ) -> Callable[..., Any]:
-    """Runs a per-device step data-parallel over the `'data'` axis.
+    """Runs a per-device step data-parallel over the `'data'` axis, on one or several hosts.
+
+    Both backends run on several processes (after `initialize_distributed`). Every process runs
+    the same program: the replicated arguments (e.g. a state built from the same seed, or the
+    previous step's outputs) must be equal on every process, and each process passes only its own
+    rows of the global batch:
+
+    * `'shard_map'` (default): a jit of `jax.shard_map` over the mesh. Pass the batch as global
+      arrays, `shard_batch(local_rows, mesh)`; the outputs are global, replicated arrays.
+    * `'pmap'`: `jax.pmap` over the mesh's devices. Each process passes its own rows (a host
+      batch, or the global arrays of `shard_batch`, whose local rows are taken); they are split
+      over its local devices and the collectives span every process. The outputs are this
+      process's copy of the replicated result, on its first local device of the mesh.
 
     Args:
       step_fn: a per-device function `step_fn(*replicated, batch, axis_name=..., **static)` whose
@@ -85,7 +266,7 @@ def data_parallel(
         `search_step`, `train_step`, `eval_step`.
       mesh: a 1-D mesh with axis `'data'` (`make_mesh()` by default). For `pmap` its devices are
         the ones used.
-      backend: `'shard_map'` (jit of `jax.shard_map`; multi-host ready) or `'pmap'`.
+      backend: `'shard_map'` or `'pmap'`.
       **static: keyword arguments bound into `step_fn` (model, tx, budget, ...).
 
     Returns:
@@ -124,27 +305,35 @@ def data_parallel(
         return run
 
     devices = list(mesh.devices.flat)
+    n_local = len(_local_devices(mesh))
+    multi_process = jax.process_count() > 1
+    # Placed explicitly over the leading axis: inputs may carry another sharding (e.g. the
+    # outputs of the previous step, unreplicated), which pmap would refuse.
+    stacked = NamedSharding(mesh, P(AXIS))
+
+    def place(x):
+        # x holds this process's slices, one per local device: [n_local, ...].
+        if multi_process:
+            return jax.make_array_from_process_local_data(stacked, np.asarray(x))
+        return jax.device_put(x, stacked)
 
     def build_pmap(n_args):
         return jax.pmap(fn, axis_name=AXIS, devices=devices, in_axes=0)
 
     def run_pmap(*args):
-        size = _check_divisible(args[-1], n)
         *replicated, batch = args
-        # Placed explicitly over the leading axis: inputs may carry another sharding (e.g. the
-        # outputs of the previous step, unreplicated), which pmap would refuse.
-        stacked = NamedSharding(mesh, P(AXIS))
+        batch = jax.tree.map(_local_rows, batch)
+        size = _check_divisible(batch, n_local)
         replicated = jax.tree.map(
-            lambda x: jax.device_put(jnp.broadcast_to(x, (n, *jnp.shape(x))), stacked), replicated
+            lambda x: place(jnp.broadcast_to(x, (n_local, *jnp.shape(x)))), replicated
         )
         batch = jax.tree.map(
-            lambda x: jax.device_put(jnp.reshape(x, (n, size // n, *np.shape(x)[1:])), stacked),
-            batch,
+            lambda x: place(jnp.reshape(x, (n_local, size // n_local, *np.shape(x)[1:]))), batch
         )
         if len(args) not in compiled:
             compiled[len(args)] = build_pmap(len(args))
         out = compiled[len(args)](*replicated, batch)
         out = _block_on_cpu(out)
-        return jax.tree.map(lambda x: x[0], out)
+        return jax.tree.map(lambda x: x.addressable_data(0)[0], out)
 
     return run_pmap

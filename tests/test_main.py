@@ -303,3 +303,18 @@ def test_missing_dataset_is_an_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cifar10" in proc.stderr and "tfds build" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, fmnist_source):
+    workdir = tmp_path / "work"
+    proc = run_main(
+        "default.py:tiny",
+        workdir,
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+        "--config.mode=pretrain",
+        "--config.pretrain.learning_rate=1e30",
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "the loss became nan" in proc.stderr or "the loss became inf" in proc.stderr
+    assert not (workdir / "pretrain" / "model.safetensors").exists()
