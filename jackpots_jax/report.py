@@ -144,10 +144,10 @@ def _check_fraction(value: Any, field: str, where: str) -> None:
 def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table of final results, one row per model.
 
-    Known columns come first (`model`, `sparsity`, `accuracy`, `loss`), then any other keys in the
-    order they first appear, then `note`. A column no row has is left out; a row without a key
-    gets an empty cell. `sparsity` and `accuracy` are fractions, printed as percentages with two
-    decimals; `loss` gets four decimals.
+    Known columns come first (`model`, `sparsity`, `accuracy`, `top5_accuracy`, `loss`), then
+    any other keys in the order they first appear, then `note`. A column no row has is left out; a
+    row without a key gets an empty cell. `sparsity` and the accuracies are fractions, printed as
+    percentages with two decimals; `loss` gets four decimals.
 
     Args:
       rows: dicts such as `{"model": "dense", "sparsity": 0.0, "accuracy": 0.9271,
@@ -167,12 +167,12 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     if not rows:
         raise ValueError("results_table needs at least one row, got none")
-    known = ("model", "sparsity", "accuracy", "loss")
+    known = ("model", "sparsity", "accuracy", "top5_accuracy", "loss")
     extra: list[str] = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise TypeError(f"results row {i} must be a mapping, got {type(row).__name__}")
-        for field in ("sparsity", "accuracy"):
+        for field in ("sparsity", "accuracy", "top5_accuracy"):
             _check_fraction(row.get(field), field, f"results row {i}")
         extra += [k for k in row if k not in known and k != "note" and k not in extra]
     present = set().union(*(row.keys() for row in rows))
@@ -180,6 +180,7 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
     formats: dict[str, Callable[[Any], str]] = {
         "sparsity": _percent,
         "accuracy": _percent,
+        "top5_accuracy": _percent,
         "loss": _number,
     }
     align = "".join("l" if c in ("model", "note") else "r" for c in columns)

@@ -293,7 +293,8 @@ def eval_step(
       axis_name: the data-parallel axis name; counts are `psum`'d over it.
 
     Returns:
-      `{'correct': int32, 'loss': float32 summed loss, 'count': int32 valid examples}`.
+      `{'correct': int32, 'correct_top5': int32, 'loss': float32 summed loss, 'count': int32
+      valid examples}` (`correct_top5`: the label among the 5 highest logits).
     """
     weights = params if masks is None else apply_masks(params, masks)
     logits = model.apply(_variables(weights, batch_stats), batch["image"], train=False)
@@ -301,9 +302,15 @@ def eval_step(
     valid = batch.get("mask")
     valid = jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
     correct = (jnp.argmax(logits, -1) == labels) & valid
+    # Top-5 (top-k for fewer classes): the label's logit is beaten by fewer than 5 others. Ties
+    # count in the label's favour, as in the usual `topk(..).eq(label)` up to tie order.
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    beaten_by = jnp.sum(logits > label_logit, axis=-1)
+    correct_top5 = (beaten_by < min(5, logits.shape[-1])) & valid
     losses = jnp.where(valid, cross_entropy(logits, labels), 0.0)
     out = {
         "correct": jnp.sum(correct, dtype=jnp.int32),
+        "correct_top5": jnp.sum(correct_top5, dtype=jnp.int32),
         "loss": jnp.sum(losses, dtype=jnp.float32),
         "count": jnp.sum(valid, dtype=jnp.int32),
     }

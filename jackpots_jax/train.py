@@ -298,7 +298,10 @@ def _load_masks(path: str, params: PyTree) -> PyTree:
 
 
 def evaluate(job: Job, variables: PyTree, masks: PyTree | None) -> dict[str, float]:
-    """Accuracy and mean loss over the whole evaluation split (every example once)."""
+    """Top-1 and top-5 accuracy and mean loss over the whole evaluation split (each example once).
+
+    The final epoch's figures are the ones reported; no epoch is picked by its test accuracy.
+    """
     c = job.config
     run = job.runner(eval_step, model=job.model)
     total = None
@@ -314,6 +317,7 @@ def evaluate(job: Job, variables: PyTree, masks: PyTree | None) -> dict[str, flo
     count = int(total["count"])
     return {
         "accuracy": int(total["correct"]) / count,
+        "top5_accuracy": int(total["correct_top5"]) / count,
         "loss": float(total["loss"]) / count,
         "count": count,
     }

@@ -162,6 +162,27 @@ def test_eval_step_counts_only_valid_examples():
     assert int(dense["count"]) == 16
 
 
+class Logits(nn.Module):
+    """The "image" is the logits: lets a test choose them."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return x
+
+
+def test_eval_step_top1_and_top5_against_a_sort():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 64)
+    valid = rng.random(64) < 0.8
+    batch = {"image": logits, "label": labels, "mask": valid}
+    out = eval_step({}, {}, None, batch, model=Logits())
+    order = np.argsort(-logits, axis=-1)  # no ties among random normals
+    assert int(out["correct"]) == (order[:, 0] == labels)[valid].sum()
+    assert int(out["correct_top5"]) == (order[:, :5] == labels[:, None]).any(-1)[valid].sum()
+    assert 0 < int(out["correct"]) < int(out["correct_top5"]) < int(valid.sum())
+
+
 def test_train_step_updates_params():
     model, budget, _, state, batch = setup(bn=True)
     tx = optax.sgd(0.1, momentum=0.9)
