@@ -23,8 +23,8 @@ if [[ "${JJ_SKIP_INSTALL:-0}" != 1 ]]; then
   if [[ ! -x "$venv/bin/python" ]]; then
     "${PYTHON:-python3}" -m venv "$venv"
   fi
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e .
+  "$venv/bin/python" -m pip install --quiet --upgrade pip || true  # offline: keep the venv's pip
+  "$venv/bin/python" -m pip install --quiet -e ".[test]"
 fi
 
 echo "running $config in $workdir" >&2
