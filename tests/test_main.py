@@ -318,3 +318,82 @@ def test_non_finite_loss_stops_the_run(tmp_path, fmnist_source):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "the loss became nan" in proc.stderr or "the loss became inf" in proc.stderr
     assert not (workdir / "pretrain" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_search_killed_and_restarted_ends_bit_identical(tmp_path, fmnist_source):
+    """SIGKILL the command-line search at a random step; the restart ends with the same jackpot."""
+    import signal
+    import time
+
+    from safetensors.numpy import load_file
+
+    from jackpots_jax.report import read_metrics
+
+    common = [
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+    ]
+    pre = tmp_path / "pre"
+    check_ok(run_main("default.py:tiny", pre, *common, "--config.mode=pretrain"))
+    search = [
+        *common,
+        "--config.mode=search",
+        f"--config.weights.path={pre / 'pretrain' / 'model.safetensors'}",
+        "--config.checkpoint.every_steps=3",
+        "--config.log_every_steps=1",
+        "--config.search.rate.schedule=cosine",  # rate < 1: the restriction's count matters too
+    ]
+    check_ok(run_main("default.py:tiny", tmp_path / "straight", *search))
+
+    kill_after = int(np.random.default_rng(int(time.time())).integers(2, 14))  # of 16 steps
+    killed = tmp_path / "killed"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jackpots_jax.main",
+        f"--config={os.path.join(ROOT, 'configs', 'default.py:tiny')}",
+        f"--workdir={killed}",
+        *search,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    log = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            steps = [
+                r["step"]
+                for r in (read_metrics(log) if log.exists() else [])  # a line may be half-written
+                if r["phase"] == "search" and r["kind"] == "train"
+            ]
+            if steps and steps[-1] >= kill_after:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"finished before the kill at step {kill_after}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "export").exists()
+    print(f"killed after search step {kill_after}")  # shown when the test fails
+    check_ok(run_main("default.py:tiny", killed, *search))
+
+    a = load_file(tmp_path / "straight" / "export" / "jackpot.safetensors")
+    b = load_file(killed / "export" / "jackpot.safetensors")
+    assert set(a) == set(b) and any(k.endswith(".mask") for k in a)  # scores exported too
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with (
+        np.load(tmp_path / "straight" / "export" / "masks.npz") as fa,
+        np.load(killed / "export" / "masks.npz") as fb,
+    ):
+        for key in fa.files:
+            np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+    # The metrics of the resumed run hold each search step once.
+    steps = [r["step"] for r in metrics(killed) if r["phase"] == "search" and r["kind"] == "train"]
+    assert steps == list(range(1, 17)), (kill_after, steps)
