@@ -397,3 +397,30 @@ def test_search_killed_and_restarted_ends_bit_identical(tmp_path, fmnist_source)
     # The metrics of the resumed run hold each search step once.
     steps = [r["step"] for r in metrics(killed) if r["phase"] == "search" and r["kind"] == "train"]
     assert steps == list(range(1, 17)), (kill_after, steps)
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_data_parallel_job_matches_one_device(tmp_path, fmnist_source, backend):
+    """Magnitude pruning of random weights evaluated on 4 devices equals the 1-device run."""
+    common = [
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+        "--config.mode=prune",
+        "--config.weights.random=True",
+        "--config.prune.reestimate_bn=False",
+    ]
+    check_ok(run_main("default.py:tiny", tmp_path / "one", *common, devices=1))
+    check_ok(
+        run_main(
+            "default.py:tiny",
+            tmp_path / "four",
+            *common,
+            f"--config.parallel.backend={backend}",
+            devices=4,
+        )
+    )
+    one = results(tmp_path / "one")["magnitude pruning"]
+    four = results(tmp_path / "four")["magnitude pruning"]
+    assert one["count"] == four["count"] == 100
+    assert one["accuracy"] == four["accuracy"] and one["top5_accuracy"] == four["top5_accuracy"]
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
