@@ -24,13 +24,21 @@ from jackpots_jax._tree import PyTree, map_budget, map_budget_with_path
 from jackpots_jax.masks import (
     RANK_BY,
     _check_count,
+    compact_indices,
+    kept_bounds,
+    kth_key,
     ordered_keys,
     rank_values,
-    select_top,
+    select_at,
     topk_masks,
 )
 
 Schedule = Callable[[jax.Array], jax.Array]
+
+# The refresh of a layer of n entries first gathers the entries near the threshold, up to n // 32
+# of them (when n // 32 >= 256), and decides among those alone.
+_COMPACT_SHARE = 32
+_COMPACT_MIN = 256
 
 
 class ShortRestrictionState(NamedTuple):
@@ -147,25 +155,68 @@ def refresh_masks(
     if static_full:
         return topk_masks(scores, budget, current=masks, rank_by=rank_by)
 
-    def one(name, pruned, s, m):
-        size = math.prod(np.shape(s))
-        keep = size - _check_count(name, pruned, size)
-        keys = ordered_keys(rank_values(s, rank_by)).ravel()
-        old = jnp.asarray(m, bool).ravel()
-        target = select_top(keys, keep, prefer=old)
+    def refresh(keys, old, keep, lo, hi, eligible=None):
+        """The refreshed flat mask over `keys` (the entries of `eligible`, when given).
+
+        `[lo, hi]` holds the new threshold T. Every revival (in target, not in old) has a key in
+        [T, b] and so in [T, hi]; every removal (in old, not in target) one in [a, T] and so in
+        [lo, T] (see `kept_bounds`). The three bisections only search the bits below the common
+        prefix of their bounds, which the candidates (scores near T) mostly share.
+        """
+        threshold = kth_key(keys, keep, eligible=eligible, bounds=(lo, hi))
+        target = select_at(keys, keep, threshold, eligible=eligible, prefer=old)
         revive = target & ~old
         remove = old & ~target
         proposed = jnp.sum(revive, dtype=jnp.int32)
         n = _n_swaps(rate, proposed)
 
         def restricted():
-            come_in = select_top(keys, n, eligible=revive)
+            t_in = kth_key(keys, n, eligible=revive, bounds=(threshold, jnp.maximum(threshold, hi)))
+            come_in = select_at(keys, n, t_in, eligible=revive)
             # Inverted keys rank the lowest scores first; among equal scores the higher index
             # ranks lower, so it goes first.
-            go_out = select_top(~keys, n, eligible=remove, ties_from_end=True)
+            inv = ~keys
+            t_out = kth_key(
+                inv, n, eligible=remove, bounds=(~threshold, jnp.maximum(~threshold, ~lo))
+            )
+            go_out = select_at(inv, n, t_out, eligible=remove, ties_from_end=True)
             return (old & ~go_out) | come_in
 
-        new = lax.cond(n == proposed, lambda: target, restricted)
+        return lax.cond(n == proposed, lambda: target, restricted)
+
+    def one(name, pruned, s, m):
+        size = math.prod(np.shape(s))
+        keep = size - _check_count(name, pruned, size)
+        keys = ordered_keys(rank_values(s, rank_by)).ravel()
+        old = jnp.asarray(m, bool).ravel()
+        # The new threshold T lies in [lo, hi]: with exactly `keep` entries in `old`, lo is the
+        # lowest kept key a and hi = max(a, b), b the highest pruned key (see `kept_bounds`;
+        # otherwise the whole key range).
+        lo, hi = kept_bounds(keys, old, keep)
+        capacity = size // _COMPACT_SHARE
+        if capacity < _COMPACT_MIN:
+            return refresh(keys, old, keep, lo, hi).reshape(np.shape(s))
+
+        # Usually few keys lie in [lo, hi]: those of the kept entries whose scores fell below
+        # the highest pruned score and of the pruned entries that rose above the lowest kept one.
+        # Every other entry keeps its state (above hi: kept, below lo: pruned; with a wrong count
+        # in `old` every key is in [lo, hi]), and the whole refresh, ties included, is decided
+        # among the entries in [lo, hi]. When they fit in
+        # `capacity`, it runs on them alone, gathered in index order (so ties resolve alike):
+        # the k-th largest key overall is the (k - #{key > hi})-th largest among them.
+        inside = (keys >= lo) & (keys <= hi)
+        index, total = compact_indices(inside, capacity)
+
+        def compacted():
+            above = jnp.sum(keys > hi, dtype=jnp.int32)
+            valid = index < size
+            at = jnp.minimum(index, size - 1)
+            c_old = old[at] & valid
+            c_new = refresh(keys[at], c_old, keep - above, lo, hi, eligible=valid)
+            placed = jnp.zeros((size,), bool).at[index].set(c_new, mode="drop")
+            return (keys > hi) | placed
+
+        new = lax.cond(total <= capacity, compacted, lambda: refresh(keys, old, keep, lo, hi))
         return new.reshape(np.shape(s))
 
     return map_budget_with_path(one, budget, scores, masks)

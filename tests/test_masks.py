@@ -285,3 +285,58 @@ def test_mask_churn_and_overlap_hand_worked():
     assert overlap["total"]["b_in_a"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="structure"):
         jj.mask_overlap(a, {"x": a["x"]})
+
+
+def test_compact_indices_are_the_true_positions_in_order():
+    from jackpots_jax.masks import compact_indices
+
+    rng = np.random.default_rng(0)
+    for n, density, capacity in [(1, 1.0, 1), (33, 0.5, 40), (5000, 0.01, 100), (5000, 0.3, 100)]:
+        mask = rng.random(n) < density
+        index, total = jax.jit(compact_indices, static_argnums=1)(jnp.asarray(mask), capacity)
+        where = np.flatnonzero(mask)
+        assert int(total) == where.size
+        expected = np.full(capacity, n)
+        expected[: min(capacity, where.size)] = where[:capacity]
+        np.testing.assert_array_equal(np.asarray(index), expected)
+
+
+def _large_cases(n, rng):
+    """Large leaves that take the bracketed paths, and inputs built to defeat them."""
+    normal = rng.standard_normal(n).astype(np.float32)
+    return {
+        "normal": normal,
+        "ascending": np.sort(normal),
+        "descending": np.sort(normal)[::-1].copy(),
+        "few_values": rng.choice(POOL[1:-1], n).astype(np.float32),
+        "two_level": np.where(rng.random(n) < 0.3, 1.0, 0.99).astype(np.float32),
+        # Every 4th entry is large: a strided sample sees only those (or none of them).
+        "periodic": np.where(np.arange(n) % 4 == 0, 5.0 + normal, normal).astype(np.float32),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [20_011, 2**18 + 3])
+def test_topk_on_large_leaves_equals_stable_sort(n):
+    # Leaves of 2^18 entries or more bracket the threshold from a sample; with `current`, from the
+    # current masks. Both paths (and their fallbacks) must give the stable sort's set.
+    rng = np.random.default_rng(n)
+    topk = jax.jit(lambda s, p: jj.topk_masks({"w": s}, {"w": p})["w"], static_argnums=1)
+    topk_cur = jax.jit(
+        lambda s, p, c: jj.topk_masks({"w": s}, {"w": p}, {"w": c})["w"], static_argnums=1
+    )
+    for name, scores in _large_cases(n, rng).items():
+        for keep in (1, n // 10, n - 1):
+            expected = topk_mask(scores, keep)
+            got = np.asarray(topk(scores, n - keep))
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name} keep={keep}")
+            # Current masks near the answer (a few entries moved), and a random one whose count
+            # is wrong (no bounds can be taken from it).
+            near = expected.copy()
+            flip = rng.choice(n, size=min(keep, n - keep, 50), replace=False)
+            near[flip] = ~near[flip]
+            for current in (near, rng.random(n) < 0.5):
+                got = np.asarray(topk_cur(scores, n - keep, current))
+                np.testing.assert_array_equal(
+                    got, topk_mask(scores, keep, current), err_msg=f"{name} keep={keep}"
+                )

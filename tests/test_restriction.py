@@ -157,3 +157,33 @@ def test_replace_masks():
     other = jax.tree.map(lambda m: ~m, masks)
     replaced = jj.replace_masks(state, other)
     np.testing.assert_array_equal(jj.current_masks(replaced)["l0"], other["l0"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rate", [1.0, 0.5, 0.0])
+def test_refresh_of_large_leaves_matches_brute_force(rate):
+    # Leaves of 8192 entries or more refresh among the entries near the threshold only, and fall
+    # back to the whole leaf when too many move or the masks have the wrong count.
+    n, keep = 20_000, 2_000
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(n).astype(np.float32)
+    old = topk_mask(base, keep)
+    wrong = old.copy()
+    wrong[np.flatnonzero(~old)[:3]] = True
+    cases = {
+        "small_drift": base + 0.01 * rng.standard_normal(n).astype(np.float32),
+        "large_drift": rng.standard_normal(n).astype(np.float32),
+        "ties": np.where(rng.random(n) < 0.5, np.round(base, 1), base).astype(np.float32),
+        "sorted": np.sort(base + 0.01 * rng.standard_normal(n).astype(np.float32)),
+    }
+    refresh = jax.jit(lambda s, m: jj.refresh_masks({"w": s}, {"w": m}, {"w": n - keep}, rate))
+    for name, new in cases.items():
+        masks = {"sorted": topk_mask(np.sort(base), keep)}.get(name, old)
+        for m in (masks, wrong):
+            got = np.asarray(refresh(new, m)["w"])
+            # With the wrong count, rate 1 still gives the exact top-k (as `topk_masks` does); a
+            # lower rate makes only swaps, so the count stays what it was.
+            expected = (
+                topk_mask(new, keep, m) if rate == 1 else restricted_refresh(new, m, keep, rate)[0]
+            )
+            np.testing.assert_array_equal(got, expected, err_msg=name)
