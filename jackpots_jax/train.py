@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jackpots_jax import checkpoints, convert, data, models, parallel, report
+from jackpots_jax import checkpoints, convert, data, models, parallel, report, tensorboard_events
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.config_schema import ConfigError, check_config
 from jackpots_jax.masks import apply_masks, init_scores
@@ -63,21 +63,35 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class MetricsLog:
-    """Appends metrics as JSON lines to `<workdir>/metrics.jsonl` (process 0 only)."""
+    """Appends metrics as JSON lines to `<workdir>/metrics.jsonl` (process 0 only).
+
+    Their numbers also go to TensorBoard event files in `<workdir>/tensorboard`, tagged
+    `<phase>/<kind>/<key>` (`search/train/loss`, `search/eval/accuracy`,
+    `search/churn/churn_per_layer/<layer>`) at the record's step.
+    """
 
     def __init__(self, workdir: str, enabled: bool):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
+        self.events = tensorboard_events.EventWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
+        record = _jsonable(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.write(json.dumps(record) + "\n")
+        prefix = f"{record.get('phase', 'run')}/{record.get('kind', 'metrics')}"
+        skip = {"phase", "kind", "step", "epoch"}
+        scalars = _scalars({k: v for k, v in record.items() if k not in skip}, prefix)
+        self.events.scalars(record.get("step", 0), scalars)
 
     def drop_after(self, phase: str, step: int) -> None:
         """Forgets the records of `phase` past `step` (a run killed after its last save)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled:
+            return
+        self.events.restart(step + 1)
+        if not os.path.exists(self.path):
             return
         keep = [
             r
@@ -108,6 +122,18 @@ class Progress:
         )
         end = "\r" if self.tty and step < self.total else "\n"
         print(line, end=end, file=sys.stderr, flush=True)
+
+
+def _scalars(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """The numbers of a (nested) record, flattened to `prefix/key/...` tags."""
+    out = {}
+    for key, value in record.items():
+        tag = f"{prefix}/{key}"
+        if isinstance(value, Mapping):
+            out.update(_scalars(value, tag))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[tag] = float(value)
+    return out
 
 
 def _jsonable(x: Any) -> Any:

@@ -196,6 +196,17 @@ def test_default_job_tiny(tmp_path, fmnist_source):
     assert [r["epoch"] for r in search if r["kind"] == "eval"] == [1, 2]
     steps = [r["step"] for r in search if r["kind"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 2 * (256 // 32)
+    # The same numbers in TensorBoard, read back by TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    train = [r for r in search if r["kind"] == "train"]
+    logged = [(e.step, e.value) for e in events.Scalars("search/train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in train]
+    evaluated = [r for r in search if r["kind"] == "eval"]
+    logged = [(e.step, e.value) for e in events.Scalars("search/eval/accuracy")]
+    assert logged == [(r["step"], pytest.approx(r["accuracy"])) for r in evaluated]
 
     # Evaluating the exported jackpot (masked weights, masks and the re-estimated BN statistics,
     # as a PyTorch-style file) reproduces the accuracy the search reported.
@@ -395,8 +406,15 @@ def test_search_killed_and_restarted_ends_bit_identical(tmp_path, fmnist_source)
         for key in fa.files:
             np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
     # The metrics of the resumed run hold each search step once.
-    steps = [r["step"] for r in metrics(killed) if r["phase"] == "search" and r["kind"] == "train"]
-    assert steps == list(range(1, 17)), (kill_after, steps)
+    train = [r for r in metrics(killed) if r["phase"] == "search" and r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 17)), kill_after
+    # So does TensorBoard's view, from the killed run's event file and the resumed run's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("search/train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in train], kill_after
 
 
 @pytest.mark.parametrize("backend", ["shard_map", "pmap"])
