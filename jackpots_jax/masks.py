@@ -15,6 +15,7 @@ they share, and when few keys lie between them, the selection runs on those keys
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -219,8 +220,9 @@ def kept_bounds(
 _SAMPLE_MIN = 1 << 18
 _SAMPLE_SIZE = 1 << 16
 # Entries near the threshold are gathered (and the selection decided among them) when at most
-# this share of the leaf lies between the bounds.
+# this share of the leaf lies between the bounds, in leaves where that share is this many or more.
 _COMPACT_SHARE = 32
+_COMPACT_MIN = 256
 
 
 def sampled_bounds(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -248,38 +250,49 @@ def sampled_bounds(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(ok, lo, zero), jnp.where(ok, hi, top)
 
 
-def select_bracketed(
+def decide_in_bracket(
     keys: jax.Array,
     k: jax.Array | int,
     bounds: tuple[jax.Array, jax.Array],
-    *,
-    prefer: jax.Array | None = None,
+    decide: Callable[..., jax.Array],
 ) -> jax.Array:
-    """`select_top(keys, k, prefer=prefer, bounds=bounds)`, deciding among the keys in bounds.
+    """Runs a selection of `k` entries on the keys in `bounds` alone when few lie there.
 
-    Every key above `hi` is selected and every key below `lo` is not: the k-th largest key T is
-    the (k - #{key > hi})-th largest of the keys in [lo, hi], and the ties at T are among them.
+    `bounds = (lo, hi)` must hold the `k`-th largest key T, and `decide` must keep every key above
+    `hi` and drop every key below `lo` (as the top-k and the refresh do). Then the k-th largest key
+    is the (k - #{key > hi})-th largest of the keys in [lo, hi], and the ties at T are among them.
     When at most 1/32 of the keys lie in [lo, hi] they are gathered in index order (so ties resolve
-    alike) and the selection runs on them alone; otherwise on all keys, within the bounds.
+    alike) and `decide` runs on them alone; otherwise on all keys.
+
+    Args:
+      keys: flat unsigned keys from `ordered_keys`.
+      k: the number of entries the selection keeps.
+      bounds: `(lo, hi)`, keys bracketing the `k`-th largest.
+      decide: `decide(keys, k, eligible, take)` returns the flat bool selection over the keys it
+        is given, of which only `eligible` (None: all) are real entries; `take(x)` turns a flat
+        bool array over all entries into one over the keys given.
+
+    Returns:
+      A flat bool array over all entries.
     """
     n = keys.shape[0]
     lo, hi = bounds
     capacity = n // _COMPACT_SHARE
-    if capacity == 0:
-        return select_top(keys, k, prefer=prefer, bounds=bounds)
+
+    def whole():
+        return decide(keys, k, None, lambda x: x)
+
+    if capacity < _COMPACT_MIN:
+        return whole()
     index, total = compact_indices((keys >= lo) & (keys <= hi), capacity)
 
     def gathered():
-        above = _count(keys > hi)
         valid = index < n
         at = jnp.minimum(index, n - 1)
-        c_prefer = None if prefer is None else prefer[at] & valid
-        chosen = select_top(keys[at], k - above, eligible=valid, prefer=c_prefer, bounds=(lo, hi))
+        chosen = decide(keys[at], k - _count(keys > hi), valid, lambda x: x[at] & valid)
         return (keys > hi) | jnp.zeros((n,), bool).at[index].set(chosen, mode="drop")
 
-    return lax.cond(
-        total <= capacity, gathered, lambda: select_top(keys, k, prefer=prefer, bounds=bounds)
-    )
+    return lax.cond(total <= capacity, gathered, whole)
 
 
 def select_top(
@@ -375,7 +388,12 @@ def topk_masks(
             bounds = kept_bounds(keys, prefer, keep)
         if bounds is None:
             return select_top(keys, keep).reshape(np.shape(s))
-        return select_bracketed(keys, keep, bounds, prefer=prefer).reshape(np.shape(s))
+
+        def decide(k_keys, k_keep, eligible, take):
+            k_prefer = None if prefer is None else take(prefer)
+            return select_top(k_keys, k_keep, eligible=eligible, prefer=k_prefer, bounds=bounds)
+
+        return decide_in_bracket(keys, keep, bounds, decide).reshape(np.shape(s))
 
     if current is None:
         return map_budget_with_path(lambda n, p, s: one(n, p, s, None), budget, scores)

@@ -24,7 +24,7 @@ from jackpots_jax._tree import PyTree, map_budget, map_budget_with_path
 from jackpots_jax.masks import (
     RANK_BY,
     _check_count,
-    compact_indices,
+    decide_in_bracket,
     kept_bounds,
     kth_key,
     ordered_keys,
@@ -34,11 +34,6 @@ from jackpots_jax.masks import (
 )
 
 Schedule = Callable[[jax.Array], jax.Array]
-
-# The refresh of a layer of n entries first gathers the entries near the threshold, up to n // 32
-# of them (when n // 32 >= 256), and decides among those alone.
-_COMPACT_SHARE = 32
-_COMPACT_MIN = 256
 
 
 class ShortRestrictionState(NamedTuple):
@@ -193,30 +188,19 @@ def refresh_masks(
         # lowest kept key a and hi = max(a, b), b the highest pruned key (see `kept_bounds`;
         # otherwise the whole key range).
         lo, hi = kept_bounds(keys, old, keep)
-        capacity = size // _COMPACT_SHARE
-        if capacity < _COMPACT_MIN:
-            return refresh(keys, old, keep, lo, hi).reshape(np.shape(s))
-
         # Usually few keys lie in [lo, hi]: those of the kept entries whose scores fell below
         # the highest pruned score and of the pruned entries that rose above the lowest kept one.
         # Every other entry keeps its state (above hi: kept, below lo: pruned; with a wrong count
-        # in `old` every key is in [lo, hi]), and the whole refresh, ties included, is decided
-        # among the entries in [lo, hi]. When they fit in
-        # `capacity`, it runs on them alone, gathered in index order (so ties resolve alike):
-        # the k-th largest key overall is the (k - #{key > hi})-th largest among them.
-        inside = (keys >= lo) & (keys <= hi)
-        index, total = compact_indices(inside, capacity)
-
-        def compacted():
-            above = jnp.sum(keys > hi, dtype=jnp.int32)
-            valid = index < size
-            at = jnp.minimum(index, size - 1)
-            c_old = old[at] & valid
-            c_new = refresh(keys[at], c_old, keep - above, lo, hi, eligible=valid)
-            placed = jnp.zeros((size,), bool).at[index].set(c_new, mode="drop")
-            return (keys > hi) | placed
-
-        new = lax.cond(total <= capacity, compacted, lambda: refresh(keys, old, keep, lo, hi))
+        # in `old` every key is in [lo, hi]), so the whole refresh, ties included, can be decided
+        # among the entries in [lo, hi] (`decide_in_bracket`).
+        new = decide_in_bracket(
+            keys,
+            keep,
+            (lo, hi),
+            lambda k_keys, k_keep, eligible, take: refresh(
+                k_keys, take(old), k_keep, lo, hi, eligible=eligible
+            ),
+        )
         return new.reshape(np.shape(s))
 
     return map_budget_with_path(one, budget, scores, masks)

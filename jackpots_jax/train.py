@@ -87,7 +87,10 @@ class MetricsLog:
         self.events.scalars(record.get("step", 0), scalars)
 
     def drop_after(self, phase: str, step: int) -> None:
-        """Forgets the records of `phase` past `step` (a run killed after its last save)."""
+        """Forgets the records of `phase` past `step` (a run killed after its last save).
+
+        The JSON lines past `step` are removed; TensorBoard is told by a restart marker.
+        """
         if not self.enabled:
             return
         self.events.restart(step + 1)
