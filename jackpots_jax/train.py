@@ -91,16 +91,19 @@ class MetricsLog:
 
         The JSON lines past `step` are removed; TensorBoard is told by a restart marker.
         """
-        if not self.enabled:
+        if not self.enabled or not os.path.exists(self.path):
             return
+        records = report.read_metrics(self.path)
+        keep = [r for r in records if not (r.get("phase") == phase and r.get("step", 0) > step)]
+        with open(self.path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(-1, os.SEEK_END)
+            whole = not size or f.read(1) == b"\n"  # else a line cut short by a kill
+        if len(keep) == len(records) and whole:
+            return  # nothing past `step`: the event files hold nothing past it either
+        # The JSON line is written before its events, so the events past `step` are a subset.
         self.events.restart(step + 1)
-        if not os.path.exists(self.path):
-            return
-        keep = [
-            r
-            for r in report.read_metrics(self.path)
-            if not (r.get("phase") == phase and r.get("step", 0) > step)
-        ]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -416,6 +419,9 @@ def _loop(
         epoch_churn = dict(extra.get("epoch_churn", {}))
         job.log.drop_after(phase, step)
         logging.info("%s: resumed from step %d in %s", phase, step, ckpt.directory)
+    else:
+        # A run killed before its first checkpoint starts afresh: its records go too.
+        job.log.drop_after(phase, 0)
     step = int(jax.device_get(state.step))
     progress = Progress(phase, total_steps, job.is_main)
     window, window_start, window_steps = None, time.perf_counter(), 0

@@ -331,90 +331,83 @@ def test_non_finite_loss_stops_the_run(tmp_path, fmnist_source):
     assert not (workdir / "pretrain" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
-def test_search_killed_and_restarted_ends_bit_identical(tmp_path, fmnist_source):
-    """SIGKILL the command-line search at a random step; the restart ends with the same jackpot."""
-    import signal
-    import time
+KILL_DRIVER = os.path.join(ROOT, "tests", "kill_driver.py")
 
-    from safetensors.numpy import load_file
 
-    from jackpots_jax.report import read_metrics
-
+@pytest.fixture(scope="module")
+def straight_search(tmp_path_factory, fmnist_source):
+    """Pre-trained tiny weights, the search flags, and a search run that was never stopped."""
+    root = tmp_path_factory.mktemp("resume")
     common = [
-        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.data_dir={root / 'tfds'}",
         f"--config.dataset.source_dir={fmnist_source}",
     ]
-    pre = tmp_path / "pre"
-    check_ok(run_main("default.py:tiny", pre, *common, "--config.mode=pretrain"))
+    check_ok(run_main("default.py:tiny", root / "pre", *common, "--config.mode=pretrain"))
     search = [
         *common,
         "--config.mode=search",
-        f"--config.weights.path={pre / 'pretrain' / 'model.safetensors'}",
+        f"--config.weights.path={root / 'pre' / 'pretrain' / 'model.safetensors'}",
         "--config.checkpoint.every_steps=3",
         "--config.log_every_steps=1",
         "--config.search.rate.schedule=cosine",  # rate < 1: the restriction's count matters too
     ]
-    check_ok(run_main("default.py:tiny", tmp_path / "straight", *search))
+    check_ok(run_main("default.py:tiny", root / "straight", *search))
+    return root / "straight", search
 
-    kill_after = int(np.random.default_rng(int(time.time())).integers(2, 14))  # of 16 steps
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [2, 7])  # of 16 steps; checkpoints at 3, 6, 9, ...
+def test_search_killed_and_restarted_ends_bit_identical(tmp_path, straight_search, kill_after):
+    """SIGKILL the search after step 2 (before the first checkpoint) or 7 (one past it).
+
+    The restarted run ends with the same jackpot bit for bit, and its metrics (JSON lines and
+    TensorBoard) hold every step once: records past the point it resumed from, including
+    "nothing", are dropped.
+    """
+    from safetensors.numpy import load_file
+
+    straight, search = straight_search
     killed = tmp_path / "killed"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [
         sys.executable,
-        "-m",
-        "jackpots_jax.main",
+        KILL_DRIVER,
+        str(kill_after),
         f"--config={os.path.join(ROOT, 'configs', 'default.py:tiny')}",
         f"--workdir={killed}",
         *search,
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    log = killed / "metrics.jsonl"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            steps = [
-                r["step"]
-                for r in (read_metrics(log) if log.exists() else [])  # a line may be half-written
-                if r["phase"] == "search" and r["kind"] == "train"
-            ]
-            if steps and steps[-1] >= kill_after:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"finished before the kill at step {kill_after}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    logged = [r["step"] for r in metrics(killed) if r["kind"] == "train"]
+    assert logged == list(range(1, kill_after + 1))
+    saved = sorted(int(p.name) for p in (killed / "search" / "checkpoints").glob("[0-9]*"))
+    assert saved == [s for s in (3, 6) if s <= kill_after]
     assert not (killed / "export").exists()
-    print(f"killed after search step {kill_after}")  # shown when the test fails
     check_ok(run_main("default.py:tiny", killed, *search))
 
-    a = load_file(tmp_path / "straight" / "export" / "jackpot.safetensors")
+    a = load_file(straight / "export" / "jackpot.safetensors")
     b = load_file(killed / "export" / "jackpot.safetensors")
     assert set(a) == set(b) and any(k.endswith(".mask") for k in a)  # scores exported too
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     with (
-        np.load(tmp_path / "straight" / "export" / "masks.npz") as fa,
+        np.load(straight / "export" / "masks.npz") as fa,
         np.load(killed / "export" / "masks.npz") as fb,
     ):
         for key in fa.files:
             np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
     # The metrics of the resumed run hold each search step once.
     train = [r for r in metrics(killed) if r["phase"] == "search" and r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, 17)), kill_after
+    assert [r["step"] for r in train] == list(range(1, 17))
     # So does TensorBoard's view, from the killed run's event file and the resumed run's.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(killed / "tensorboard"))
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("search/train/loss")]
-    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in train], kill_after
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in train]
 
 
 @pytest.mark.parametrize("backend", ["shard_map", "pmap"])
