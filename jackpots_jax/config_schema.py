@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
         report), `pretrain`, `search`, `evaluate`, `prune` or `export`.
       seed: the one seed every random choice comes from.
       model: `name` (see `jackpots_jax.models.names()`), `kwargs` (model options, e.g. `width`),
-        `num_classes` (0: the dataset's).
+        `num_classes` (0: the dataset's), `dtype` (compute dtype of convs and matmuls: `float32`
+        or `bfloat16`; params, scores, masks, optimizer state, BN statistics and the loss stay
+        float32).
       dataset: `name`, `data_dir` (tfds directory; '' for the default), `source_dir` (the
         Fashion-MNIST IDX files; '' to look for Debian's package), `num_train` / `num_eval` (use the
         first N examples; 0 for all), `dtype`.
@@ -58,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "fmnist_cnn"
     c.model.kwargs = ml_collections.ConfigDict()
     c.model.num_classes = 0
+    c.model.dtype = "float32"
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "fashion_mnist"
@@ -194,6 +197,7 @@ def check_config(config: Mapping, num_devices: int) -> None:
     _int(config, "seed", 0)
     _choice(config, "model.name", models.names())
     _int(config, "model.num_classes", 0)
+    _choice(config, "model.dtype", DTYPES)
     name = config["dataset"]["name"]
     if name.split("/")[0] not in data.NAMES:
         _fail("dataset.name", name, ", ".join(map(repr, data.NAMES)))

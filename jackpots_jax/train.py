@@ -231,7 +231,7 @@ def _make_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
     num_classes = config.model.num_classes or info.num_classes
     model_kwargs = dict(config.model.kwargs)
-    model = models.create(config.model.name, num_classes, **model_kwargs)
+    model = models.create(config.model.name, num_classes, config.model.dtype, **model_kwargs)
     expected = models.input_shape(config.model.name)
     if config.model.name == "fmnist_cnn" and tuple(info.image_shape) != expected:
         raise ConfigError(
@@ -387,6 +387,7 @@ def _identity(job: Job, kind: str, budget: PyTree | None = None) -> dict[str, An
         "kind": kind,
         "model": job.model_name,
         "model_kwargs": job.model_kwargs,
+        "dtype": job.config.model.dtype,
         "num_classes": job.num_classes,
     }
     if budget is not None:

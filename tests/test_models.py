@@ -258,3 +258,35 @@ def test_input_shape():
     assert models.input_shape("vgg19") == (32, 32, 3)
     with pytest.raises(ValueError, match="unknown model"):
         models.input_shape("lenet")
+
+
+@pytest.mark.parametrize("name", ["fmnist_cnn", "resnet20", "vgg19", "resnet18"])
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(name):
+    """bf16: every conv/dense output is bf16; params, BN statistics and logits stay float32.
+
+    The bf16 logits track the float32 ones of the same weights (bf16 keeps 8 bits of mantissa).
+    """
+    hw = 32 if name == "resnet18" else None
+    f32, x, _ = abstract_variables(name, hw=hw)
+    bf16 = models.create(name, 10, dtype="bfloat16")
+    images = jax.random.normal(jax.random.key(1), x.shape)
+    variables = f32.init(jax.random.key(0), images)
+    # Every kernel layer's output, as Flax records it.
+    _, inter = bf16.apply(
+        variables, images, capture_intermediates=lambda m, _: isinstance(m, nn.Conv | nn.Dense)
+    )
+    outs = jax.tree.leaves(inter)
+    assert outs and all(o.dtype == jnp.bfloat16 for o in outs)
+    logits, updates = bf16.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32
+    assert {s.dtype for s in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+    want = f32.apply(variables, images, train=False)
+    got = bf16.apply(variables, images, train=False)
+    assert got.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, atol=0.1 * scale)
+
+
+def test_unknown_dtype_is_an_error():
+    with pytest.raises(ValueError, match="float16.*allowed: float32, bfloat16"):
+        models.create("resnet20", 10, dtype="float16")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from jackpots_jax.models import layers
 from jackpots_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from jackpots_jax.models.resnet_cifar import CifarResNet
 from jackpots_jax.models.small import FashionCNN
@@ -14,15 +17,15 @@ from jackpots_jax.models.vgg import VGG, VGG19
 
 
 def _cifar_resnet(depth: int, default_width: int = 1) -> Callable[..., nn.Module]:
-    def build(num_classes: int, width: int = default_width) -> nn.Module:
-        return CifarResNet(depth=depth, num_classes=num_classes, width=width)
+    def build(num_classes: int, dtype: Any, width: int = default_width) -> nn.Module:
+        return CifarResNet(depth=depth, num_classes=num_classes, width=width, dtype=dtype)
 
     return build
 
 
 def _resnet(stage_sizes: tuple[int, ...], block: type[nn.Module]) -> Callable[..., nn.Module]:
-    def build(num_classes: int) -> nn.Module:
-        return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes)
+    def build(num_classes: int, dtype: Any) -> nn.Module:
+        return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, dtype=dtype)
 
     return build
 
@@ -33,11 +36,11 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet56": _cifar_resnet(56),
     # The lottery-jackpots reference code's CIFAR ResNet-32 (widths 32/64/128).
     "resnet32_w2": _cifar_resnet(32, default_width=2),
-    "vgg19": lambda num_classes: VGG(cfg=VGG19, num_classes=num_classes),
+    "vgg19": lambda num_classes, dtype: VGG(cfg=VGG19, num_classes=num_classes, dtype=dtype),
     "resnet18": _resnet((2, 2, 2, 2), BasicBlock),
     "resnet34": _resnet((3, 4, 6, 3), BasicBlock),
     "resnet50": _resnet((3, 4, 6, 3), Bottleneck),
-    "fmnist_cnn": lambda num_classes: FashionCNN(num_classes=num_classes),
+    "fmnist_cnn": lambda num_classes, dtype: FashionCNN(num_classes=num_classes, dtype=dtype),
 }
 
 
@@ -54,12 +57,15 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def create(name: str, num_classes: int, **kwargs) -> nn.Module:
+def create(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> nn.Module:
     """Builds a registered model.
 
     Args:
       name: one of `names()`.
       num_classes: number of logits (a positive integer).
+      dtype: compute dtype of the convolutions and matmuls, `jnp.float32` (default) or
+        `jnp.bfloat16` (or their names). Parameters stay float32 and are cast where they are
+        used; batch-norm statistics and the logits are float32 either way.
       **kwargs: model options; the CIFAR ResNets take `width` (an integer multiplier), the other
         models take none.
 
@@ -78,14 +84,15 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
         raise ValueError(f"unknown model name {name!r}; known models: {', '.join(names())}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    dtype = layers.compute_dtype(dtype)
     build = _REGISTRY[name]
-    allowed = [p for p in inspect.signature(build).parameters if p != "num_classes"]
+    allowed = [p for p in inspect.signature(build).parameters if p not in ("num_classes", "dtype")]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(
             f"model {name!r} takes no option(s) {unknown}; allowed options: {allowed or 'none'}"
         )
-    return build(num_classes, **kwargs)
+    return build(num_classes, dtype, **kwargs)
 
 
 def input_shape(name: str) -> tuple[int, int, int]:

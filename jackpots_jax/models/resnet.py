@@ -12,6 +12,8 @@ Module names follow torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/dow
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -28,16 +30,17 @@ class BasicBlock(nn.Module):
 
     planes: int
     stride: int = 1
+    dtype: Any = jnp.float32
 
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        y = layers.conv(self.planes, 3, self.stride, name="conv1")(x)
-        y = nn.relu(layers.batch_norm(train, "bn1")(y))
-        y = layers.conv(self.planes, 3, name="conv2")(y)
-        y = layers.batch_norm(train, "bn2")(y)
-        return nn.relu(y + _projection(x, self.planes, self.stride, train))
+        y = layers.conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(layers.batch_norm(train, "bn1", self.dtype)(y))
+        y = layers.conv(self.planes, 3, name="conv2", dtype=self.dtype)(y)
+        y = layers.batch_norm(train, "bn2", self.dtype)(y)
+        return nn.relu(y + _projection(x, self.planes, self.stride, train, self.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -50,30 +53,31 @@ class Bottleneck(nn.Module):
 
     planes: int
     stride: int = 1
+    dtype: Any = jnp.float32
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         out = self.planes * self.expansion
-        y = layers.conv(self.planes, 1, name="conv1")(x)
-        y = nn.relu(layers.batch_norm(train, "bn1")(y))
-        y = layers.conv(self.planes, 3, self.stride, name="conv2")(y)
-        y = nn.relu(layers.batch_norm(train, "bn2")(y))
-        y = layers.conv(out, 1, name="conv3")(y)
-        y = layers.batch_norm(train, "bn3")(y)
-        return nn.relu(y + _projection(x, out, self.stride, train))
+        y = layers.conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(layers.batch_norm(train, "bn1", self.dtype)(y))
+        y = layers.conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype)(y)
+        y = nn.relu(layers.batch_norm(train, "bn2", self.dtype)(y))
+        y = layers.conv(out, 1, name="conv3", dtype=self.dtype)(y)
+        y = layers.batch_norm(train, "bn3", self.dtype)(y)
+        return nn.relu(y + _projection(x, out, self.stride, train, self.dtype))
 
 
-def _projection(x: jnp.ndarray, out: int, stride: int, train: bool) -> jnp.ndarray:
+def _projection(x: jnp.ndarray, out: int, stride: int, train: bool, dtype: Any) -> jnp.ndarray:
     """The shortcut: identity, or a strided 1x1 conv + BN where the shape changes.
 
     Called inside a block's compact `__call__`, so the layers belong to that block.
     """
     if stride == 1 and x.shape[-1] == out:
         return x
-    x = layers.conv(out, 1, stride, name="downsample_conv")(x)
-    return layers.batch_norm(train, "downsample_bn")(x)
+    x = layers.conv(out, 1, stride, name="downsample_conv", dtype=dtype)(x)
+    return layers.batch_norm(train, "downsample_bn", dtype)(x)
 
 
 class ResNet(nn.Module):
@@ -83,6 +87,7 @@ class ResNet(nn.Module):
       stage_sizes: number of blocks in each of the four stages, e.g. `(3, 4, 6, 3)`.
       block: `BasicBlock` or `Bottleneck`.
       num_classes: number of logits.
+      dtype: compute dtype of the convs and matmuls (params, BN statistics, logits: float32).
 
     Example:
       >>> model = ResNet((3, 4, 6, 3), Bottleneck, num_classes=1000)       # ResNet-50
@@ -92,17 +97,20 @@ class ResNet(nn.Module):
     stage_sizes: tuple[int, ...]
     block: type[BasicBlock] | type[Bottleneck]
     num_classes: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Logits `[batch, num_classes]` (float32) of NHWC images `x`."""
         x = layers.inputs(x)
-        x = layers.conv(64, 7, 2, name="conv1")(x)
-        x = nn.relu(layers.batch_norm(train, "bn1")(x))
+        x = layers.conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
+        x = nn.relu(layers.batch_norm(train, "bn1", self.dtype)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for i in range(blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = self.block(64 * 2**stage, stride, name=f"layer{stage + 1}_{i}")(x, train)
+                x = self.block(64 * 2**stage, stride, self.dtype, name=f"layer{stage + 1}_{i}")(
+                    x, train
+                )
         x = jnp.mean(x, axis=(1, 2))
-        return layers.logits(layers.head(self.num_classes)(x))
+        return layers.logits(layers.head(self.num_classes, self.dtype)(x))

@@ -15,6 +15,8 @@ Module names follow the PyTorch code (`conv1`, `bn1`, `layer1_0/conv1`, ..., the
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -41,13 +43,14 @@ class CifarBasicBlock(nn.Module):
 
     planes: int
     stride: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        y = layers.conv(self.planes, 3, self.stride, name="conv1")(x)
-        y = nn.relu(layers.batch_norm(train, "bn1")(y))
-        y = layers.conv(self.planes, 3, name="conv2")(y)
-        y = layers.batch_norm(train, "bn2")(y)
+        y = layers.conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(layers.batch_norm(train, "bn1", self.dtype)(y))
+        y = layers.conv(self.planes, 3, name="conv2", dtype=self.dtype)(y)
+        y = layers.batch_norm(train, "bn2", self.dtype)(y)
         return nn.relu(y + _shortcut(x, self.planes, self.stride))
 
 
@@ -58,6 +61,7 @@ class CifarResNet(nn.Module):
       depth: total number of weighted layers, `6n + 2` (20, 32, 44, 56, 110, ...).
       num_classes: number of logits.
       width: integer width multiplier (2 gives the reference code's ResNet-32).
+      dtype: compute dtype of the convs and matmuls (params, BN statistics, logits: float32).
 
     Example:
       >>> model = CifarResNet(depth=20, num_classes=10)
@@ -68,6 +72,7 @@ class CifarResNet(nn.Module):
     depth: int
     num_classes: int
     width: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -80,12 +85,14 @@ class CifarResNet(nn.Module):
             raise ValueError(f"width must be a positive integer multiplier, got {self.width!r}")
         blocks = (self.depth - 2) // 6
         x = layers.inputs(x)
-        x = layers.conv(16 * self.width, 3, name="conv1")(x)
-        x = nn.relu(layers.batch_norm(train, "bn1")(x))
+        x = layers.conv(16 * self.width, 3, name="conv1", dtype=self.dtype)(x)
+        x = nn.relu(layers.batch_norm(train, "bn1", self.dtype)(x))
         for stage, planes in enumerate((16, 32, 64)):
             for i in range(blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                block = CifarBasicBlock(planes * self.width, stride, name=f"layer{stage + 1}_{i}")
+                block = CifarBasicBlock(
+                    planes * self.width, stride, self.dtype, name=f"layer{stage + 1}_{i}"
+                )
                 x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return layers.logits(layers.head(self.num_classes)(x))
+        return layers.logits(layers.head(self.num_classes, self.dtype)(x))

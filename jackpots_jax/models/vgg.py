@@ -13,6 +13,8 @@ PyTorch `features.<index>` keys from `VGG.cfg`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -29,6 +31,7 @@ class VGG(nn.Module):
     Attributes:
       cfg: conv widths in order, `"M"` for a 2x2 max-pool (`VGG19` for VGG-19).
       num_classes: number of logits.
+      dtype: compute dtype of the convs and matmuls (params, BN statistics, logits: float32).
 
     Example:
       >>> model = VGG(VGG19, num_classes=10)
@@ -37,6 +40,7 @@ class VGG(nn.Module):
 
     cfg: tuple[int | str, ...]
     num_classes: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -48,9 +52,9 @@ class VGG(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             elif isinstance(item, int) and item > 0:
                 index += 1
-                x = layers.conv(item, 3, name=f"conv{index}")(x)
-                x = nn.relu(layers.batch_norm(train, f"bn{index}")(x))
+                x = layers.conv(item, 3, name=f"conv{index}", dtype=self.dtype)(x)
+                x = nn.relu(layers.batch_norm(train, f"bn{index}", self.dtype)(x))
             else:
                 raise ValueError(f"cfg entries must be positive ints or 'M', got {item!r}")
         x = jnp.mean(x, axis=(1, 2))
-        return layers.logits(layers.head(self.num_classes)(x))
+        return layers.logits(layers.head(self.num_classes, self.dtype)(x))
