@@ -1,28 +1,31 @@
 """Wall time of one jitted search step against one jitted dense training step of the same model.
 
-Measures, on this machine and one device, with random data:
+Measures, on this machine and one device, with random data, for each model, compute dtype and
+batch size asked for:
+  * `dense`: `step.train_step` with weight decay 5e-4 and SGD momentum 0.9;
   * `search`: `step.search_step` with `step.search_optimizer` (weight decay 5e-4, SGD momentum
-    0.9, short restriction at a constant rate `--rate`), a 90% `global_magnitude` budget and the
-    `magnitude` score init. With a rate below 1 a layer with two or more proposed swaps takes the
-    restricted branch of the refresh (three exact selections over the layer), the costlier one;
-  * `dense`: `step.train_step` with weight decay 5e-4 and SGD momentum 0.9 on the same model,
-    variables and batch;
+    0.9, short restriction at each constant `--rate`; rate 1 is the exact top-k refresh, a rate
+    below 1 the restricted one) for each exact selection in `--selections` (`batched`: all
+    leaves at once in a fixed number of radix passes, the accelerator default; `bracketed`:
+    per-leaf bisection, the CPU default; `auto`: the backend's default), a 90%
+    `global_magnitude` budget and the `magnitude` score init;
   * `no refresh`: the search step whose last link keeps the masks as they are (same state type,
-    no selection), so `search - no refresh` is what the mask refresh costs inside the step;
-  * `refresh`: `restriction.refresh_masks` alone (jitted, the rate as a traced value) on the
-    masks and the updated scores of one search step taken after the warm-up;
-for the reference ResNet-32 (`resnet32_w2`, widths 32/64/128) at batch 64 and `fmnist_cnn` at
-batch 128. Every function is compiled first (not timed), then the search runs `--warmup` steps
-(from the magnitude init the first steps propose few swaps). Then `--repeats` rounds; a round
-runs `--steps` steps of every variant, one step of each in turn (the order rotates), every step
-blocked on its output, so that the variants share the machine's load. Reported: the median over
-rounds of each variant's mean seconds per step, and of the per-round ratios. The load average
-(1 minute) is printed with each model: the machine may be shared.
+    no selection), so `(search - no refresh) / search` is the share of the step the refresh takes;
+  * `refresh` (with `--refresh-alone`): `restriction.refresh_masks` alone, jitted, on the masks and
+    the updated scores of one search step taken after the warm-up.
+Every function is compiled first (not timed), then each search runs `--warmup` steps (from the
+magnitude init the first steps propose few swaps). Then `--repeats` rounds; a round runs `--steps`
+steps of every variant, one step of each in turn (the order rotates), every step blocked on its
+output, so that the variants share the machine's load. Reported per row: the median over rounds of
+the mean seconds per step, the median of the per-round ratios search/dense, the refresh share,
+images per second of the search step, and the mask entries swapped per step. The load average is
+printed: the machine may be shared.
 
 Run:
-  python benchmarks/step.py               # 5 (ResNet-32) / 20 (CNN) steps x 3 rounds per variant
+  python benchmarks/step.py               # resnet32_w2 (batch 64) and fmnist_cnn (batch 128), CPU
   python benchmarks/step.py --quick       # 2 steps x 2 rounds, 2 warm-up steps
-  python benchmarks/step.py --models fmnist_cnn --steps 10
+  python benchmarks/step.py --models resnet50 resnet32_w2 --batch 256 --dtype float32 bfloat16 \
+      --rate 1 0.5 --selections batched            # what benchmarks/gpu.sh runs on a GPU
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ import numpy as np
 import optax
 
 import jackpots_jax as jj
+import jackpots_jax.select
 from jackpots_jax import models
 from jackpots_jax.restriction import ShortRestrictionState, refresh_masks
 from jackpots_jax.step import (
     create_search_state,
     create_train_state,
-    search_optimizer,
     search_step,
     train_step,
 )
@@ -119,33 +122,25 @@ class Variant:
         self._round.clear()
 
 
-def build_variants(name: str, batch_size: int, rate: float, seed: int):
-    """The search, dense and no-refresh variants of one model (one batch), and its budget."""
-    model = models.create(name, 10)
+def build_variants(
+    name: str, batch_size: int, dtype: str, rates: list[float], selections: list[str], seed: int
+):
+    """The dense, no-refresh and search variants of one model (one batch), and its budget."""
+    model = models.create(name, 10, dtype=dtype)
     shape = models.input_shape(name)
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.standard_normal((batch_size, *shape), dtype=np.float32))
     labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
     batch = {"image": images, "label": labels}
-    variables = model.init(jax.random.key(seed), images[:1], train=False)
+    variables = jax.jit(lambda x: model.init(jax.random.key(seed), x, train=False))(images[:1])
     params, stats = variables["params"], variables.get("batch_stats", {})
 
     budget = jj.layer_budgets(params, SPARSITY, "global_magnitude")
     scores, _ = jj.init_scores(params, budget, "magnitude")
     key = jax.random.key(seed + 1)
-    kw = dict(learning_rate=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    search_tx = search_optimizer(budget, total_steps=TOTAL_STEPS, rate=rate, **kw)
     no_refresh_tx = optax.chain(*sgd_links(), frozen_masks(budget))
     dense_tx = optax.chain(*sgd_links())
-
-    search_state = create_search_state(params, stats, scores, search_tx, key)
     variants = [
-        Variant(
-            "search",
-            lambda s, b: search_step(s, b, model=model, tx=search_tx, budget=budget),
-            search_state,
-            (batch,),
-        ),
         Variant(
             "dense",
             lambda s, b: train_step(s, b, model=model, tx=dense_tx),
@@ -159,18 +154,33 @@ def build_variants(name: str, batch_size: int, rate: float, seed: int):
             (batch,),
         ),
     ]
+    for selection in selections:
+        for rate in rates:
+            # `search_optimizer` with the selection asked for: the same links.
+            tx = optax.chain(
+                *sgd_links(), jj.short_restriction(budget, rate=rate, selection=selection)
+            )
+            variants.append(
+                Variant(
+                    f"search {jj.select.resolve(selection)} r={rate:g}",
+                    lambda s, b, tx=tx: search_step(s, b, model=model, tx=tx, budget=budget),
+                    create_search_state(params, stats, scores, tx, key),
+                    (batch,),
+                )
+            )
     return variants, budget
 
 
-def refresh_variant(search: Variant, budget, rate: float) -> Variant:
+def refresh_variant(search: Variant, budget, rate: float, selection: str) -> Variant:
     """`refresh_masks` alone on the masks of the search's state and the scores of its next step."""
     stepped, _ = search.step(search.state, *search.args)
 
     def refresh(masks, scores, rate_value):
         # The old masks are the state (unchanged), so every call refreshes the same scores.
-        return masks, refresh_masks(scores, masks, budget, rate_value)
+        return masks, refresh_masks(scores, masks, budget, rate_value, selection=selection)
 
-    return Variant("refresh", refresh, search.state.masks, (stepped.scores, jnp.float32(rate)))
+    name = search.name.replace("search", "refresh")
+    return Variant(name, refresh, search.state.masks, (stepped.scores, jnp.float32(rate)))
 
 
 def sgd_links() -> tuple[optax.GradientTransformation, ...]:
@@ -186,13 +196,13 @@ def sgd_links() -> tuple[optax.GradientTransformation, ...]:
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
-    header = ("model", "batch", "search s/step", "dense s/step", "search/dense", "no refresh",
-              "refresh s", "refresh share", "swaps/step", "load 1 min")  # fmt: skip
+    header = ("model", "dtype", "batch", "variant", "s/step", "dense s/step", "search/dense",
+              "refresh share", "img/s", "swaps/step", "load 1 min")  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r):
         cells = enumerate(zip(r, widths, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in cells)
+        return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in cells)
 
     print(line(header))
     print("  ".join("-" * w for w in widths))
@@ -200,28 +210,101 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print(line(r))
 
 
+def bench_one(name, dtype, batch_size, args) -> list[tuple[str, ...]]:
+    """Times every variant of one (model, dtype, batch); returns the table rows."""
+    steps = args.steps or STEPS.get(name, 5)
+    variants, budget = build_variants(
+        name, batch_size, dtype, args.rate, args.selections, args.seed
+    )
+    compile_s = sum(v.compile() for v in variants)
+    searches = [v for v in variants if v.name.startswith("search")]
+    for search in searches:
+        for _ in range(args.warmup):
+            search.once()
+        search._round.clear()
+    if args.refresh_alone:
+        for search in list(searches):
+            rate = float(search.name.rsplit("r=", 1)[1])
+            selection = search.name.split()[1]
+            variants.append(refresh_variant(search, budget, rate, selection))
+            compile_s += variants[-1].compile()
+    churn = {v.name: [] for v in searches}
+    for r in range(args.repeats):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for _ in range(steps):
+            for v in order:
+                out = v.once()
+                if v in searches:
+                    churn[v.name].append(int(out[1]["churn"]))
+        for v in variants:
+            v.end_round()
+    load = load_average().split("/")[0]
+    print(f"  {name} {dtype} batch {batch_size}: compiled in {compile_s:.1f} s; load {load}")
+    t = {v.name: statistics.median(v.rounds) for v in variants}
+    rounds = [{v.name: v.rounds[i] for v in variants} for i in range(args.repeats)]
+    head = (name, dtype, str(batch_size))
+    rows = [
+        (*head, "dense", f"{t['dense']:.4f}", f"{t['dense']:.4f}", "1.000", "-",
+         f"{batch_size / t['dense']:,.0f}", "-", load),
+        (*head, "no refresh", f"{t['no refresh']:.4f}", f"{t['dense']:.4f}",
+         f"{statistics.median(x['no refresh'] / x['dense'] for x in rounds):.3f}", "-",
+         f"{batch_size / t['no refresh']:,.0f}", "-", load),
+    ]  # fmt: skip
+    for v in variants[2:]:
+        ratio = statistics.median(x[v.name] / x["dense"] for x in rounds)
+        if v in searches:
+            share = statistics.median(
+                (x[v.name] - x["no refresh"]) / x[v.name] for x in rounds
+            )  # fmt: skip
+            swaps = f"{statistics.mean(churn[v.name]) / 2:.0f}"
+            images = f"{batch_size / t[v.name]:,.0f}"
+        else:  # the refresh alone, as a share of its search step
+            search = v.name.replace("refresh", "search")
+            share = statistics.median(x[v.name] / x[search] for x in rounds)
+            swaps, images = "-", "-"
+        rows.append(
+            (*head, v.name, f"{t[v.name]:.4f}", f"{t['dense']:.4f}", f"{ratio:.3f}",
+             f"{share:.1%}", images, swaps, load)
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(BATCH_SIZES), choices=list(BATCH_SIZES))
+    parser.add_argument("--models", nargs="+", default=list(BATCH_SIZES), choices=models.names())
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=None,
+        help=f"batch sizes (default per model: {BATCH_SIZES}, else 64)",
+    )  # fmt: skip
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--rate", type=float, nargs="+", default=[1.0, 0.5],
+        help="short-restriction rates (1: exact top-k refresh; < 1: the restricted refresh)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--selections", nargs="+", default=["auto"], choices=list(jj.select.SELECTIONS),
+        help="exact selections of the refresh (auto: the backend's default)",
+    )  # fmt: skip
     parser.add_argument(
         "--steps", type=int, default=None,
-        help=f"steps per variant per round (default {STEPS})",
+        help=f"steps per variant per round (default {STEPS}, else 5)",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="rounds (median over rounds)")
-    parser.add_argument("--rate", type=float, default=0.5, help="short-restriction rate, < 1")
     parser.add_argument("--warmup", type=int, default=10, help="search steps before timing")
+    parser.add_argument("--refresh-alone", action="store_true", help="also time the refresh alone")
     parser.add_argument("--quick", action="store_true", help="2 steps x 2 rounds, 2 warm-up")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not 0.0 <= args.rate <= 1.0:
-        parser.error(f"--rate must be in [0, 1], got {args.rate}")
+    for rate in args.rate:
+        if not 0.0 <= rate <= 1.0:
+            parser.error(f"--rate must be in [0, 1], got {rate}")
     if args.quick:
         args.steps, args.repeats, args.warmup = 2, 2, 2
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()[:1]}")
     print(machine_info())
     print(
-        f"sparsity {SPARSITY:.0%} global_magnitude, magnitude init, rate {args.rate}; "
+        f"sparsity {SPARSITY:.0%} global_magnitude, magnitude init, rates {args.rate}; "
         f"{args.steps or STEPS} steps x {args.repeats} rounds per variant after {args.warmup} "
         f"warm-up steps; median over rounds of s/step"
     )
@@ -229,56 +312,13 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for name in args.models:
-        batch_size = BATCH_SIZES[name]
-        steps = args.steps or STEPS[name]
-        variants, budget = build_variants(name, batch_size, args.rate, args.seed)
-        compile_s = sum(v.compile() for v in variants)
-        search = variants[0]
-        for _ in range(args.warmup):
-            search.once()
-        search._round.clear()
-        variants.append(refresh_variant(search, budget, args.rate))
-        compile_s += variants[-1].compile()
-        churn = []
-        for r in range(args.repeats):
-            order = variants[r % len(variants) :] + variants[: r % len(variants)]
-            for _ in range(steps):
-                for v in order:
-                    out = v.once()
-                    if v is search:
-                        churn.append(int(out[1]["churn"]))
-            for v in variants:
-                v.end_round()
-        t = {v.name: statistics.median(v.rounds) for v in variants}
-        rounds = [
-            {v.name: v.rounds[r] for v in variants} for r in range(args.repeats)
-        ]  # fmt: skip
-        ratio = statistics.median(x["search"] / x["dense"] for x in rounds)
-        share = statistics.median((x["search"] - x["no refresh"]) / x["search"] for x in rounds)
-        alone = statistics.median(x["refresh"] / x["search"] for x in rounds)
-        load = load_average().split("/")[0]
-        rows.append(
-            (
-                name,
-                str(batch_size),
-                f"{t['search']:.4f}",
-                f"{t['dense']:.4f}",
-                f"{ratio:.3f}",
-                f"{t['no refresh']:.4f}",
-                f"{t['refresh']:.4f}",
-                f"{share:.1%} ({alone:.1%})",
-                f"{statistics.mean(churn) / 2:.0f}",
-                load,
-            )
-        )
-        print(
-            f"  {name}: compiled in {compile_s:.1f} s, timed; load average {load_average()}",
-            flush=True,
-        )
+        for batch_size in args.batch or [BATCH_SIZES.get(name, 64)]:
+            for dtype in args.dtype:
+                rows += bench_one(name, dtype, batch_size, args)
     print()
     print_table(rows)
-    print("search/dense and refresh share: medians of the per-round ratios")
-    print("refresh share: (search - no refresh) / search; in brackets, the refresh alone / search")
+    print("search/dense: median of the per-round ratios of s/step against the dense step")
+    print("refresh share: (search - no refresh) / search; for a refresh row, refresh / search")
     print("swaps/step: mask entries revived per timed search step (= entries removed)")
     print(f"load average at end: {load_average()}")
     print(f"total wall time {time.perf_counter() - start:.1f} s")

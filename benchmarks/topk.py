@@ -3,10 +3,13 @@
 Measures, on this machine, at 90% sparsity (10% of each leaf kept):
   * one layer of each size in `--sizes` (float32 standard-normal scores) and a ResNet-50-shaped
     set of kernels (shapes from `jax.eval_shape` of the model's init, ~25M weights in total);
-  * for each: `jj.topk_masks` (bisection over float bits, no sort), a `jnp.sort` threshold
-    (`scores >= sorted_desc[k - 1]`, exact when there are no ties) and `lax.top_k` (indices
-    scattered into a mask); the masks of all three are checked identical;
-  * on the largest single layer, `jj.refresh_masks` with rate 1.0 and 0.5, given the masks of the
+  * for each: `jj.topk_masks` (with each selection asked for: `batched`, the radix select over
+    all leaves at once, or `bracketed`, per-leaf bisection; `auto` is the backend's default), a
+    `jnp.sort` threshold per leaf (`scores >= sorted_desc[k - 1]`, exact when there are no ties),
+    `lax.top_k` per leaf (indices scattered into a mask) and, for the ResNet-50 set, one
+    `jnp.sort` of all leaves concatenated; the masks of all of them are checked identical;
+  * on the ResNet-50 set and the largest single layer, `jj.refresh_masks` with rate 1.0 and 0.5
+    (traced, as in a search with a schedule), given the masks of the
     previous scores and new scores = previous + a small perturbation. Rate 1.0 must equal the
     sort-based mask of the new scores; rate 0.5 is checked to keep exactly k per layer and to lie
     between the old and the new masks.
@@ -18,6 +21,7 @@ Run:
   python benchmarks/topk.py                      # 1M, 5M, 25M and ResNet-50
   python benchmarks/topk.py --quick              # small sizes, a few seconds
   python benchmarks/topk.py --sizes 1000000 --repeats 5 --no-resnet
+  python benchmarks/topk.py --selections batched bracketed   # both exact selections
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from jax import lax
 
 import jackpots_jax as jj
 import jackpots_jax.models
+import jackpots_jax.select
 
 SPARSITY = 0.9
 
@@ -111,32 +116,63 @@ def same(a: dict, b: dict) -> bool:
     return all(bool(jnp.array_equal(a[n], b[n])) for n in a)
 
 
+def concat_sort_mask(s: dict, ks: dict) -> dict:
+    """Per-leaf masks from ONE `jnp.sort` of all leaves' scores concatenated (leaf id in the key).
+
+    The sort orders (leaf, score) pairs; each leaf's k-th largest is then read at its offset. The
+    baseline the batched selection must beat: one sort of the whole model instead of one per leaf.
+    """
+    names = list(s)
+    flat = jnp.concatenate([s[n].ravel() for n in names])
+    leaf = jnp.concatenate(
+        [jnp.full((s[n].size,), i, jnp.int32) for i, n in enumerate(names)]
+    )  # fmt: skip
+    order = jnp.lexsort((flat, leaf))  # ascending by leaf, then by score
+    sorted_scores = flat[order]
+    out, offset = {}, 0
+    for n in names:
+        size = s[n].size
+        out[n] = s[n] >= sorted_scores[offset + size - ks[n]]
+        offset += size
+    return out
+
+
 def bench_set(
-    label: str, shapes: dict[str, tuple[int, ...]], repeats: int, seed: int
+    label: str, shapes: dict[str, tuple[int, ...]], repeats: int, seed: int, selections
 ) -> tuple[list[tuple], dict, tuple[float, float]]:
-    """Rows for one set of leaves: ours, sort, top_k; plus what the refresh needs."""
+    """Rows for one set of leaves: ours (each selection), sort, top_k; what the refresh needs."""
     scores = {n: jnp.asarray(x) for n, x in make_scores(shapes, seed).items()}
     ks = {n: kept(int(np.prod(s))) for n, s in shapes.items()}
     budget = {n: int(np.prod(shapes[n])) - ks[n] for n in shapes}
 
-    ours = jax.jit(lambda s: jj.topk_masks(s, budget))
     by_sort = jax.jit(lambda s: {n: sort_mask(s[n], ks[n]) for n in s})
     by_top_k = jax.jit(lambda s: {n: top_k_mask(s[n], ks[n]) for n in s})
-
-    t_ours, m_ours = time_call(ours, scores, repeats=repeats)
     t_sort, m_sort = time_call(by_sort, scores, repeats=repeats)
     t_topk, m_topk = time_call(by_top_k, scores, repeats=repeats)
     counts_ok = all(int(jnp.sum(m_sort[n])) == ks[n] for n in ks)  # no ties in the scores
-    rows = [
-        (label, "jj.topk_masks", t_ours, t_sort / t_ours, t_topk / t_ours, same(m_ours, m_sort)),
-        (label, "jnp.sort", t_sort, None, None, "ref" if counts_ok else "ref (ties!)"),
-        (label, "lax.top_k", t_topk, None, None, same(m_topk, m_sort)),
+    rows = []
+    masks = None
+    for sel in selections:
+        ours = jax.jit(lambda s, sel=sel: jj.topk_masks(s, budget, selection=sel))
+        t_ours, m_ours = time_call(ours, scores, repeats=repeats)
+        masks = m_ours
+        name = f"jj.topk_masks {jj.select.resolve(sel)}"
+        rows.append((label, name, t_ours, t_sort / t_ours, t_topk / t_ours, same(m_ours, m_sort)))
+    rows += [
+        (label, "jnp.sort per leaf", t_sort, None, None, "ref" if counts_ok else "ref (ties!)"),
+        (label, "lax.top_k per leaf", t_topk, None, None, same(m_topk, m_sort)),
     ]
-    context = {"scores": scores, "masks": m_ours, "budget": budget, "ks": ks, "by_sort": by_sort}
+    if len(shapes) > 1:
+        one_sort = jax.jit(lambda s: concat_sort_mask(s, ks))
+        t_one, m_one = time_call(one_sort, scores, repeats=repeats)
+        rows.append((label, "one jnp.sort of all", t_one, None, None, same(m_one, m_sort)))
+    context = {"scores": scores, "masks": masks, "budget": budget, "ks": ks, "by_sort": by_sort}
     return rows, context, (t_sort, t_topk)
 
 
-def bench_refresh(label: str, ctx: dict, base: tuple[float, float], repeats: int, seed: int):
+def bench_refresh(
+    label: str, ctx: dict, base: tuple[float, float], repeats: int, seed: int, selections
+):
     """Rows for `jj.refresh_masks` at rate 1.0 and 0.5 on perturbed scores."""
     scores, masks, budget, ks = ctx["scores"], ctx["masks"], ctx["budget"], ctx["ks"]
     noise = make_scores({n: s.shape for n, s in scores.items()}, seed + 1)
@@ -147,20 +183,23 @@ def bench_refresh(label: str, ctx: dict, base: tuple[float, float], repeats: int
     target = ctx["by_sort"](new_scores)
     t_sort, t_topk = base
     rows = []
-    for rate in (1.0, 0.5):
-        fn = jax.jit(lambda s, m, rate=rate: jj.refresh_masks(s, m, budget, rate))
-        t, out = time_call(fn, new_scores, masks, repeats=repeats)
-        if rate == 1.0:
-            ok = same(out, target)
-        else:
-            # Exactly k kept, nothing outside old | target, and ceil(c / 2) of the c swaps made.
-            ok = True
-            for n in out:
-                swaps = int(jnp.sum(out[n] != masks[n])) // 2
-                proposed = int(jnp.sum(target[n] != masks[n])) // 2
-                ok = ok and int(jnp.sum(out[n])) == ks[n] and swaps == -(-proposed // 2)
-                ok = ok and not bool(jnp.any(out[n] & ~masks[n] & ~target[n]))
-        rows.append((label, f"jj.refresh_masks r={rate}", t, t_sort / t, t_topk / t, ok))
+    for sel in selections:
+        for rate in (1.0, 0.5):
+            fn = jax.jit(lambda s, m, r, sel=sel: jj.refresh_masks(s, m, budget, r, selection=sel))
+            # The rate is traced, as in a search with a schedule.
+            t, out = time_call(fn, new_scores, masks, jnp.float32(rate), repeats=repeats)
+            if rate == 1.0:
+                ok = same(out, target)
+            else:
+                # Exactly k kept, nothing outside old | target, and ceil(c / 2) of c swaps made.
+                ok = True
+                for n in out:
+                    swaps = int(jnp.sum(out[n] != masks[n])) // 2
+                    proposed = int(jnp.sum(target[n] != masks[n])) // 2
+                    ok = ok and int(jnp.sum(out[n])) == ks[n] and swaps == -(-proposed // 2)
+                    ok = ok and not bool(jnp.any(out[n] & ~masks[n] & ~target[n]))
+            name = f"refresh r={rate} {jj.select.resolve(sel)}"
+            rows.append((label, name, t, t_sort / t, t_topk / t, ok))
     return rows
 
 
@@ -211,8 +250,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, no ResNet-50")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-50 set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--selections", nargs="+", default=["auto"], choices=list(jj.select.SELECTIONS),
+        help="which exact selections to time (auto: the backend's default)",
+    )  # fmt: skip
     args = parser.parse_args()
     sizes = [10_000, 100_000] if args.quick else args.sizes
+    sel = args.selections
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     print(f"sparsity {SPARSITY:.0%} (k = 10% kept per leaf), median of {args.repeats} repeats")
@@ -220,7 +264,7 @@ def main() -> None:
     rows = []
     largest = None
     for n in sizes:
-        set_rows, ctx, base = bench_set(size_label(n), {"w": (n,)}, args.repeats, args.seed)
+        set_rows, ctx, base = bench_set(size_label(n), {"w": (n,)}, args.repeats, args.seed, sel)
         rows += set_rows
         if largest is None or n >= largest[0]:
             largest = (n, ctx, base)
@@ -229,11 +273,12 @@ def main() -> None:
         shapes = {n: tuple(s.shape) for n, s in kernels.items()}
         total = sum(int(np.prod(s)) for s in shapes.values())
         label = f"resnet50 ({len(shapes)} leaves, {total / 1e6:.2f}M)"
-        set_rows, _, _ = bench_set(label, shapes, args.repeats, args.seed)
+        set_rows, ctx, base = bench_set(label, shapes, args.repeats, args.seed, sel)
         rows += set_rows
+        rows += bench_refresh("resnet50", ctx, base, args.repeats, args.seed, sel)
     if largest is not None:
         n, ctx, base = largest
-        rows += bench_refresh(size_label(n) + " refresh", ctx, base, args.repeats, args.seed)
+        rows += bench_refresh(size_label(n), ctx, base, args.repeats, args.seed, sel)
     print_table(rows)
     print(f"total wall time {time.perf_counter() - start:.1f} s")
 

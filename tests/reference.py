@@ -12,8 +12,10 @@ def topk_mask(scores, keep, current=None):
     """The first `keep` entries of a stable sort by (score desc, in `current` first, index asc)."""
     s = np.asarray(scores, np.float64).ravel()
     cur = np.zeros(s.size, bool) if current is None else np.asarray(current, bool).ravel()
-    # np.lexsort sorts by the last key first; -s maps -0.0 and 0.0 to equal keys.
-    order = np.lexsort((np.arange(s.size), (~cur).astype(np.int8), -s))
+    # NaN ranks above everything (all NaNs equal): a first key, and NaN replaced by 0 in the
+    # second. np.lexsort sorts by the last key first; -s maps -0.0 and 0.0 to equal keys.
+    nan = np.isnan(s)
+    order = np.lexsort((np.arange(s.size), (~cur).astype(np.int8), -np.where(nan, 0.0, s), ~nan))
     mask = np.zeros(s.size, bool)
     mask[order[:keep]] = True
     return mask.reshape(np.shape(scores))
@@ -29,8 +31,10 @@ def restricted_refresh(scores, old, keep, rate):
     c = revive.size
     n = c if rate >= 1 else math.ceil(Fraction(repr(float(rate))) * c)
     # Highest-scored revivals (ties: lower index); lowest-scored removals (ties: higher index).
-    come_in = revive[np.lexsort((revive, -s[revive]))][:n]
-    go_out = remove[np.lexsort((-remove, s[remove]))][:n]
+    nan = np.isnan(s)
+    finite = np.where(nan, 0.0, s)
+    come_in = revive[np.lexsort((revive, -finite[revive], ~nan[revive]))][:n]
+    go_out = remove[np.lexsort((-remove, finite[remove], nan[remove]))][:n]
     new = old.copy()
     new[go_out] = False
     new[come_in] = True

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -221,6 +222,34 @@ def test_default_job_tiny(tmp_path, fmnist_source):
     again = results(workdir)["evaluated"]
     assert again["accuracy"] == rows["jackpot (search)"]["accuracy"]
     assert again["sparsity"] == pytest.approx(rows["jackpot (search)"]["sparsity"])
+
+
+@pytest.mark.slow
+def test_default_job_tiny_in_bfloat16(tmp_path, fmnist_source):
+    """The whole tiny default job with convs and matmuls in bfloat16: exact budgets, results."""
+    workdir = tmp_path / "work"
+    proc = run_main(
+        "default.py:tiny",
+        workdir,
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+        "--config.model.dtype=bfloat16",
+    )
+    check_ok(proc)
+    rows = results(workdir)
+    assert rows["dense"]["accuracy"] > 0.3 and rows["jackpot (search)"]["count"] == 100
+    assert rows["jackpot (search)"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["model"]["dtype"] == "bfloat16"
+    variables, _, _ = convert.import_checkpoint(
+        workdir / "pretrain" / "model.safetensors", "fmnist_cnn"
+    )
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+    budget = jj.layer_budgets(variables["params"], 0.9, "global_magnitude")
+    with np.load(workdir / "export" / "masks.npz") as f:
+        for name, pruned in jj._tree.named_leaves(budget):
+            if pruned is not None:
+                assert f[name].size - int(f[name].sum()) == pruned, name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jackpots_jax as jj
 from jackpots_jax import models
 from jackpots_jax.models import layers
 from jackpots_jax.models.resnet_cifar import CifarBasicBlock
@@ -290,3 +291,36 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(name):
 def test_unknown_dtype_is_an_error():
     with pytest.raises(ValueError, match="float16.*allowed: float32, bfloat16"):
         models.create("resnet20", 10, dtype="float16")
+
+
+def test_bfloat16_search_keeps_exact_counts_and_float32_state():
+    """A few search steps of the bf16 CNN: masks keep the budget; scores and state stay float32."""
+    from jackpots_jax.step import create_search_state, search_optimizer, search_step
+
+    model = models.create("fmnist_cnn", 10, dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((16, 28, 28, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+    variables = models.create("fmnist_cnn", 10).init(jax.random.key(0), images[:1])
+    params = variables["params"]
+    budget = jj.layer_budgets(params, 0.9, "global_magnitude")
+    scores, _ = jj.init_scores(params, budget, "magnitude")
+    tx = search_optimizer(budget, learning_rate=0.5, total_steps=4, rate=jj.schedules.cosine(4))
+    state = create_search_state(params, variables["batch_stats"], scores, tx, jax.random.key(1))
+    step = jax.jit(lambda s, b: search_step(s, b, model=model, tx=tx, budget=budget))
+    churn = 0
+    for i in range(4):
+        batch = {"image": images + 0.1 * i, "label": labels}
+        state, metrics = step(state, batch)
+        churn += int(metrics["churn"])
+        assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+    assert churn > 0  # the masks moved
+    masks = jj.current_masks(state.opt_state)
+    for name, pruned in jj._tree.named_leaves(budget):
+        if pruned is None:
+            continue
+        mask = dict(jj._tree.named_leaves(masks))[name]
+        assert mask.size - int(mask.sum()) == pruned, name
+    leaves = jax.tree.leaves((state.scores, state.batch_stats, state.opt_state))
+    floats = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floats == {jnp.dtype(jnp.float32)}

@@ -1,0 +1,752 @@
+"""Exact top-k selection over every masked leaf, without sorting: the kernel of the mask refresh.
+
+Every selection here picks, per leaf, exactly `k` entries in one total order: key descending
+(keys from `ordered_keys`, integers that order like the floats), then a tie rule (entries kept in
+the current masks first, then the lower flat index), so the set is the one a stable descending
+sort gives. Two implementations compute the same sets bit for bit:
+
+* `batched` (accelerators): all leaves are packed into one `[rows, chunk]` array (each row holds
+  entries of one leaf) and the `k`-th key of every leaf is found by a radix select: a fixed
+  number of passes (32 bits in digits of `DIGIT_BITS`), each one histogram per leaf over all
+  entries at once (per-row one-hot sums, then one small per-leaf reduction of the rows). Ties at
+  the threshold are split by a second radix select over a tie key that encodes the tie rule
+  (preference bit, then the index), so the selected set is exact. The passes are unrolled: no
+  loop, no conditional, no per-leaf kernel, and every reduction is an array op that XLA can
+  partition (a sharded leaf's histograms become all-reduces).
+* `bracketed` (CPU): per leaf, a bisection over the key bits (one counting pass per bit), started
+  from bounds that bracket the threshold (from the current masks during a search, or from a
+  strided sample of a large leaf, checked by counting); when few keys lie between the bounds the
+  selection runs on those alone. On a CPU the passes it skips are worth more than the per-leaf
+  loops and conditionals it needs, which on an accelerator would be thousands of small kernels.
+
+`topk` and `refresh` choose by `jax.default_backend()` (`selection="auto"`), or as asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SELECTIONS = ("auto", "batched", "bracketed")
+# Radix digits of the batched selection: 8 passes over a 32-bit key, 16 bins per histogram.
+DIGIT_BITS = 4
+# Entries per row of the packed layout (fewer when every leaf is smaller).
+CHUNK = 1024
+
+
+def ordered_keys(x: jax.Array) -> jax.Array:
+    """Unsigned integers that order like the floats `x` (-0.0 and +0.0 are equal; NaN is largest).
+
+    Every NaN, whatever its sign bit and payload, maps to the largest key: NaN scores rank above
+    +inf and equal to each other (ties then go by the tie rule). The sign of a NaN differs between
+    platforms (x86 makes negative ones, GPUs positive ones), so it must not decide the order.
+
+    Args:
+      x: a float array (float16/bfloat16 are widened to float32; float64 keeps 64 bits).
+
+    Returns:
+      `uint32` (or `uint64`) array of the shape of `x`; `a < b` as floats iff keys compare so.
+    """
+    x = jnp.asarray(x)
+    if x.dtype == jnp.float64:
+        utype, sign, inf = jnp.uint64, np.uint64(1 << 63), np.uint64(0x7FF0000000000000)
+    else:
+        x = x.astype(jnp.float32)
+        utype, sign, inf = jnp.uint32, np.uint32(1 << 31), np.uint32(0x7F800000)
+    bits = lax.bitcast_convert_type(x, utype)
+    # A stable sort treats -0.0 == +0.0; their bit patterns differ, so fold -0.0 onto +0.0. The
+    # test is on the bits: a float compare would also fold subnormals where the CPU flushes them.
+    bits = jnp.where(bits == sign, jnp.zeros_like(bits), bits)
+    # Any NaN (exponent all ones, mantissa not zero) becomes the positive NaN of largest payload.
+    bits = jnp.where((bits & ~sign) > inf, ~sign, bits)
+    negative = (bits & sign) != 0
+    return jnp.where(negative, ~bits, bits | sign)
+
+
+def _first(candidates: jax.Array, r: jax.Array, from_end: bool) -> jax.Array:
+    """The `r` lowest-index (or highest-index) entries of the flat bool array `candidates`."""
+    total = jnp.sum(candidates, dtype=jnp.int32)
+
+    def by_position():
+        rank = jnp.cumsum(candidates, dtype=jnp.int32)
+        if from_end:
+            rank = total - rank + candidates.astype(jnp.int32)
+        return candidates & (rank <= r)
+
+    # Most refreshes have a single entry at the threshold: skip the scan then.
+    return lax.cond(total <= r, lambda: candidates, by_position)
+
+
+# Float32 sums of 0/1 are exact while every partial sum stays below 2**24, whatever the order of
+# the additions; XLA's CPU reductions are faster in float32 than in int32.
+_EXACT_F32 = 1 << 24
+
+
+def _count(mask: jax.Array) -> jax.Array:
+    """The number of True entries of a flat bool array, as int32 (one fused pass)."""
+    n = mask.shape[0]
+    chunks = [mask[i : i + _EXACT_F32] for i in range(0, n, _EXACT_F32)] or [mask]
+    counts = [jnp.sum(c, dtype=jnp.float32).astype(jnp.int32) for c in chunks]
+    return sum(counts[1:], counts[0])
+
+
+def compact_indices(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """The flat indices of the first `capacity` True entries of `mask`, in increasing order.
+
+    No sort and no scan over the entries: the mask is packed into 32-bit words (one pass), the
+    words' bit counts are summed up, and each output slot finds its word by binary search and its
+    bit by a 5-step search on bit counts.
+
+    Returns:
+      `(indices, total)`: int32 indices (`mask.size` in the slots past the last True entry) and
+      the number of True entries (which may exceed `capacity`).
+    """
+    n = mask.shape[0]
+    width = 32
+    n_words = -(-n // width)
+    rows = jnp.pad(mask, (0, n_words * width - n)).reshape(n_words, width)
+    shifts = jnp.arange(width, dtype=jnp.uint32)
+    words = jnp.sum(rows.astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32)
+    per_word = lax.population_count(words).astype(jnp.int32)
+    through = jnp.cumsum(per_word)
+    total = through[-1]
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    # The word holding the (slot + 1)-th True entry: the first with `through > slot`.
+    w = jnp.minimum(jnp.searchsorted(through, slot, side="right"), n_words - 1).astype(jnp.int32)
+    rank = slot - (through[w] - per_word[w])
+    word = words[w]
+    pos = jnp.zeros_like(slot)
+    for half in (16, 8, 4, 2, 1):
+        low = lax.population_count(
+            (word >> pos.astype(jnp.uint32)) & jnp.uint32((1 << half) - 1)
+        ).astype(jnp.int32)
+        go = rank >= low
+        pos = pos + jnp.where(go, half, 0)
+        rank = rank - jnp.where(go, low, 0)
+    return jnp.where(slot < total, w * width + pos, n), total
+
+
+def kth_key(
+    keys: jax.Array,
+    k: jax.Array | int,
+    *,
+    eligible: jax.Array | None = None,
+    bounds: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """The `k`-th largest eligible key: the largest t with #{eligible & key >= t} >= k.
+
+    A bisection over the bits of the key, one counting pass per bit. With `bounds = (lo, hi)`,
+    which the caller guarantees to hold the answer (`lo <= answer <= hi`) whenever `k >= 1`, the
+    high bits that `lo` and `hi` share are the answer's too and are not searched: the bisection
+    starts from that common prefix and only visits the bits below it. For `k == 0` the answer is
+    the largest key value (nothing is at or above the threshold but keys equal to it).
+    """
+    dtype = keys.dtype
+    bits = jnp.iinfo(dtype).bits
+    k = jnp.asarray(k, jnp.int32)
+    one = jnp.asarray(1, dtype)
+    top = jnp.asarray(np.iinfo(dtype).max, dtype)
+
+    def count_at_least(t):
+        ge = keys >= t
+        if eligible is not None:
+            ge = ge & eligible
+        return _count(ge)
+
+    if bounds is None:
+        free = jnp.asarray(bits, jnp.int32)
+        start = jnp.asarray(0, dtype)
+    else:
+        lo, hi = (jnp.asarray(b, dtype) for b in bounds)
+        # Bits below the highest bit where lo and hi differ are free; those above are fixed.
+        free = bits - lax.clz(lo ^ hi).astype(jnp.int32)
+        low_bits = jnp.where(free >= bits, top, (one << free.astype(dtype)) - one)
+        start = lo & ~low_bits
+
+    def step(i, t):
+        candidate = t | (one << (free - 1 - i).astype(dtype))
+        return jnp.where(count_at_least(candidate) >= k, candidate, t)
+
+    # The largest t with #{key >= t} >= k, i.e. the k-th largest key, one bit at a time.
+    threshold = lax.fori_loop(0, free, step, start)
+    return threshold if bounds is None else jnp.where(k > 0, threshold, top)
+
+
+def select_at(
+    keys: jax.Array,
+    k: jax.Array | int,
+    threshold: jax.Array,
+    *,
+    eligible: jax.Array | None = None,
+    prefer: jax.Array | None = None,
+    ties_from_end: bool = False,
+) -> jax.Array:
+    """The `k` entries of `select_top` given its threshold `kth_key(keys, k, eligible=...)`."""
+    k = jnp.asarray(k, jnp.int32)
+    above = keys > threshold
+    ties = keys == threshold
+    if eligible is not None:
+        above = above & eligible
+        ties = ties & eligible
+    remaining = k - jnp.sum(above, dtype=jnp.int32)
+    if prefer is None:
+        return above | _first(ties, remaining, ties_from_end)
+    preferred = ties & prefer
+    n_preferred = jnp.sum(preferred, dtype=jnp.int32)
+    take_preferred = jnp.minimum(remaining, n_preferred)
+    others = _first(ties & ~prefer, remaining - take_preferred, ties_from_end)
+    return above | _first(preferred, take_preferred, ties_from_end) | others
+
+
+def kept_bounds(
+    keys: jax.Array, kept: jax.Array, k: jax.Array | int
+) -> tuple[jax.Array, jax.Array]:
+    """Bounds on the `k`-th largest key from a mask `kept` of (about) the top `k` (one fused pass).
+
+    With a the lowest kept key and b the highest key not kept: if `kept` has exactly `k` entries,
+    the `k`-th largest key T lies in [a, max(a, b)] (T >= a since the k kept keys are >= a; if some
+    kept key is <= b, fewer than k keys exceed b and T <= b; otherwise T = a). With any other count
+    the bounds are the whole key range.
+    """
+    top = jnp.asarray(np.iinfo(keys.dtype).max, keys.dtype)
+    zero = jnp.zeros_like(top)
+    a = jnp.min(jnp.where(kept, keys, top))
+    b = jnp.max(jnp.where(kept, zero, keys))
+    valid = jnp.sum(kept, dtype=jnp.int32) == k
+    return jnp.where(valid, a, zero), jnp.where(valid, jnp.maximum(a, b), top)
+
+
+# Leaves of at least this many entries bracket their threshold from a strided sample.
+_SAMPLE_MIN = 1 << 18
+_SAMPLE_SIZE = 1 << 16
+# Entries near the threshold are gathered (and the selection decided among them) when at most
+# this share of the leaf lies between the bounds, in leaves where that share is this many or more.
+_COMPACT_SHARE = 32
+_COMPACT_MIN = 256
+
+
+def sampled_bounds(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Bounds on the `k`-th largest of flat `keys` (static `k`), from a strided sample, verified.
+
+    The sample's quantiles a few standard deviations either side of rank `k` give (lo, hi); two
+    counting passes over all keys check that the k-th largest key lies in [lo, hi]. When it does
+    not (an unlucky or adversarial order), the bounds are the whole key range.
+    """
+    n = keys.shape[0]
+    top = jnp.asarray(np.iinfo(keys.dtype).max, keys.dtype)
+    zero = jnp.zeros_like(top)
+    if not 0 < k < n:
+        return zero, top
+    stride = max(1, n // _SAMPLE_SIZE)
+    sample = keys[::stride]
+    m = sample.shape[0]
+    p = k / n
+    rank, spread = p * m, 4.0 * np.sqrt(m * p * (1.0 - p)) + 2.0
+    rank_lo = int(min(m, np.ceil(rank + spread)))
+    rank_hi = int(max(1, np.floor(rank - spread)))
+    lo = kth_key(sample, rank_lo)
+    hi = kth_key(sample, rank_hi)
+    ok = (_count(keys >= lo) >= k) & (_count(keys > hi) < k)
+    return jnp.where(ok, lo, zero), jnp.where(ok, hi, top)
+
+
+def decide_in_bracket(
+    keys: jax.Array,
+    k: jax.Array | int,
+    bounds: tuple[jax.Array, jax.Array],
+    decide: Callable[..., jax.Array],
+) -> jax.Array:
+    """Runs a selection of `k` entries on the keys in `bounds` alone when few lie there.
+
+    `bounds = (lo, hi)` must hold the `k`-th largest key T, and `decide` must keep every key above
+    `hi` and drop every key below `lo` (as the top-k and the refresh do). Then the k-th largest key
+    is the (k - #{key > hi})-th largest of the keys in [lo, hi], and the ties at T are among them.
+    When at most 1/32 of the keys lie in [lo, hi] they are gathered in index order (so ties resolve
+    alike) and `decide` runs on them alone; otherwise on all keys.
+
+    Args:
+      keys: flat unsigned keys from `ordered_keys`.
+      k: the number of entries the selection keeps.
+      bounds: `(lo, hi)`, keys bracketing the `k`-th largest.
+      decide: `decide(keys, k, eligible, take)` returns the flat bool selection over the keys it
+        is given, of which only `eligible` (None: all) are real entries; `take(x)` turns a flat
+        bool array over all entries into one over the keys given.
+
+    Returns:
+      A flat bool array over all entries.
+    """
+    n = keys.shape[0]
+    lo, hi = bounds
+    capacity = n // _COMPACT_SHARE
+
+    def whole():
+        return decide(keys, k, None, lambda x: x)
+
+    if capacity < _COMPACT_MIN:
+        return whole()
+    index, total = compact_indices((keys >= lo) & (keys <= hi), capacity)
+
+    def gathered():
+        valid = index < n
+        at = jnp.minimum(index, n - 1)
+        chosen = decide(keys[at], k - _count(keys > hi), valid, lambda x: x[at] & valid)
+        return (keys > hi) | jnp.zeros((n,), bool).at[index].set(chosen, mode="drop")
+
+    return lax.cond(total <= capacity, gathered, whole)
+
+
+def select_top(
+    keys: jax.Array,
+    k: jax.Array | int,
+    *,
+    eligible: jax.Array | None = None,
+    prefer: jax.Array | None = None,
+    ties_from_end: bool = False,
+    bounds: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """Exactly `k` entries of a flat key array, the largest keys first.
+
+    The order is (key descending, `prefer` first, index ascending), or index descending among
+    equal keys when `ties_from_end`. Cost: at most `bits` counting passes plus one scan when ties
+    at the threshold must be split; no sort.
+
+    Args:
+      keys: flat unsigned keys from `ordered_keys`.
+      k: how many to select; may be traced. Must be in `[0, #eligible]`.
+      eligible: flat bool array; only these entries may be selected (all by default).
+      prefer: flat bool array; among equal keys these entries are selected first.
+      ties_from_end: break the remaining ties towards the higher index.
+      bounds: optional `(lo, hi)` keys known to bracket the `k`-th largest eligible key (e.g.
+        `kept_bounds`); only the bits below their common prefix are searched.
+
+    Returns:
+      A flat bool array with exactly `k` True entries.
+    """
+    threshold = kth_key(keys, k, eligible=eligible, bounds=bounds)
+    return select_at(
+        keys, k, threshold, eligible=eligible, prefer=prefer, ties_from_end=ties_from_end
+    )
+
+
+def n_swaps(rate: jax.Array, proposed: jax.Array) -> jax.Array:
+    """`ceil(rate * proposed)` in [0, proposed]; exactly `proposed` when rate >= 1.
+
+    The product is taken in float32 and nudged down by one part in a million before the ceiling:
+    float32(0.3) * 10 is 3.0000002, and a decimal rate must not round up to a whole extra swap.
+    """
+    rate = jnp.clip(jnp.asarray(rate, jnp.float32), 0.0, 1.0)
+    product = rate * proposed.astype(jnp.float32) * np.float32(1.0 - 2.0**-20)
+    n = jnp.ceil(product).astype(jnp.int32)
+    return jnp.where(rate >= 1.0, proposed, jnp.clip(n, 0, proposed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-leaf selections with brackets (the CPU path).
+
+
+def _topk_bracketed(keys: jax.Array, keep: int, prefer: jax.Array | None) -> jax.Array:
+    """The exact top `keep` of one flat leaf (ties: `prefer`, then lower index)."""
+    size = keys.shape[0]
+    if prefer is None:
+        bounds = sampled_bounds(keys, keep) if size >= _SAMPLE_MIN else None
+    else:
+        bounds = kept_bounds(keys, prefer, keep)
+    if bounds is None:
+        return select_top(keys, keep)
+
+    def decide(k_keys, k_keep, eligible, take):
+        k_prefer = None if prefer is None else take(prefer)
+        return select_top(k_keys, k_keep, eligible=eligible, prefer=k_prefer, bounds=bounds)
+
+    return decide_in_bracket(keys, keep, bounds, decide)
+
+
+def _refresh_bracketed(keys: jax.Array, old: jax.Array, keep: int, rate) -> jax.Array:
+    """The restricted refresh of one flat leaf (see `refresh`)."""
+
+    def refresh(keys, old, keep, lo, hi, eligible=None):
+        """The refreshed flat mask over `keys` (the entries of `eligible`, when given).
+
+        `[lo, hi]` holds the new threshold T. Every revival (in target, not in old) has a key in
+        [T, b] and so in [T, hi]; every removal (in old, not in target) one in [a, T] and so in
+        [lo, T] (see `kept_bounds`). The three bisections only search the bits below the common
+        prefix of their bounds, which the candidates (scores near T) mostly share.
+        """
+        threshold = kth_key(keys, keep, eligible=eligible, bounds=(lo, hi))
+        target = select_at(keys, keep, threshold, eligible=eligible, prefer=old)
+        revive = target & ~old
+        remove = old & ~target
+        proposed = jnp.sum(revive, dtype=jnp.int32)
+        n = n_swaps(rate, proposed)
+
+        def restricted():
+            t_in = kth_key(keys, n, eligible=revive, bounds=(threshold, jnp.maximum(threshold, hi)))
+            come_in = select_at(keys, n, t_in, eligible=revive)
+            # Inverted keys rank the lowest scores first; among equal scores the higher index
+            # ranks lower, so it goes first.
+            inv = ~keys
+            t_out = kth_key(
+                inv, n, eligible=remove, bounds=(~threshold, jnp.maximum(~threshold, ~lo))
+            )
+            go_out = select_at(inv, n, t_out, eligible=remove, ties_from_end=True)
+            return (old & ~go_out) | come_in
+
+        return lax.cond(n == proposed, lambda: target, restricted)
+
+    # The new threshold T lies in [lo, hi]: with exactly `keep` entries in `old`, lo is the lowest
+    # kept key a and hi = max(a, b), b the highest pruned key (see `kept_bounds`; otherwise the
+    # whole key range). Usually few keys lie in [lo, hi]: those of the kept entries whose scores
+    # fell below the highest pruned score and of the pruned entries that rose above the lowest
+    # kept one. Every other entry keeps its state (above hi: kept, below lo: pruned; with a wrong
+    # count in `old` every key is in [lo, hi]), so the whole refresh, ties included, can be
+    # decided among the entries in [lo, hi] (`decide_in_bracket`).
+    lo, hi = kept_bounds(keys, old, keep)
+    return decide_in_bracket(
+        keys,
+        keep,
+        (lo, hi),
+        lambda k_keys, k_keep, eligible, take: refresh(
+            k_keys, take(old), k_keep, lo, hi, eligible=eligible
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched selection (accelerators): every leaf in one packed array, radix passes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How flat leaves of `sizes` entries sit in one `[total_rows, chunk]` array.
+
+    Leaf `l` fills rows `starts[l] .. starts[l] + rows[l] - 1` in index order; the tail of its
+    last row is padding. Everything here is static (Python ints), so it costs nothing under jit.
+    """
+
+    sizes: tuple[int, ...]
+    chunk: int
+    rows: tuple[int, ...]
+    starts: tuple[int, ...]
+    total_rows: int
+    index_bits: int  # bits that hold every flat index of every leaf
+
+    @classmethod
+    def of(cls, sizes: Sequence[int], chunk: int | None = None) -> Packing:
+        sizes = tuple(int(n) for n in sizes)
+        if chunk is None:
+            largest = max(sizes, default=1)
+            chunk = min(CHUNK, max(32, 1 << max(0, largest - 1).bit_length()))
+        rows = tuple(-(-n // chunk) for n in sizes)
+        starts = tuple(int(s) for s in np.cumsum((0,) + rows)[:-1])
+        bits = max(1, max((max(n, 1) - 1).bit_length() for n in sizes) if sizes else 1)
+        return cls(sizes, chunk, rows, starts, sum(rows), bits)
+
+    def pack(self, flats: Sequence[jax.Array], fill=0) -> jax.Array:
+        """The flat leaves as one `[total_rows, chunk]` array, padded with `fill`."""
+        parts = [
+            jnp.pad(x, (0, r * self.chunk - n), constant_values=fill).reshape(r, self.chunk)
+            for x, n, r in zip(flats, self.sizes, self.rows, strict=True)
+        ]
+        return jnp.concatenate(parts, axis=0)
+
+    def unpack(self, packed: jax.Array) -> list[jax.Array]:
+        """The flat leaves of a packed array (padding dropped)."""
+        flat = packed.reshape(-1)
+        return [
+            flat[s * self.chunk : s * self.chunk + n]
+            for s, n in zip(self.starts, self.sizes, strict=True)
+        ]
+
+    def row_leaf(self) -> jax.Array:
+        """int32 `[total_rows]`: the leaf each row belongs to."""
+        row = lax.iota(jnp.int32, self.total_rows)
+        ends = jnp.asarray(np.cumsum(self.rows)[:-1], jnp.int32)
+        return jnp.sum(row[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
+
+    def indices(self, row_leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """int32 flat index of every packed entry in its leaf, and whether it is a real entry."""
+        shape = (self.total_rows, self.chunk)
+        starts = jnp.asarray(self.starts, jnp.int32)[row_leaf][:, None]
+        sizes = jnp.asarray(self.sizes, jnp.int32)[row_leaf][:, None]
+        index = (lax.broadcasted_iota(jnp.int32, shape, 0) - starts) * self.chunk
+        index = index + lax.broadcasted_iota(jnp.int32, shape, 1)
+        return index, index < sizes
+
+    def leaf_sums(self, per_row: jax.Array, row_leaf: jax.Array) -> jax.Array:
+        """`[rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows.
+
+        A contraction over the rows (one-hot of the row's leaf): exact in int32, and where the
+        rows are sharded XLA turns it into local sums and one all-reduce.
+        """
+        leaves = len(self.sizes)
+        onehot = (row_leaf[None, :] == lax.iota(jnp.int32, leaves)[:, None]).astype(jnp.int32)
+        return jnp.matmul(onehot, per_row, preferred_element_type=jnp.int32)
+
+
+def _per_entry(values: jax.Array, row_leaf: jax.Array, sides: jax.Array | None) -> jax.Array:
+    """`[leaves, S]` -> a value per packed entry (`[rows, 1]` when S == 1, else `[rows, chunk]`)."""
+    per_row = values[row_leaf]
+    if sides is None:
+        return per_row[:, :1]
+    return jnp.where(sides, per_row[:, 1:2], per_row[:, 0:1])
+
+
+def _radix_select(
+    packing: Packing,
+    row_leaf: jax.Array,
+    keys: jax.Array,
+    eligible: jax.Array,
+    sides: jax.Array | None,
+    k: jax.Array,
+    bits: int,
+    digit_bits: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The `k`-th largest eligible key of every (leaf, side), in `ceil(bits / digit_bits)` passes.
+
+    Args:
+      keys: packed unsigned keys, all below `2**bits`.
+      eligible: packed bool; only these entries count.
+      sides: `None` (one selection per leaf) or packed bool: a second, separate selection per
+        leaf among the entries where it is True.
+      k: int32 `[leaves, S]`, how many to select (clamped to the eligible count).
+
+    Returns:
+      `(threshold, rank)`, both `[leaves, S]`: the largest t with #{eligible, key >= t} >= k, and
+      `rank = k - #{eligible, key > t}`, how many of the entries whose key equals t to take
+      (`rank == 0` only when k is 0: then nothing is selected).
+    """
+    n_sides = 1 if sides is None else 2
+    leaves = len(packing.sizes)
+    base = 1 << digit_bits
+    passes = -(-bits // digit_bits)
+    dtype = keys.dtype
+    bins = lax.iota(jnp.int32, n_sides * base)[None, :, None]
+    prefix = jnp.zeros((leaves, n_sides), dtype)
+    rank = k
+    for i in range(passes):
+        shift = (passes - 1 - i) * digit_bits
+        candidate = eligible
+        if i:  # entries whose higher digits equal the prefix found so far
+            high = keys >> jnp.asarray(shift + digit_bits, dtype)
+            candidate = candidate & (high == _per_entry(prefix, row_leaf, sides))
+        digit = ((keys >> jnp.asarray(shift, dtype)) & jnp.asarray(base - 1, dtype)).astype(
+            jnp.int32
+        )
+        if sides is not None:
+            digit = digit + base * sides.astype(jnp.int32)
+        onehot = (digit[:, None, :] == bins) & candidate[:, None, :]
+        per_row = jnp.sum(onehot, axis=2, dtype=jnp.int32)
+        hist = packing.leaf_sums(per_row, row_leaf).reshape(leaves, n_sides, base)
+        # at_least[..., d]: candidates whose digit is >= d.
+        at_least = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+        if i == 0:
+            rank = jnp.minimum(rank, at_least[..., 0])
+        # The largest digit d with at_least[d] >= rank (at_least falls with d; d = base - 1 when
+        # rank is 0).
+        d = jnp.sum(at_least >= rank[..., None], axis=-1, dtype=jnp.int32) - 1
+        above = jnp.take_along_axis(
+            jnp.pad(at_least, ((0, 0), (0, 0), (0, 1))), (d + 1)[..., None], axis=-1
+        )[..., 0]
+        rank = rank - above
+        prefix = (prefix << jnp.asarray(digit_bits, dtype)) | d.astype(dtype)
+    return prefix, rank
+
+
+def _select_batched(
+    packing: Packing,
+    row_leaf: jax.Array,
+    keys: jax.Array,
+    tie_keys: jax.Array,
+    tie_bits: int,
+    eligible: jax.Array,
+    sides: jax.Array | None,
+    k: jax.Array,
+    digit_bits: int,
+) -> jax.Array:
+    """Exactly `k` eligible entries per (leaf, side): key descending, then tie key descending.
+
+    Tie keys must be distinct among the eligible entries of a (leaf, side), so the order is total.
+    """
+    key_bits = jnp.iinfo(keys.dtype).bits
+    threshold, rank = _radix_select(
+        packing, row_leaf, keys, eligible, sides, k, key_bits, digit_bits
+    )
+    at = _per_entry(threshold, row_leaf, sides)
+    above = eligible & (keys > at)
+    ties = eligible & (keys == at)
+    tie_threshold, _ = _radix_select(
+        packing, row_leaf, tie_keys, ties, sides, rank, tie_bits, digit_bits
+    )
+    wanted = _per_entry(rank > 0, row_leaf, sides)
+    return above | (ties & wanted & (tie_keys >= _per_entry(tie_threshold, row_leaf, sides)))
+
+
+def _topk_batched(
+    values: Sequence[jax.Array],
+    keep: Sequence[int],
+    prefer: Sequence[jax.Array] | None,
+    digit_bits: int,
+) -> list[jax.Array]:
+    packing = Packing.of([x.shape[0] for x in values])
+    row_leaf = packing.row_leaf()
+    index, real = packing.indices(row_leaf)
+    bits = packing.index_bits
+    # Among equal keys: preferred first, then the lower index (the larger `low - index`).
+    tie_keys = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
+    if prefer is not None:
+        preferred = packing.pack([jnp.asarray(p, bool) for p in prefer], False)
+        tie_keys = tie_keys | (preferred.astype(jnp.uint32) << jnp.uint32(bits))
+        bits += 1
+    k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
+    packed = ordered_keys(packing.pack(values))
+    chosen = _select_batched(packing, row_leaf, packed, tie_keys, bits, real, None, k, digit_bits)
+    return packing.unpack(chosen)
+
+
+def _refresh_batched(
+    values: Sequence[jax.Array],
+    old: Sequence[jax.Array],
+    keep: Sequence[int],
+    rate,
+    digit_bits: int,
+) -> list[jax.Array]:
+    packing = Packing.of([x.shape[0] for x in values])
+    row_leaf = packing.row_leaf()
+    index, real = packing.indices(row_leaf)
+    bits = packing.index_bits
+    low_first = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
+    packed = ordered_keys(packing.pack(values))
+    was = packing.pack([jnp.asarray(m, bool) for m in old], False)
+    k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
+    # The exact top-k with ties to the entries kept now: the refresh at rate 1.
+    target = _select_batched(
+        packing,
+        row_leaf,
+        packed,
+        low_first | (was.astype(jnp.uint32) << jnp.uint32(bits)),
+        bits + 1,
+        real,
+        None,
+        k,
+        digit_bits,
+    )
+    revive = target & ~was
+    remove = was & ~target
+    proposed = packing.leaf_sums(jnp.sum(revive, axis=1, dtype=jnp.int32)[:, None], row_leaf)
+    n = n_swaps(rate, proposed)
+    # Two selections of n per leaf at once, on disjoint entries: the highest-scored revivals
+    # (ties: lower index first) and the lowest-scored removals (inverted keys; ties: higher index).
+    swap = _select_batched(
+        packing,
+        row_leaf,
+        jnp.where(remove, ~packed, packed),
+        jnp.where(remove, index.astype(jnp.uint32), low_first),
+        bits,
+        revive | remove,
+        remove,
+        jnp.concatenate([n, n], axis=1),
+        digit_bits,
+    )
+    restricted = (was & ~(swap & remove)) | (swap & revive)
+    every = _per_entry(n == proposed, row_leaf, None)
+    return packing.unpack(jnp.where(every, target, restricted))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def resolve(selection: str) -> str:
+    """`'batched'` or `'bracketed'`: what `'auto'` means on this backend, or the name given."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown `selection` {selection!r}; allowed: {', '.join(SELECTIONS)}")
+    if selection == "auto":
+        return "bracketed" if jax.default_backend() == "cpu" else "batched"
+    return selection
+
+
+def _flat_values(values: Sequence[jax.Array]) -> list[jax.Array]:
+    """Flat float arrays of one dtype: float32, or float64 when any leaf is float64.
+
+    Both conversions are exact and keep the order, so a leaf ranks alike in either dtype.
+    """
+    flats = [jnp.ravel(jnp.asarray(v)) for v in values]
+    dtype = jnp.float64 if any(x.dtype == jnp.float64 for x in flats) else jnp.float32
+    return [x.astype(dtype) for x in flats]
+
+
+def topk(
+    values: Sequence[jax.Array],
+    keep: Sequence[int],
+    prefer: Sequence[jax.Array] | None = None,
+    *,
+    selection: str = "auto",
+    digit_bits: int = DIGIT_BITS,
+) -> list[jax.Array]:
+    """Per leaf, the exact top `keep[l]` of `values[l]` (flattened) as a flat bool mask.
+
+    Order: value descending (as `ordered_keys` orders them: -0.0 == +0.0, NaN largest), then
+    `prefer[l]` first, then the lower index: the first `keep[l]` entries of a stable descending
+    sort.
+
+    Args:
+      values: float arrays per leaf (the scores, or what is ranked of them).
+      keep: static ints in `[0, size]`.
+      prefer: optional bool arrays (one per leaf, any shape of its size) that win ties.
+      selection: `'auto'`, `'batched'` or `'bracketed'` (same result).
+      digit_bits: radix digit width of the batched selection (1, 2, 4 or 8).
+    """
+    if not values:
+        return []
+    flats = _flat_values(values)
+    prefs = None if prefer is None else [jnp.ravel(jnp.asarray(p, bool)) for p in prefer]
+    if resolve(selection) == "bracketed":
+        prefs = [None] * len(flats) if prefs is None else prefs
+        return [
+            _topk_bracketed(ordered_keys(x), n, p)
+            for x, n, p in zip(flats, keep, prefs, strict=True)
+        ]
+    return _topk_batched(flats, keep, prefs, digit_bits)
+
+
+def refresh(
+    values: Sequence[jax.Array],
+    old: Sequence[jax.Array],
+    keep: Sequence[int],
+    rate,
+    *,
+    selection: str = "auto",
+    digit_bits: int = DIGIT_BITS,
+) -> list[jax.Array]:
+    """Per leaf, new masks that make `n_swaps(rate, c)` of the `c` swaps the exact top-k proposes.
+
+    The exact top-k of the new values (ties: kept in `old` first, then the lower index) proposes
+    `c` revivals and `c` removals; the `n` highest revivals come in (ties: lower index first) and
+    the `n` lowest removals go out (ties: higher index first). With `n == c` the result is that
+    top-k.
+
+    Args:
+      values: float arrays per leaf (the new scores, or what is ranked of them).
+      old: bool masks per leaf, each with exactly `keep[l]` entries.
+      keep: static ints.
+      rate: the share of swaps to make, in [0, 1]; may be traced.
+      selection, digit_bits: as in `topk`.
+
+    Returns:
+      Flat bool masks per leaf.
+    """
+    if not values:
+        return []
+    flats = _flat_values(values)
+    olds = [jnp.ravel(jnp.asarray(m, bool)) for m in old]
+    if resolve(selection) == "bracketed":
+        return [
+            _refresh_bracketed(ordered_keys(x), m, n, rate)
+            for x, m, n in zip(flats, olds, keep, strict=True)
+        ]
+    return _refresh_batched(flats, olds, keep, rate, digit_bits)

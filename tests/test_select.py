@@ -1,0 +1,319 @@
+"""The two exact selections (batched for accelerators, bracketed for CPUs) against each other and
+against numpy brute force: top-k and the restricted refresh, over trees of many leaves, heavy
+ties, signed zeros, infinities and NaN, under jit, in an optax chain, and on sharded scores.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from reference import restricted_refresh, topk_mask
+
+import jackpots_jax as jj
+from jackpots_jax import select
+
+# Heavy ties, signed zeros, negatives, infinities and NaN of both signs.
+NEG_NAN = np.frombuffer(np.uint32(0xFFC00000).tobytes(), np.float32)[0]
+POOL = np.array(
+    [-np.inf, -2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 0.99, 1.0, 3.0, np.inf, np.nan, NEG_NAN],
+    np.float32,
+)
+SELECTIONS = ("batched", "bracketed")
+
+
+def _structure(sizes):
+    """Leaf shapes of mixed rank for the given sizes, and a budget that covers p in {0, 1,
+    n - 1, n} and values between."""
+    rng = np.random.default_rng(len(sizes))
+    shapes, budget = {}, {}
+    for i, n in enumerate(sizes):
+        shape = (n,) if i % 3 == 0 else (1, n) if i % 3 == 1 else (n, 1)
+        shapes[f"l{i:03d}"] = shape
+        budget[f"l{i:03d}"] = int([0, min(1, n), max(n - 1, 0), n, rng.integers(0, n + 1)][i % 5])
+    return shapes, budget
+
+
+# Three tree structures, each compiled once per selection; hypothesis varies everything traced:
+# the scores (ties, zeros, infinities, NaN), the current masks and the rate.
+STRUCTURES = {
+    "one leaf": _structure([37]),
+    "mixed": _structure([1, 2, 3, 8, 61, 300, 1500]),
+    "a hundred leaves": _structure(
+        list(np.random.default_rng(0).integers(1, 400, 95)) + [1, 2, 3, 1025, 2049]
+    ),
+}
+
+
+@functools.cache
+def _compiled(structure, selection, rank_by):
+    """One jitted function: top-k without and with current masks, and the refresh at a rate."""
+    budget = STRUCTURES[structure][1]
+
+    def fn(scores, old, rate):
+        return (
+            jj.topk_masks(scores, budget, rank_by=rank_by, selection=selection),
+            jj.topk_masks(scores, budget, old, rank_by=rank_by, selection=selection),
+            jj.refresh_masks(scores, old, budget, rate, rank_by=rank_by, selection=selection),
+        )
+
+    return jax.jit(fn)
+
+
+def _draw_scores(rng, shapes, tied):
+    out = {}
+    for k, shape in shapes.items():
+        if rng.random() < tied:
+            out[k] = rng.choice(POOL, shape).astype(np.float32)
+        else:
+            scale = np.float32(10.0 ** rng.integers(-3, 4))
+            out[k] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return out
+
+
+def _old_masks(rng, scores, budget):
+    """Valid current masks: exactly n - p entries per leaf, at random."""
+    out = {}
+    for k, s in scores.items():
+        m = np.zeros(s.size, bool)
+        m[rng.choice(s.size, s.size - budget[k], replace=False)] = True
+        out[k] = m.reshape(s.shape)
+    return out
+
+
+def _check(structure, scores, old, rate, rank_by):
+    """Both selections equal numpy brute force: top-k with and without current, the refresh.
+
+    The hundred-leaf tree checks the batched selection only: the per-leaf one takes minutes to
+    compile for a hundred leaves (it is the CPU path, where that compile is paid once).
+    """
+    budget = STRUCTURES[structure][1]
+    ranked = {k: np.abs(v) if rank_by == "abs" else v for k, v in scores.items()}
+    for selection in SELECTIONS[:1] if structure == "a hundred leaves" else SELECTIONS:
+        plain, with_current, refreshed = _compiled(structure, selection, rank_by)(
+            scores, old, jnp.float32(rate)
+        )
+        for k, s in ranked.items():
+            keep = s.size - budget[k]
+            where = f"{selection} {structure} {k} rate {rate}"
+            np.testing.assert_array_equal(np.asarray(plain[k]), topk_mask(s, keep), where)
+            np.testing.assert_array_equal(
+                np.asarray(with_current[k]), topk_mask(s, keep, old[k]), where
+            )
+            expected, _, _ = restricted_refresh(s, old[k], keep, rate)
+            np.testing.assert_array_equal(np.asarray(refreshed[k]), expected, where)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.sampled_from(
+        [("one leaf", "score"), ("mixed", "score"), ("mixed", "abs"), ("a hundred leaves", "score")]
+    ),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([1.0, 0.5, 0.05, 0.0]),
+    st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_both_selections_equal_brute_force(case, seed, rate, tied):
+    structure, rank_by = case
+    rng = np.random.default_rng(seed)
+    shapes, budget = STRUCTURES[structure]
+    scores = _draw_scores(rng, shapes, tied)
+    _check(structure, scores, _old_masks(rng, scores, budget), rate, rank_by)
+
+
+def test_large_leaves_with_long_tie_runs():
+    """Leaves of many packed rows: two-level scores, and a leaf whose every entry ties."""
+    rng = np.random.default_rng(7)
+    n = 70_001
+    scores = {
+        "two_level": np.where(rng.random(n) < 0.3, 1.0, 0.99).astype(np.float32),
+        "normal": rng.standard_normal((130, 300)).astype(np.float32),
+        "constant": np.full((5000,), 0.5, np.float32),
+    }
+    budget = {"two_level": n - n // 10, "normal": 130 * 300 - 4000, "constant": 1234}
+    old = _old_masks(rng, scores, budget)
+    fn = jax.jit(
+        lambda s, m, r: (
+            jj.topk_masks(s, budget, m, selection="batched"),
+            jj.refresh_masks(s, m, budget, r, selection="batched"),
+        )
+    )
+    for rate in (1.0, 0.3):
+        top, refreshed = fn(scores, old, jnp.float32(rate))
+        for k, s in scores.items():
+            keep = s.size - budget[k]
+            np.testing.assert_array_equal(np.asarray(top[k]), topk_mask(s, keep, old[k]), k)
+            expected, _, _ = restricted_refresh(s, old[k], keep, rate)
+            np.testing.assert_array_equal(np.asarray(refreshed[k]), expected, k)
+
+
+def test_masks_of_another_count_give_the_same_result_on_both_paths():
+    """Current masks that do not hold the budget (only a user can pass such): same masks."""
+    rng = np.random.default_rng(3)
+    shapes, budget = STRUCTURES["mixed"]
+    scores = _draw_scores(rng, shapes, 0.6)
+    wrong = {k: rng.random(v) < 0.5 for k, v in shapes.items()}
+    for rate in (1.0, 0.5, 0.0):
+        a = _compiled("mixed", "batched", "score")(scores, wrong, jnp.float32(rate))
+        b = _compiled("mixed", "bracketed", "score")(scores, wrong, jnp.float32(rate))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nan_ranks_above_inf_whatever_its_sign():
+    x = np.array([1.0, np.nan, np.inf, NEG_NAN, -np.inf, 0.0], np.float32)
+    keys = np.asarray(jj.ordered_keys(jnp.asarray(x)))
+    assert keys[1] == keys[3] == np.iinfo(np.uint32).max
+    assert keys[1] > keys[2] > keys[0] > keys[5] > keys[4]
+    for selection in SELECTIONS:
+        m = jj.topk_masks({"w": x}, {"w": 4}, selection=selection)["w"]
+        np.testing.assert_array_equal(m, [False, True, False, True, False, False])
+
+
+def test_in_an_optax_chain_both_selections_agree_step_by_step():
+    """40 steps of a short restriction with a schedule: the same masks at every step."""
+    rng = np.random.default_rng(11)
+    params = {
+        "a": rng.standard_normal((30, 20)).astype(np.float32),
+        "b": rng.standard_normal((3, 3, 4, 8)).astype(np.float32),
+        "c": rng.standard_normal((7, 1)).astype(np.float32),
+    }
+    budget = jj.layer_budgets(params, 0.8, "global_magnitude", dense=())
+    scores, _ = jj.init_scores(params, budget, "magnitude")
+    steps = 40
+
+    def run(selection, schedule):
+        tx = optax.chain(
+            optax.add_decayed_weights(5e-4),
+            optax.sgd(0.1, momentum=0.9),
+            jj.short_restriction(budget, rate=schedule, selection=selection),
+        )
+
+        @jax.jit
+        def step(s, st, g):
+            updates, st = tx.update(g, st, s)
+            return optax.apply_updates(s, updates), st
+
+        s, st = scores, tx.init(scores)
+        history = []
+        for i in range(steps):
+            g_rng = np.random.default_rng(1000 + i)
+            grads = {
+                k: jnp.asarray(g_rng.standard_normal(v.shape), jnp.float32)
+                for k, v in params.items()
+            }
+            s, st = step(s, st, grads)
+            history.append(jax.device_get(jj.current_masks(st)))
+        return history
+
+    for schedule in (jj.schedules.cosine(steps),):  # rates from 1 down to 0
+        a, b = run("batched", schedule), run("bracketed", schedule)
+        for t, (ma, mb) in enumerate(zip(a, b, strict=True)):
+            for k in params:
+                np.testing.assert_array_equal(ma[k], mb[k], err_msg=f"step {t} {k}")
+                assert int(ma[k].sum()) == params[k].size - budget[k]
+
+
+def test_sharded_scores_give_the_single_device_masks():
+    """Scores sharded 4 ways (over 'fsdp' of a 2 x 4 mesh of 8 CPU devices), under jit."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    mesh = Mesh(np.array(devices[:8]).reshape(2, 4), ("data", "fsdp"))
+    rng = np.random.default_rng(5)
+    scores = {
+        "conv": rng.choice(POOL[:-2], (3, 3, 8, 16)).astype(np.float32),
+        "dense": rng.standard_normal((64, 12)).astype(np.float32),
+        "odd": rng.standard_normal((5, 3)).astype(np.float32),  # no dim divisible by 4
+    }
+    budget = {"conv": 1000, "dense": 700, "odd": 9}
+    old = _old_masks(rng, scores, budget)
+
+    def spec(x):
+        dims = [d for d in range(x.ndim) if x.shape[d] % 4 == 0]
+        if not dims:
+            return NamedSharding(mesh, P())
+        d = max(dims, key=lambda i: x.shape[i])
+        return NamedSharding(mesh, P(*[("fsdp" if i == d else None) for i in range(x.ndim)]))
+
+    sharded_scores = {k: jax.device_put(v, spec(v)) for k, v in scores.items()}
+    sharded_old = {k: jax.device_put(v, spec(v)) for k, v in old.items()}
+    assert len(sharded_scores["conv"].sharding.device_set) == 8
+    for selection in ("batched",):  # the accelerator path; the CPU path is per leaf
+        for rate in (1.0, 0.5):
+            fn = jax.jit(
+                lambda s, m, r, sel=selection: jj.refresh_masks(s, m, budget, r, selection=sel)
+            )
+            want = jax.device_get(fn(scores, old, jnp.float32(rate)))
+            got = jax.block_until_ready(fn(sharded_scores, sharded_old, jnp.float32(rate)))
+            for k in scores:
+                np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=k)
+                expected, _, _ = restricted_refresh(
+                    scores[k], old[k], scores[k].size - budget[k], rate
+                )
+                np.testing.assert_array_equal(want[k], expected, err_msg=k)
+
+
+def _loops_and_conditionals(n_leaves, selection):
+    rng = np.random.default_rng(n_leaves)
+    scores = {
+        f"l{i}": rng.standard_normal((4 + i % 5, 6)).astype(np.float32) for i in range(n_leaves)
+    }
+    budget = {k: v.size // 2 for k, v in scores.items()}
+    old = _old_masks(rng, scores, budget)
+    fn = jax.jit(lambda s, m, r: jj.refresh_masks(s, m, budget, r, selection=selection))
+    text = fn.lower(scores, old, jnp.float32(0.5)).compile().as_text()
+    whiles = len(re.findall(r"\bwhile\(", text))
+    conditionals = len(re.findall(r"\bconditional\(", text))
+    return whiles, conditionals
+
+
+def test_the_batched_refresh_has_no_per_leaf_loops_or_conditionals():
+    """A structural guard: 64 leaves compile to no more loops and conditionals than 8 leaves."""
+    assert _loops_and_conditionals(64, "batched") <= _loops_and_conditionals(8, "batched")
+    assert _loops_and_conditionals(64, "batched") == (0, 0)
+    # The guard can fail: the per-leaf path grows with the leaves.
+    few, many = _loops_and_conditionals(2, "bracketed"), _loops_and_conditionals(6, "bracketed")
+    assert sum(many) > sum(few) > 0
+
+
+def test_packing_round_trips_and_indices_are_flat_positions():
+    packing = select.Packing.of([1, 5, 2048 + 3, 0, 7], chunk=1024)
+    flats = [jnp.arange(n, dtype=jnp.int32) + 100 * i for i, n in enumerate(packing.sizes)]
+    packed = packing.pack(flats, -1)
+    assert packed.shape == (packing.total_rows, 1024) and packing.total_rows == 1 + 1 + 3 + 0 + 1
+    for a, b in zip(packing.unpack(packed), flats, strict=True):
+        np.testing.assert_array_equal(a, b)
+    index, real = packing.indices(packing.row_leaf())
+    for i, (x, n) in enumerate(zip(packing.unpack(index), packing.sizes, strict=True)):
+        np.testing.assert_array_equal(x, np.arange(n), err_msg=str(i))
+    assert int(real.sum()) == sum(packing.sizes)
+    sums = packing.leaf_sums(jnp.sum(real, axis=1, dtype=jnp.int32)[:, None], packing.row_leaf())
+    np.testing.assert_array_equal(sums[:, 0], packing.sizes)
+
+
+@pytest.mark.parametrize("digit_bits", [1, 8])
+def test_every_digit_width_selects_the_same_set(digit_bits):
+    rng = np.random.default_rng(digit_bits)
+    shapes, budget = STRUCTURES["mixed"]
+    scores = _draw_scores(rng, shapes, 0.6)
+    keys = [jj.ordered_keys(jnp.asarray(v)).ravel() for v in scores.values()]
+    keep = [v.size - budget[k] for k, v in scores.items()]
+    got = jax.jit(lambda ks: select.topk(ks, keep, selection="batched", digit_bits=digit_bits))(
+        keys
+    )
+    for (k, s), m in zip(scores.items(), got, strict=True):
+        np.testing.assert_array_equal(np.asarray(m), topk_mask(s, s.size - budget[k]).ravel())
+
+
+def test_unknown_selection_is_an_error():
+    with pytest.raises(ValueError, match="unknown `selection` 'sorted'; allowed: auto"):
+        jj.topk_masks({"w": jnp.ones(3)}, {"w": 1}, selection="sorted")
+    assert select.resolve("auto") == ("bracketed" if jax.default_backend() == "cpu" else "batched")
