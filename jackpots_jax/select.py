@@ -8,11 +8,11 @@ sort gives. Two implementations compute the same sets bit for bit:
 * `batched` (accelerators): all leaves are packed into one `[rows, chunk]` array (each row holds
   entries of one leaf) and the `k`-th key of every leaf is found by a radix select: a fixed
   number of passes (32 bits in digits of `DIGIT_BITS`), each one histogram per leaf over all
-  entries at once (per-row one-hot sums, then one small per-leaf reduction of the rows). Ties at
-  the threshold are split by a second radix select over a tie key that encodes the tie rule
-  (preference bit, then the index), so the selected set is exact. The passes are unrolled: no
-  loop, no conditional, no per-leaf kernel, and every reduction is an array op that XLA can
-  partition (a sharded leaf's histograms become all-reduces).
+  entries at once (per-row bin counts packed four to a 32-bit word, so each pass reads every key
+  once, then a running sum over the rows read at the leaves' boundaries). Ties at the threshold
+  are split by a second radix select over a tie key that encodes the tie rule (preference bit,
+  then the index), so the selected set is exact. The passes are unrolled: no loop, no
+  conditional, no per-leaf kernel, and every reduction is an array op that XLA can partition.
 * `bracketed` (CPU): per leaf, a bisection over the key bits (one counting pass per bit), started
   from bounds that bracket the threshold (from the current masks during a search, or from a
   strided sample of a large leaf, checked by counting); when few keys lie between the bounds the
@@ -35,8 +35,9 @@ from jax import lax
 SELECTIONS = ("auto", "batched", "bracketed")
 # Radix digits of the batched selection: 8 passes over a 32-bit key, 16 bins per histogram.
 DIGIT_BITS = 4
-# Entries per row of the packed layout (fewer when every leaf is smaller).
-CHUNK = 1024
+# Entries per row of the packed layout (fewer when every leaf is smaller); at most 255, so that
+# a row's bin counts fit the 8-bit fields of `_row_histograms`.
+CHUNK = 255
 
 
 def ordered_keys(x: jax.Array) -> jax.Array:
@@ -441,6 +442,8 @@ class Packing:
         if chunk is None:
             largest = max(sizes, default=1)
             chunk = min(CHUNK, max(32, 1 << max(0, largest - 1).bit_length()))
+        if not 1 <= chunk <= CHUNK:
+            raise ValueError(f"`chunk` must be in [1, {CHUNK}], got {chunk}")
         rows = tuple(-(-n // chunk) for n in sizes)
         starts = tuple(int(s) for s in np.cumsum((0,) + rows)[:-1])
         bits = max(1, max((max(n, 1) - 1).bit_length() for n in sizes) if sizes else 1)
@@ -477,15 +480,18 @@ class Packing:
         index = index + lax.broadcasted_iota(jnp.int32, shape, 1)
         return index, index < sizes
 
-    def leaf_sums(self, per_row: jax.Array, row_leaf: jax.Array) -> jax.Array:
+    def leaf_sums(self, per_row: jax.Array) -> jax.Array:
         """`[rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows.
 
-        A contraction over the rows (one-hot of the row's leaf): exact in int32, and where the
-        rows are sharded XLA turns it into local sums and one all-reduce.
+        A leaf's rows are contiguous: a running sum over the rows (a CUB scan on GPUs), read at
+        the leaves' boundaries. Exact in int32. (An int32 matmul with a one-hot of the rows'
+        leaves would do too, but XLA's GPU backend has no fast integer matmul; a scatter-add
+        would do too, but contends on a few addresses.)
         """
-        leaves = len(self.sizes)
-        onehot = (row_leaf[None, :] == lax.iota(jnp.int32, leaves)[:, None]).astype(jnp.int32)
-        return jnp.matmul(onehot, per_row, preferred_element_type=jnp.int32)
+        through = jnp.cumsum(per_row, axis=0)
+        through = jnp.concatenate([jnp.zeros_like(through[:1]), through], axis=0)
+        ends = np.cumsum(self.rows, dtype=np.int64)
+        return through[ends] - through[ends - np.asarray(self.rows, np.int64)]
 
 
 def _per_entry(values: jax.Array, row_leaf: jax.Array, sides: jax.Array | None) -> jax.Array:
@@ -494,6 +500,30 @@ def _per_entry(values: jax.Array, row_leaf: jax.Array, sides: jax.Array | None) 
     if sides is None:
         return per_row[:, :1]
     return jnp.where(sides, per_row[:, 1:2], per_row[:, 0:1])
+
+
+# Bin counts are summed four to a uint32 word, 8 bits each: a row of at most 255 entries cannot
+# carry from one count into the next.
+_FIELD_BITS = 8
+_PER_WORD = 32 // _FIELD_BITS
+
+
+def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> jax.Array:
+    """int32 `[rows, n_bins]`: per packed row, how many candidates fall in each bin.
+
+    Each entry adds `1 << (8 * (bin % 4))` to the word `bin // 4` of its row, so one pass over
+    the row fills four bins per word (a one-hot sum would read every entry once per bin).
+    """
+    word = bins // _PER_WORD
+    one = jnp.left_shift(jnp.uint32(1), ((bins % _PER_WORD) * _FIELD_BITS).astype(jnp.uint32))
+    one = jnp.where(candidate, one, jnp.uint32(0))
+    n_words = -(-n_bins // _PER_WORD)
+    words = jnp.stack(
+        [jnp.sum(jnp.where(word == j, one, jnp.uint32(0)), axis=1) for j in range(n_words)], axis=1
+    )
+    fields = jnp.arange(_PER_WORD, dtype=jnp.uint32) * _FIELD_BITS
+    counts = (words[:, :, None] >> fields) & jnp.uint32((1 << _FIELD_BITS) - 1)
+    return counts.reshape(words.shape[0], -1)[:, :n_bins].astype(jnp.int32)
 
 
 def _radix_select(
@@ -525,7 +555,6 @@ def _radix_select(
     base = 1 << digit_bits
     passes = -(-bits // digit_bits)
     dtype = keys.dtype
-    bins = lax.iota(jnp.int32, n_sides * base)[None, :, None]
     prefix = jnp.zeros((leaves, n_sides), dtype)
     rank = k
     for i in range(passes):
@@ -539,9 +568,8 @@ def _radix_select(
         )
         if sides is not None:
             digit = digit + base * sides.astype(jnp.int32)
-        onehot = (digit[:, None, :] == bins) & candidate[:, None, :]
-        per_row = jnp.sum(onehot, axis=2, dtype=jnp.int32)
-        hist = packing.leaf_sums(per_row, row_leaf).reshape(leaves, n_sides, base)
+        per_row = _row_histograms(digit, candidate, n_sides * base)
+        hist = packing.leaf_sums(per_row).reshape(leaves, n_sides, base)
         # at_least[..., d]: candidates whose digit is >= d.
         at_least = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
         if i == 0:
@@ -637,7 +665,7 @@ def _refresh_batched(
     )
     revive = target & ~was
     remove = was & ~target
-    proposed = packing.leaf_sums(jnp.sum(revive, axis=1, dtype=jnp.int32)[:, None], row_leaf)
+    proposed = packing.leaf_sums(jnp.sum(revive, axis=1, dtype=jnp.int32)[:, None])
     n = n_swaps(rate, proposed)
     # Two selections of n per leaf at once, on disjoint entries: the highest-scored revivals
     # (ties: lower index first) and the lowest-scored removals (inverted keys; ties: higher index).

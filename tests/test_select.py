@@ -285,21 +285,21 @@ def test_the_batched_refresh_has_no_per_leaf_loops_or_conditionals():
 
 
 def test_packing_round_trips_and_indices_are_flat_positions():
-    packing = select.Packing.of([1, 5, 2048 + 3, 0, 7], chunk=1024)
+    packing = select.Packing.of([1, 5, 2 * 255 + 3, 0, 7], chunk=255)
     flats = [jnp.arange(n, dtype=jnp.int32) + 100 * i for i, n in enumerate(packing.sizes)]
     packed = packing.pack(flats, -1)
-    assert packed.shape == (packing.total_rows, 1024) and packing.total_rows == 1 + 1 + 3 + 0 + 1
+    assert packed.shape == (packing.total_rows, 255) and packing.total_rows == 1 + 1 + 3 + 0 + 1
     for a, b in zip(packing.unpack(packed), flats, strict=True):
         np.testing.assert_array_equal(a, b)
     index, real = packing.indices(packing.row_leaf())
     for i, (x, n) in enumerate(zip(packing.unpack(index), packing.sizes, strict=True)):
         np.testing.assert_array_equal(x, np.arange(n), err_msg=str(i))
     assert int(real.sum()) == sum(packing.sizes)
-    sums = packing.leaf_sums(jnp.sum(real, axis=1, dtype=jnp.int32)[:, None], packing.row_leaf())
+    sums = packing.leaf_sums(jnp.sum(real, axis=1, dtype=jnp.int32)[:, None])
     np.testing.assert_array_equal(sums[:, 0], packing.sizes)
 
 
-@pytest.mark.parametrize("digit_bits", [1, 8])
+@pytest.mark.parametrize("digit_bits", [1, 2])
 def test_every_digit_width_selects_the_same_set(digit_bits):
     rng = np.random.default_rng(digit_bits)
     shapes, budget = STRUCTURES["mixed"]
