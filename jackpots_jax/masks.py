@@ -12,6 +12,7 @@ descending sort would give.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -78,6 +79,14 @@ def rebuild(budget: PyTree, values: list[Any]) -> PyTree:
     return map_budget(lambda p: next(it), budget)
 
 
+def leaf_layout(layout: select.Layout | None, budget: PyTree) -> select.Layout | None:
+    """A `select.Layout` whose `dims` is a pytree (the budget's structure) made per leaf."""
+    if layout is None or layout.dims is None or isinstance(layout.dims, tuple):
+        return layout
+    dims = tuple(d for _, _, d in budget_leaves(budget, layout.dims))
+    return dataclasses.replace(layout, dims=dims)
+
+
 def topk_masks(
     scores: PyTree,
     budget: PyTree,
@@ -85,6 +94,7 @@ def topk_masks(
     *,
     rank_by: str = "score",
     selection: str = "auto",
+    layout: select.Layout | None = None,
 ) -> PyTree:
     """Per leaf, the exact top `n_l - p_l` scores as a binary mask.
 
@@ -100,6 +110,10 @@ def topk_masks(
       selection: `'auto'` (by backend), `'batched'` (all leaves at once in a fixed number of
         passes; the accelerator path) or `'bracketed'` (per-leaf bisection; the CPU path). All
         give the same masks.
+      layout: for sharded scores, where the batched selection processes each leaf: a
+        `select.Layout` whose `dims` (a pytree like the budget: per leaf the dimension its
+        shards are cut along, or `None`) and `groups` (the shard count) follow the scores'
+        sharding, so that no leaf is gathered on one device (see `parallel`). Same masks.
 
     Returns:
       Masks: bool arrays at the budgeted leaves, `None` elsewhere.
@@ -120,7 +134,13 @@ def topk_masks(
         shapes.append(np.shape(s))
         if c:
             prefer.append(c[0])
-    chosen = select.topk(values, keep, prefer if current is not None else None, selection=selection)
+    chosen = select.topk(
+        values,
+        keep,
+        prefer if current is not None else None,
+        selection=selection,
+        layout=leaf_layout(layout, budget),
+    )
     return rebuild(budget, [m.reshape(shape) for m, shape in zip(chosen, shapes, strict=True)])
 
 

@@ -24,6 +24,7 @@ from jackpots_jax.masks import (
     RANK_BY,
     _check_count,
     budget_leaves,
+    leaf_layout,
     rank_values,
     rebuild,
     topk_masks,
@@ -108,6 +109,7 @@ def refresh_masks(
     *,
     rank_by: str = "score",
     selection: str = "auto",
+    layout: select.Layout | None = None,
 ) -> PyTree:
     """New masks from new scores, making only `ceil(rate * c)` of the `c` proposed swaps per layer.
 
@@ -118,6 +120,8 @@ def refresh_masks(
       rate: the share of proposed swaps to make, in [0, 1] (may be traced).
       rank_by: `'score'` (signed) or `'abs'`.
       selection: `'auto'`, `'batched'` or `'bracketed'` (see `topk_masks`; same masks).
+      layout: where the batched selection processes each leaf of sharded scores (see
+        `topk_masks`); same masks.
 
     Returns:
       The refreshed masks, each layer still keeping exactly `n_l - p_l` weights.
@@ -127,7 +131,9 @@ def refresh_masks(
     select.resolve(selection)
     static_full = not isinstance(rate, jax.Array) and float(rate) >= 1.0
     if static_full:
-        return topk_masks(scores, budget, current=masks, rank_by=rank_by, selection=selection)
+        return topk_masks(
+            scores, budget, current=masks, rank_by=rank_by, selection=selection, layout=layout
+        )
     values, old, keep, shapes = [], [], [], []
     for name, pruned, s, m in budget_leaves(budget, scores, masks):
         size = int(np.prod(np.shape(s)))
@@ -135,7 +141,9 @@ def refresh_masks(
         values.append(rank_values(jnp.asarray(s), rank_by))
         old.append(m)
         shapes.append(np.shape(s))
-    new = select.refresh(values, old, keep, rate, selection=selection)
+    new = select.refresh(
+        values, old, keep, rate, selection=selection, layout=leaf_layout(layout, budget)
+    )
     return rebuild(budget, [m.reshape(shape) for m, shape in zip(new, shapes, strict=True)])
 
 
@@ -145,6 +153,7 @@ def short_restriction(
     rank_by: str = "score",
     *,
     selection: str = "auto",
+    layout: select.Layout | None = None,
 ) -> optax.GradientTransformation:
     """The last link of an optax chain: owns the masks and lets a scheduled share of swaps through.
 
@@ -158,6 +167,8 @@ def short_restriction(
       rate: a number in [0, 1] or a schedule (see `schedules`) of the step count.
       rank_by: `'score'` (signed; the reference code) or `'abs'` (edge-popup).
       selection: `'auto'`, `'batched'` or `'bracketed'` (see `topk_masks`; same masks).
+      layout: where the batched selection processes each leaf of sharded scores (see
+        `topk_masks`; `parallel` makes it from the scores' shardings); same masks.
 
     Returns:
       An `optax.GradientTransformation`; read its masks with `current_masks(opt_state)`.
@@ -176,7 +187,7 @@ def short_restriction(
     select.resolve(selection)
 
     def init_fn(params):
-        masks = topk_masks(params, budget, rank_by=rank_by, selection=selection)
+        masks = topk_masks(params, budget, rank_by=rank_by, selection=selection, layout=layout)
         return ShortRestrictionState(count=jnp.zeros([], jnp.int32), masks=masks)
 
     def update_fn(updates, state, params=None):
@@ -187,7 +198,7 @@ def short_restriction(
         new_scores = map_budget(lambda p, s, u: s + u.astype(s.dtype), budget, params, updates)
         r = 1.0 if always_full else schedule(state.count)
         masks = refresh_masks(
-            new_scores, state.masks, budget, r, rank_by=rank_by, selection=selection
+            new_scores, state.masks, budget, r, rank_by=rank_by, selection=selection, layout=layout
         )
         return updates, ShortRestrictionState(optax.safe_increment(state.count), masks)
 

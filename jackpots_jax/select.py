@@ -25,7 +25,9 @@ sort gives. Two implementations compute the same sets bit for bit:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -423,75 +425,132 @@ def _refresh_bracketed(keys: jax.Array, old: jax.Array, keep: int, rate) -> jax.
 
 @dataclasses.dataclass(frozen=True)
 class Packing:
-    """How flat leaves of `sizes` entries sit in one `[total_rows, chunk]` array.
+    """How the leaves sit in one `[groups, total_rows, chunk]` array.
 
-    Leaf `l` fills rows `starts[l] .. starts[l] + rows[l] - 1` in index order; the tail of its
-    last row is padding. Everything here is static (Python ints), so it costs nothing under jit.
+    Each leaf is split into `groups` equal parts (along its dimension `dims[l]` when given, so
+    that a leaf sharded along that dimension is split where its shards are; else its flat
+    entries in `groups` consecutive runs, the last one padded). Part `g` of leaf `l` fills rows
+    `starts[l] .. starts[l] + rows[l] - 1` of group `g`; the tail of its last row is padding. With
+    one group the layout is each leaf's flat entries in index order. Everything here is static
+    (Python ints), so it costs nothing under jit.
     """
 
-    sizes: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dims: tuple[int | None, ...]
+    groups: int
     chunk: int
+    sizes: tuple[int, ...]
+    parts: tuple[int, ...]  # entries of a leaf in each group (padding included)
     rows: tuple[int, ...]
     starts: tuple[int, ...]
     total_rows: int
     index_bits: int  # bits that hold every flat index of every leaf
 
     @classmethod
-    def of(cls, sizes: Sequence[int], chunk: int | None = None) -> Packing:
-        sizes = tuple(int(n) for n in sizes)
+    def of(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        dims: Sequence[int | None] | None = None,
+        groups: int = 1,
+        chunk: int | None = None,
+    ) -> Packing:
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        dims = (None,) * len(shapes) if dims is None else tuple(dims)
+        if len(dims) != len(shapes):
+            raise ValueError(f"{len(dims)} split dimensions given for {len(shapes)} leaves")
+        sizes = tuple(math.prod(s) for s in shapes)
+        for shape, d in zip(shapes, dims, strict=True):
+            if d is not None and (not -len(shape) <= d < len(shape) or shape[d] % groups):
+                raise ValueError(
+                    f"a leaf of shape {shape} cannot be split in {groups} along dimension {d}"
+                )
+        parts = tuple(-(-n // groups) for n in sizes)
         if chunk is None:
-            largest = max(sizes, default=1)
+            largest = max(parts, default=1)
             chunk = min(CHUNK, max(32, 1 << max(0, largest - 1).bit_length()))
         if not 1 <= chunk <= CHUNK:
             raise ValueError(f"`chunk` must be in [1, {CHUNK}], got {chunk}")
-        rows = tuple(-(-n // chunk) for n in sizes)
+        rows = tuple(-(-n // chunk) for n in parts)
         starts = tuple(int(s) for s in np.cumsum((0,) + rows)[:-1])
         bits = max(1, max((max(n, 1) - 1).bit_length() for n in sizes) if sizes else 1)
-        return cls(sizes, chunk, rows, starts, sum(rows), bits)
+        return cls(shapes, dims, groups, chunk, sizes, parts, rows, starts, sum(rows), bits)
 
-    def pack(self, flats: Sequence[jax.Array], fill=0) -> jax.Array:
-        """The flat leaves as one `[total_rows, chunk]` array, padded with `fill`."""
-        parts = [
-            jnp.pad(x, (0, r * self.chunk - n), constant_values=fill).reshape(r, self.chunk)
-            for x, n, r in zip(flats, self.sizes, self.rows, strict=True)
-        ]
-        return jnp.concatenate(parts, axis=0)
+    def _split(self, x: jax.Array, leaf: int, fill) -> jax.Array:
+        """`[groups, part]` view of one leaf."""
+        d, g, part = self.dims[leaf], self.groups, self.parts[leaf]
+        if d is not None:
+            return jnp.moveaxis(x, d, 0).reshape(g, part)
+        flat = jnp.ravel(x)
+        return jnp.pad(flat, (0, g * part - flat.shape[0]), constant_values=fill).reshape(g, part)
+
+    def _merge(self, y: jax.Array, leaf: int) -> jax.Array:
+        """The inverse of `_split`: the leaf in its own shape."""
+        d, shape = self.dims[leaf], self.shapes[leaf]
+        if d is not None:
+            moved = (shape[d], *shape[:d], *shape[d + 1 :])
+            return jnp.moveaxis(y.reshape(moved), 0, d)
+        return y.reshape(-1)[: self.sizes[leaf]].reshape(shape)
+
+    def pack(self, leaves: Sequence[jax.Array], fill=0, sharding=None) -> jax.Array:
+        """The leaves as one `[groups, total_rows, chunk]` array, padded with `fill`.
+
+        With `sharding` (a sharding of the packed array, e.g. its groups over a mesh axis) the
+        result is constrained to it, so XLA keeps each group where its part of the leaves lives.
+        """
+        parts = []
+        for leaf, (x, r) in enumerate(zip(leaves, self.rows, strict=True)):
+            y = self._split(jnp.asarray(x), leaf, fill)
+            y = jnp.pad(y, ((0, 0), (0, r * self.chunk - y.shape[1])), constant_values=fill)
+            parts.append(y.reshape(self.groups, r, self.chunk))
+        packed = jnp.concatenate(parts, axis=1)
+        if sharding is not None:
+            packed = lax.with_sharding_constraint(packed, sharding)
+        return packed
 
     def unpack(self, packed: jax.Array) -> list[jax.Array]:
-        """The flat leaves of a packed array (padding dropped)."""
-        flat = packed.reshape(-1)
-        return [
-            flat[s * self.chunk : s * self.chunk + n]
-            for s, n in zip(self.starts, self.sizes, strict=True)
-        ]
+        """The leaves of a packed array, in their own shapes (padding dropped)."""
+        out = []
+        for leaf, (s, r) in enumerate(zip(self.starts, self.rows, strict=True)):
+            y = packed[:, s : s + r].reshape(self.groups, r * self.chunk)[:, : self.parts[leaf]]
+            out.append(self._merge(y, leaf))
+        return out
 
     def row_leaf(self) -> jax.Array:
-        """int32 `[total_rows]`: the leaf each row belongs to."""
+        """int32 `[total_rows]`: the leaf each row belongs to (the same in every group)."""
         row = lax.iota(jnp.int32, self.total_rows)
         ends = jnp.asarray(np.cumsum(self.rows)[:-1], jnp.int32)
         return jnp.sum(row[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
 
-    def indices(self, row_leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """int32 flat index of every packed entry in its leaf, and whether it is a real entry."""
-        shape = (self.total_rows, self.chunk)
-        starts = jnp.asarray(self.starts, jnp.int32)[row_leaf][:, None]
-        sizes = jnp.asarray(self.sizes, jnp.int32)[row_leaf][:, None]
-        index = (lax.broadcasted_iota(jnp.int32, shape, 0) - starts) * self.chunk
-        index = index + lax.broadcasted_iota(jnp.int32, shape, 1)
-        return index, index < sizes
+    def indices(self, row_leaf: jax.Array, sharding=None) -> tuple[jax.Array, jax.Array]:
+        """int32 flat index (in its own leaf) of every packed entry, and whether it is real."""
+        if self.groups == 1 and not any(d is not None for d in self.dims):
+            shape = (1, self.total_rows, self.chunk)
+            starts = jnp.asarray(self.starts, jnp.int32)[row_leaf][None, :, None]
+            sizes = jnp.asarray(self.sizes, jnp.int32)[row_leaf][None, :, None]
+            index = (lax.broadcasted_iota(jnp.int32, shape, 1) - starts) * self.chunk
+            index = index + lax.broadcasted_iota(jnp.int32, shape, 2)
+            return index, index < sizes
+        iotas = [
+            lax.iota(jnp.int32, n).reshape(shape)
+            for n, shape in zip(self.sizes, self.shapes, strict=True)
+        ]
+        index = self.pack(iotas, -1, sharding)
+        return index, index >= 0
 
     def leaf_sums(self, per_row: jax.Array) -> jax.Array:
-        """`[rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows.
+        """`[groups, rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows and groups.
 
         A leaf's rows are contiguous: a running sum over the rows (a CUB scan on GPUs), read at
-        the leaves' boundaries. Exact in int32. (An int32 matmul with a one-hot of the rows'
-        leaves would do too, but XLA's GPU backend has no fast integer matmul; a scatter-add
-        would do too, but contends on a few addresses.)
+        the leaves' boundaries, then summed over the groups (an all-reduce where the groups are
+        sharded). Exact in int32. (An int32 matmul with a one-hot of the rows' leaves would do
+        too, but XLA's GPU backend has no fast integer matmul; a scatter-add would do too, but
+        contends on a few addresses.)
         """
-        through = jnp.cumsum(per_row, axis=0)
-        through = jnp.concatenate([jnp.zeros_like(through[:1]), through], axis=0)
+        through = jnp.cumsum(per_row, axis=1)
+        through = jnp.concatenate([jnp.zeros_like(through[:, :1]), through], axis=1)
         ends = np.cumsum(self.rows, dtype=np.int64)
-        return through[ends] - through[ends - np.asarray(self.rows, np.int64)]
+        per_group = through[:, ends] - through[:, ends - np.asarray(self.rows, np.int64)]
+        return jnp.sum(per_group, axis=0)
 
 
 def _per_entry(values: jax.Array, row_leaf: jax.Array, sides: jax.Array | None) -> jax.Array:
@@ -509,7 +568,7 @@ _PER_WORD = 32 // _FIELD_BITS
 
 
 def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> jax.Array:
-    """int32 `[rows, n_bins]`: per packed row, how many candidates fall in each bin.
+    """int32 `[..., rows, n_bins]`: per packed row, how many candidates fall in each bin.
 
     Each entry adds `1 << (8 * (bin % 4))` to the word `bin // 4` of its row, so one pass over
     the row fills four bins per word (a one-hot sum would read every entry once per bin).
@@ -519,11 +578,12 @@ def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> jax.A
     one = jnp.where(candidate, one, jnp.uint32(0))
     n_words = -(-n_bins // _PER_WORD)
     words = jnp.stack(
-        [jnp.sum(jnp.where(word == j, one, jnp.uint32(0)), axis=1) for j in range(n_words)], axis=1
+        [jnp.sum(jnp.where(word == j, one, jnp.uint32(0)), axis=-1) for j in range(n_words)],
+        axis=-1,
     )
     fields = jnp.arange(_PER_WORD, dtype=jnp.uint32) * _FIELD_BITS
-    counts = (words[:, :, None] >> fields) & jnp.uint32((1 << _FIELD_BITS) - 1)
-    return counts.reshape(words.shape[0], -1)[:, :n_bins].astype(jnp.int32)
+    counts = (words[..., None] >> fields) & jnp.uint32((1 << _FIELD_BITS) - 1)
+    return counts.reshape(*words.shape[:-1], -1)[..., :n_bins].astype(jnp.int32)
 
 
 def _radix_select(
@@ -614,24 +674,48 @@ def _select_batched(
     return above | (ties & wanted & (tie_keys >= _per_entry(tie_threshold, row_leaf, sides)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the leaves of a batched selection live: split in `groups` along `dims`, sharded so.
+
+    Attributes:
+      dims: per leaf, the dimension split into `groups` equal parts (the one its shards are cut
+        along), or `None` (its flat entries are split into `groups` runs).
+      groups: how many parts (1: no split, the layout of a single device).
+      sharding: optional sharding of the packed `[groups, rows, chunk]` arrays (their groups over
+        a mesh axis), so that every group is processed where it lives.
+    """
+
+    dims: tuple[int | None, ...] | None = None
+    groups: int = 1
+    sharding: Any = None
+
+
+def _packing(values: Sequence[jax.Array], layout: Layout | None) -> tuple[Packing, Any]:
+    layout = Layout() if layout is None else layout
+    shapes = [np.shape(v) for v in values]
+    return Packing.of(shapes, layout.dims, layout.groups), layout.sharding
+
+
 def _topk_batched(
     values: Sequence[jax.Array],
     keep: Sequence[int],
     prefer: Sequence[jax.Array] | None,
     digit_bits: int,
+    layout: Layout | None = None,
 ) -> list[jax.Array]:
-    packing = Packing.of([x.shape[0] for x in values])
+    packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
-    index, real = packing.indices(row_leaf)
+    index, real = packing.indices(row_leaf, sharding)
     bits = packing.index_bits
     # Among equal keys: preferred first, then the lower index (the larger `low - index`).
     tie_keys = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
     if prefer is not None:
-        preferred = packing.pack([jnp.asarray(p, bool) for p in prefer], False)
+        preferred = packing.pack([jnp.asarray(p, bool) for p in prefer], False, sharding)
         tie_keys = tie_keys | (preferred.astype(jnp.uint32) << jnp.uint32(bits))
         bits += 1
     k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
-    packed = ordered_keys(packing.pack(values))
+    packed = ordered_keys(packing.pack(values, 0, sharding))
     chosen = _select_batched(packing, row_leaf, packed, tie_keys, bits, real, None, k, digit_bits)
     return packing.unpack(chosen)
 
@@ -642,14 +726,15 @@ def _refresh_batched(
     keep: Sequence[int],
     rate,
     digit_bits: int,
+    layout: Layout | None = None,
 ) -> list[jax.Array]:
-    packing = Packing.of([x.shape[0] for x in values])
+    packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
-    index, real = packing.indices(row_leaf)
+    index, real = packing.indices(row_leaf, sharding)
     bits = packing.index_bits
     low_first = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
-    packed = ordered_keys(packing.pack(values))
-    was = packing.pack([jnp.asarray(m, bool) for m in old], False)
+    packed = ordered_keys(packing.pack(values, 0, sharding))
+    was = packing.pack([jnp.asarray(m, bool) for m in old], False, sharding)
     k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
     # The exact top-k with ties to the entries kept now: the refresh at rate 1.
     target = _select_batched(
@@ -665,7 +750,7 @@ def _refresh_batched(
     )
     revive = target & ~was
     remove = was & ~target
-    proposed = packing.leaf_sums(jnp.sum(revive, axis=1, dtype=jnp.int32)[:, None])
+    proposed = packing.leaf_sums(jnp.sum(revive, axis=-1, dtype=jnp.int32)[..., None])
     n = n_swaps(rate, proposed)
     # Two selections of n per leaf at once, on disjoint entries: the highest-scored revivals
     # (ties: lower index first) and the lowest-scored removals (inverted keys; ties: higher index).
@@ -698,14 +783,14 @@ def resolve(selection: str) -> str:
     return selection
 
 
-def _flat_values(values: Sequence[jax.Array]) -> list[jax.Array]:
-    """Flat float arrays of one dtype: float32, or float64 when any leaf is float64.
+def _float_values(values: Sequence[jax.Array]) -> list[jax.Array]:
+    """The leaves as floats of one dtype: float32, or float64 when any leaf is float64.
 
     Both conversions are exact and keep the order, so a leaf ranks alike in either dtype.
     """
-    flats = [jnp.ravel(jnp.asarray(v)) for v in values]
-    dtype = jnp.float64 if any(x.dtype == jnp.float64 for x in flats) else jnp.float32
-    return [x.astype(dtype) for x in flats]
+    leaves = [jnp.asarray(v) for v in values]
+    dtype = jnp.float64 if any(x.dtype == jnp.float64 for x in leaves) else jnp.float32
+    return [x.astype(dtype) for x in leaves]
 
 
 def topk(
@@ -715,31 +800,35 @@ def topk(
     *,
     selection: str = "auto",
     digit_bits: int = DIGIT_BITS,
+    layout: Layout | None = None,
 ) -> list[jax.Array]:
-    """Per leaf, the exact top `keep[l]` of `values[l]` (flattened) as a flat bool mask.
+    """Per leaf, the exact top `keep[l]` of `values[l]` as a bool mask of its shape.
 
     Order: value descending (as `ordered_keys` orders them: -0.0 == +0.0, NaN largest), then
-    `prefer[l]` first, then the lower index: the first `keep[l]` entries of a stable descending
-    sort.
+    `prefer[l]` first, then the lower flat index: the first `keep[l]` entries of a stable
+    descending sort.
 
     Args:
       values: float arrays per leaf (the scores, or what is ranked of them).
       keep: static ints in `[0, size]`.
-      prefer: optional bool arrays (one per leaf, any shape of its size) that win ties.
+      prefer: optional bool arrays (one per leaf, of its shape) that win ties.
       selection: `'auto'`, `'batched'` or `'bracketed'` (same result).
       digit_bits: radix digit width of the batched selection (1, 2, 4 or 8).
+      layout: how the batched selection splits the leaves over devices (`Layout`); the result
+        does not depend on it.
     """
     if not values:
         return []
-    flats = _flat_values(values)
-    prefs = None if prefer is None else [jnp.ravel(jnp.asarray(p, bool)) for p in prefer]
+    leaves = _float_values(values)
     if resolve(selection) == "bracketed":
-        prefs = [None] * len(flats) if prefs is None else prefs
+        prefs = [None] * len(leaves) if prefer is None else prefer
         return [
-            _topk_bracketed(ordered_keys(x), n, p)
-            for x, n, p in zip(flats, keep, prefs, strict=True)
+            _topk_bracketed(
+                ordered_keys(x).ravel(), n, None if p is None else jnp.asarray(p, bool).ravel()
+            ).reshape(np.shape(x))
+            for x, n, p in zip(leaves, keep, prefs, strict=True)
         ]
-    return _topk_batched(flats, keep, prefs, digit_bits)
+    return _topk_batched(leaves, keep, prefer, digit_bits, layout)
 
 
 def refresh(
@@ -750,6 +839,7 @@ def refresh(
     *,
     selection: str = "auto",
     digit_bits: int = DIGIT_BITS,
+    layout: Layout | None = None,
 ) -> list[jax.Array]:
     """Per leaf, new masks that make `n_swaps(rate, c)` of the `c` swaps the exact top-k proposes.
 
@@ -760,21 +850,22 @@ def refresh(
 
     Args:
       values: float arrays per leaf (the new scores, or what is ranked of them).
-      old: bool masks per leaf, each with exactly `keep[l]` entries.
+      old: bool masks per leaf (of its shape), each with exactly `keep[l]` entries.
       keep: static ints.
       rate: the share of swaps to make, in [0, 1]; may be traced.
-      selection, digit_bits: as in `topk`.
+      selection, digit_bits, layout: as in `topk`.
 
     Returns:
-      Flat bool masks per leaf.
+      Bool masks per leaf, in the leaves' shapes.
     """
     if not values:
         return []
-    flats = _flat_values(values)
-    olds = [jnp.ravel(jnp.asarray(m, bool)) for m in old]
+    leaves = _float_values(values)
     if resolve(selection) == "bracketed":
         return [
-            _refresh_bracketed(ordered_keys(x), m, n, rate)
-            for x, m, n in zip(flats, olds, keep, strict=True)
+            _refresh_bracketed(
+                ordered_keys(x).ravel(), jnp.asarray(m, bool).ravel(), n, rate
+            ).reshape(np.shape(x))
+            for x, m, n in zip(leaves, old, keep, strict=True)
         ]
-    return _refresh_batched(flats, olds, keep, rate, digit_bits)
+    return _refresh_batched(leaves, old, keep, rate, digit_bits, layout)

@@ -221,8 +221,23 @@ def test_in_an_optax_chain_both_selections_agree_step_by_step():
                 assert int(ma[k].sum()) == params[k].size - budget[k]
 
 
+def _collectives(compiled_text):
+    """(kind, element count) of every collective in compiled HLO text."""
+    found = re.findall(
+        r"= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|all-to-all|collective-permute)"
+        r"(?:-start)?\(",
+        compiled_text,
+    )
+    return [(kind, int(np.prod([int(d) for d in dims.split(",") if d]))) for _, dims, kind in found]
+
+
 def test_sharded_scores_give_the_single_device_masks():
-    """Scores sharded 4 ways (over 'fsdp' of a 2 x 4 mesh of 8 CPU devices), under jit."""
+    """Scores sharded 4 ways (over 'fsdp' of a 2 x 4 mesh of 8 CPU devices), under jit.
+
+    With the layout that follows the shards, the selection moves no leaf between devices: its
+    only collectives are the all-reduces of the per-leaf histograms (and the gather of the one
+    small replicated leaf's result).
+    """
     devices = jax.devices()
     if len(devices) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
@@ -234,31 +249,42 @@ def test_sharded_scores_give_the_single_device_masks():
         "odd": rng.standard_normal((5, 3)).astype(np.float32),  # no dim divisible by 4
     }
     budget = {"conv": 1000, "dense": 700, "odd": 9}
+    dims = {"conv": 3, "dense": 0, "odd": None}  # the largest dimension divisible by 4
     old = _old_masks(rng, scores, budget)
 
-    def spec(x):
-        dims = [d for d in range(x.ndim) if x.shape[d] % 4 == 0]
-        if not dims:
-            return NamedSharding(mesh, P())
-        d = max(dims, key=lambda i: x.shape[i])
-        return NamedSharding(mesh, P(*[("fsdp" if i == d else None) for i in range(x.ndim)]))
+    def spec(k):
+        d = dims[k]
+        names = [("fsdp" if i == d else None) for i in range(scores[k].ndim)]
+        return NamedSharding(mesh, P(*names))
 
-    sharded_scores = {k: jax.device_put(v, spec(v)) for k, v in scores.items()}
-    sharded_old = {k: jax.device_put(v, spec(v)) for k, v in old.items()}
+    sharded_scores = {k: jax.device_put(v, spec(k)) for k, v in scores.items()}
+    sharded_old = {k: jax.device_put(v, spec(k)) for k, v in old.items()}
     assert len(sharded_scores["conv"].sharding.device_set) == 8
-    for selection in ("batched",):  # the accelerator path; the CPU path is per leaf
-        for rate in (1.0, 0.5):
+    layout = select.Layout(dims, 4, NamedSharding(mesh, P("fsdp")))
+    out_shardings = {k: spec(k) for k in scores}
+    for rate in (1.0, 0.5):
+        expected = {
+            k: restricted_refresh(scores[k], old[k], scores[k].size - budget[k], rate)[0]
+            for k in scores
+        }
+        for lay in (None, layout):
             fn = jax.jit(
-                lambda s, m, r, sel=selection: jj.refresh_masks(s, m, budget, r, selection=sel)
+                lambda s, m, r, lay=lay: jj.refresh_masks(
+                    s, m, budget, r, selection="batched", layout=lay
+                ),
+                out_shardings=out_shardings,
             )
-            want = jax.device_get(fn(scores, old, jnp.float32(rate)))
-            got = jax.block_until_ready(fn(sharded_scores, sharded_old, jnp.float32(rate)))
+            compiled = fn.lower(sharded_scores, sharded_old, jnp.float32(rate)).compile()
+            got = jax.block_until_ready(compiled(sharded_scores, sharded_old, jnp.float32(rate)))
             for k in scores:
-                np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=k)
-                expected, _, _ = restricted_refresh(
-                    scores[k], old[k], scores[k].size - budget[k], rate
-                )
-                np.testing.assert_array_equal(want[k], expected, err_msg=k)
+                np.testing.assert_array_equal(np.asarray(got[k]), expected[k], err_msg=k)
+            if lay is not None:
+                collectives = _collectives(compiled.as_text())
+                assert collectives and all(
+                    kind == "all-reduce" or n <= 16 for kind, n in collectives
+                ), collectives
+                # the all-reduces are histograms: a few bins per leaf
+                assert max(n for _, n in collectives) <= 3 * 32
 
 
 def _loops_and_conditionals(n_leaves, selection):
@@ -284,18 +310,32 @@ def test_the_batched_refresh_has_no_per_leaf_loops_or_conditionals():
     assert sum(many) > sum(few) > 0
 
 
-def test_packing_round_trips_and_indices_are_flat_positions():
-    packing = select.Packing.of([1, 5, 2 * 255 + 3, 0, 7], chunk=255)
-    flats = [jnp.arange(n, dtype=jnp.int32) + 100 * i for i, n in enumerate(packing.sizes)]
-    packed = packing.pack(flats, -1)
-    assert packed.shape == (packing.total_rows, 255) and packing.total_rows == 1 + 1 + 3 + 0 + 1
-    for a, b in zip(packing.unpack(packed), flats, strict=True):
+@pytest.mark.parametrize(
+    "shapes, dims, groups",
+    [
+        ([(1,), (5,), (2 * 255 + 3,), (0,), (7,)], None, 1),
+        ([(8, 3), (5, 3), (2, 4, 12), (1,)], (0, None, 2, None), 4),
+    ],
+)
+def test_packing_round_trips_and_indices_are_flat_positions(shapes, dims, groups):
+    packing = select.Packing.of(shapes, dims, groups, chunk=255)
+    leaves = [
+        (jnp.arange(int(np.prod(s)), dtype=jnp.int32) + 1000 * i).reshape(s)
+        for i, s in enumerate(shapes)
+    ]
+    packed = packing.pack(leaves, -1)
+    assert packed.shape == (groups, packing.total_rows, 255)
+    for a, b in zip(packing.unpack(packed), leaves, strict=True):
         np.testing.assert_array_equal(a, b)
     index, real = packing.indices(packing.row_leaf())
     for i, (x, n) in enumerate(zip(packing.unpack(index), packing.sizes, strict=True)):
-        np.testing.assert_array_equal(x, np.arange(n), err_msg=str(i))
+        np.testing.assert_array_equal(np.ravel(x), np.arange(n), err_msg=str(i))
     assert int(real.sum()) == sum(packing.sizes)
-    sums = packing.leaf_sums(jnp.sum(real, axis=1, dtype=jnp.int32)[:, None])
+    # A split leaf's group g holds the g-th block of its dimension (where its shard would be).
+    if dims is not None:
+        part = packed[1, packing.starts[0] : packing.starts[0] + packing.rows[0]].ravel()
+        np.testing.assert_array_equal(part[: packing.parts[0]], np.ravel(leaves[0][2:4]))
+    sums = packing.leaf_sums(jnp.sum(real, axis=-1, dtype=jnp.int32)[..., None])
     np.testing.assert_array_equal(sums[:, 0], packing.sizes)
 
 
