@@ -45,6 +45,7 @@ from jackpots_jax.restriction import ShortRestrictionState, refresh_masks
 from jackpots_jax.step import (
     create_search_state,
     create_train_state,
+    linen_apply,
     search_optimizer,
     search_step,
     train_step,
@@ -138,25 +139,26 @@ def build_variants(name: str, batch_size: int, rate: float, seed: int):
     no_refresh_tx = optax.chain(*sgd_links(), frozen_masks(budget))
     dense_tx = optax.chain(*sgd_links())
 
-    search_state = create_search_state(params, stats, scores, search_tx, key)
+    apply_fn = linen_apply(model)
+    search_state = create_search_state(scores, search_tx, batch_stats=stats, rng=key)
     variants = [
         Variant(
             "search",
-            lambda s, b: search_step(s, b, model=model, tx=search_tx, budget=budget),
+            lambda s, p, b: search_step(s, p, b, apply_fn=apply_fn, tx=search_tx),
             search_state,
-            (batch,),
+            (params, batch),
         ),
         Variant(
             "dense",
-            lambda s, b: train_step(s, b, model=model, tx=dense_tx),
+            lambda s, b: train_step(s, b, apply_fn=apply_fn, tx=dense_tx),
             create_train_state(params, stats, dense_tx),
             (batch,),
         ),
         Variant(
             "no refresh",
-            lambda s, b: search_step(s, b, model=model, tx=no_refresh_tx, budget=budget),
-            create_search_state(params, stats, scores, no_refresh_tx, key),
-            (batch,),
+            lambda s, p, b: search_step(s, p, b, apply_fn=apply_fn, tx=no_refresh_tx),
+            create_search_state(scores, no_refresh_tx, batch_stats=stats, rng=key),
+            (params, batch),
         ),
     ]
     return variants, budget
