@@ -199,7 +199,7 @@ def layer_budgets(
 ) -> PyTree:
     """The number of weights each prunable leaf loses.
 
-    Rules (the reference code's default is `global_magnitude`):
+    Rules (ALGORITHM.md section 3):
 
     * `global_magnitude`: pool |w| of all prunable leaves (N values); `t` is the
       `floor(N (1 - s))`-th largest; leaf `l` prunes `#{i : |w_i| < t}`.
