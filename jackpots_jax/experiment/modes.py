@@ -70,12 +70,16 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     workdir = os.path.abspath(os.fspath(workdir))
     c = config.dataset
     info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
-    network = models.network(
-        config.model.name,
-        config.model.num_classes or info.num_classes,
-        config.model.dtype,
-        **dict(config.model.kwargs),
-    )
+    try:
+        network = models.network(
+            config.model.name,
+            config.model.num_classes or info.num_classes,
+            config.model.dtype,
+            **dict(config.model.kwargs),
+        )
+    except ValueError as e:  # an option the model does not take
+        kwargs = dict(config.model.kwargs)
+        raise ConfigError(f"config field `model.kwargs` is {kwargs!r}: {e}") from None
     if network.spec.fixed_input_shape and tuple(info.image_shape) != network.spec.input_shape:
         raise ConfigError(
             f"config field `model.name` is {config.model.name!r}, built for "
