@@ -49,6 +49,8 @@ from jackpots_jax.restriction import ShortRestrictionState, refresh_masks
 from jackpots_jax.step import (
     create_search_state,
     create_train_state,
+    linen_apply,
+    search_optimizer,
     search_step,
     train_step,
 )
@@ -140,32 +142,33 @@ def build_variants(
     key = jax.random.key(seed + 1)
     no_refresh_tx = optax.chain(*sgd_links(), frozen_masks(budget))
     dense_tx = optax.chain(*sgd_links())
+    apply_fn = linen_apply(model)
     variants = [
         Variant(
             "dense",
-            lambda s, b: train_step(s, b, model=model, tx=dense_tx),
+            lambda s, b: train_step(s, b, apply_fn=apply_fn, tx=dense_tx),
             create_train_state(params, stats, dense_tx),
             (batch,),
         ),
         Variant(
             "no refresh",
-            lambda s, b: search_step(s, b, model=model, tx=no_refresh_tx, budget=budget),
-            create_search_state(params, stats, scores, no_refresh_tx, key),
-            (batch,),
+            lambda s, p, b: search_step(s, p, b, apply_fn=apply_fn, tx=no_refresh_tx),
+            create_search_state(scores, no_refresh_tx, batch_stats=stats, rng=key),
+            (params, batch),
         ),
     ]
+    kw = dict(learning_rate=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for selection in selections:
         for rate in rates:
-            # `search_optimizer` with the selection asked for: the same links.
-            tx = optax.chain(
-                *sgd_links(), jj.short_restriction(budget, rate=rate, selection=selection)
+            tx = search_optimizer(
+                budget, total_steps=TOTAL_STEPS, rate=rate, selection=selection, **kw
             )
             variants.append(
                 Variant(
                     f"search {jj.select.resolve(selection)} r={rate:g}",
-                    lambda s, b, tx=tx: search_step(s, b, model=model, tx=tx, budget=budget),
-                    create_search_state(params, stats, scores, tx, key),
-                    (batch,),
+                    lambda s, p, b, tx=tx: search_step(s, p, b, apply_fn=apply_fn, tx=tx),
+                    create_search_state(scores, tx, batch_stats=stats, rng=key),
+                    (params, batch),
                 )
             )
     return variants, budget

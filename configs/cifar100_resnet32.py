@@ -11,7 +11,7 @@ Make the dense model first if you have none (the paper's authors trained their o
 (the search then finds its weights in `<workdir>/pretrain/model.safetensors`). The paper's other
 settings by override: `--config.search.sparsity=0.95`, `--config.search.epochs=160`.
 
-Recipe (ALGORITHM.md section 7): scores from the magnitude init (gap 0.01), a global-magnitude
+The reference code's recipe: scores from the magnitude init (gap 0.01), a global-magnitude
 budget, SGD lr 0.1 with momentum 0.9 and weight decay 5e-4 on the scores, cosine to 0, batch 256,
 random crop 32 (padding 4) + flip, masks refreshed to the exact top-k after every step. Paper:
 Zhang et al., "Lottery Jackpots Exist in Pre-trained Models" (TPAMI 2023); the reference
@@ -28,7 +28,7 @@ Prepare `cifar100` once with tfds (see the README, "Datasets").
 Variants: `pretrain`, `tiny` and `tiny_pretrain` (a few steps on tiny data, for the tests).
 """
 
-from jackpots_jax.config_schema import cifar_recipe
+from jackpots_jax.experiment.config import cifar_recipe
 
 
 def get_config(arg: str | None = None):

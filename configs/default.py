@@ -16,7 +16,7 @@ nearly all of the dense accuracy, far above magnitude pruning without training.
 Variants: `configs/default.py:tiny` (a few steps on the first few hundred images, for tests).
 """
 
-from jackpots_jax.config_schema import base_config
+from jackpots_jax.experiment.config import base_config
 
 
 def get_config(arg: str | None = None):

@@ -3,7 +3,7 @@ r"""The lottery-jackpot search on ImageNet: ResNet-50 from torchvision's weights
     python -m jackpots_jax.main --config configs/imagenet_resnet50.py --workdir workdir/in1k_r50 \
         --config.weights.path=resnet50-0676ba61.pth --config.dataset.data_dir=<tfds dir>
 
-80% sparsity by override: `--config.search.sparsity=0.8`. Recipe (ALGORITHM.md section 7): scores
+80% sparsity by override: `--config.search.sparsity=0.8`. The reference code's recipe: scores
 from the magnitude init, a global-magnitude budget, SGD lr 0.1 with momentum 0.9 and weight decay
 1e-4 on the scores, cosine to 0, batch 256, 30 search epochs, random resized crop 224 + flip
 (evaluation: resize 256, centre crop 224). Paper: Zhang et al. (TPAMI 2023), the reference
@@ -18,7 +18,7 @@ ImageNet must be downloaded by hand and prepared with tfds once (see the README,
 Variants: `tiny` and `tiny_pretrain` (ResNet-18 for a few steps on a few images, for the tests).
 """
 
-from jackpots_jax.config_schema import imagenet_recipe
+from jackpots_jax.experiment.config import imagenet_recipe
 
 
 def get_config(arg: str | None = None):

@@ -1,11 +1,16 @@
 """jackpots_jax: lottery jackpots (sparse masks over frozen pre-trained weights) in JAX.
 
+The library: pure functions of pytrees (`sparsity`, `masks`, `restriction`), the search engine
+over any model's apply function (`step`, `parallel`), models (`models`), input pipelines (`data`)
+and file formats (`io`). The command line (`jackpots_jax.experiment`) is one user of it.
+
 Example:
   >>> import jackpots_jax as jj
   >>> budget = jj.layer_budgets(params, sparsity=0.9, rule="global_magnitude")
   >>> scores, masks = jj.init_scores(params, budget, method="magnitude")
-  >>> tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9),
-  ...                  jj.short_restriction(budget, rate=jj.schedules.cosine(total_steps)))
+  >>> tx = jj.search_optimizer(budget, learning_rate=0.1, total_steps=total_steps)
+  >>> state = jj.create_search_state(scores, tx, batch_stats=batch_stats)
+  >>> state, metrics = jj.search_step(state, params, batch, apply_fn=jj.linen_apply(model), tx=tx)
 """
 
 from jackpots_jax.masks import (
@@ -15,10 +20,9 @@ from jackpots_jax.masks import (
     mask_churn,
     mask_overlap,
     masked_weights,
-    ordered_keys,
-    select_top,
     topk_masks,
 )
+from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_batch
 from jackpots_jax.restriction import (
     ShortRestrictionState,
     current_masks,
@@ -35,29 +39,55 @@ from jackpots_jax.sparsity import (
     prunable_leaves,
     sparsity_report,
 )
+from jackpots_jax.step import (
+    SearchState,
+    TrainState,
+    bn_stats_step,
+    create_search_state,
+    create_train_state,
+    eval_step,
+    linen_apply,
+    nnx_apply,
+    search_optimizer,
+    search_step,
+    train_step,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "INIT_METHODS",
     "RULES",
+    "SearchState",
     "ShortRestrictionState",
+    "TrainState",
     "apply_masks",
+    "bn_stats_step",
     "budget_sizes",
+    "create_search_state",
+    "create_train_state",
     "current_masks",
+    "data_parallel",
+    "eval_step",
     "format_sparsity_table",
     "init_scores",
     "layer_budgets",
+    "linen_apply",
+    "make_mesh",
     "mask_churn",
     "mask_overlap",
     "masked_weights",
-    "ordered_keys",
+    "nnx_apply",
     "prunable_leaves",
     "refresh_masks",
     "replace_masks",
+    "replicate",
     "schedules",
-    "select_top",
+    "search_optimizer",
+    "search_step",
+    "shard_batch",
     "short_restriction",
     "sparsity_report",
     "topk_masks",
+    "train_step",
 ]

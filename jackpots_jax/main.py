@@ -5,8 +5,9 @@ an argument after a colon (`--config configs/cifar10_vgg19.py:tiny`). The mode i
 `--config.mode=pretrain|search|evaluate|prune|export|jackpot`.
 
 Errors a user can fix (an unknown field, an impossible value, a missing dataset or missing
-weights) end the program with exit code 2 and one message naming the problem, before any compute.
-On several hosts, `jax.distributed.initialize()` runs first when the environment asks for it.
+weights) end the program with exit code 2 and one message naming the problem, before any compute;
+a non-finite loss ends it with exit code 3. On several hosts, `jax.distributed.initialize()` runs
+first when the environment asks for it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
-from collections.abc import Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,6 +34,40 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not noisy
 
 
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config error (of a file or an override) as a one-line error.
+
+    The config is locked: `--config.<field>` for a field that does not exist is refused by
+    ml_collections (with a suggestion), a value of the wrong type by absl.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        # ml_collections wraps a KeyError of the locked config: "'key'\nDid you mean ...?"
+        while isinstance(e, BaseException) and e.args:
+            e = e.args[0]
+        key, _, suggestion = str(e).partition("\n")
+        key = key.strip("'\"")
+        # Name the whole field as the user wrote it (`search.sparsityy`), not just its last key.
+        named = [
+            arg.split("=", 1)[0].split(".", 1)[1]
+            for arg in argv
+            if arg.startswith("--config.") and key in arg.split("=", 1)[0].split(".")
+        ]
+        _usage_error(
+            f"unknown config field(s) {', '.join(named) or key}: {suggestion or 'no such field'} "
+            "(every field is listed with its default in jackpots_jax/experiment/config.py)"
+        )
+    except (flags.Error, ValueError, TypeError) as e:
+        _usage_error(str(e))
+    return []  # not reached
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -41,58 +75,26 @@ def main(argv: list[str]) -> int:
     from jackpots_jax import parallel
 
     parallel.initialize_distributed()
-    from jackpots_jax import train
-    from jackpots_jax.config_schema import ConfigError
-    from jackpots_jax.convert import CheckpointMismatchError
+    from jackpots_jax.experiment.config import ConfigError
+    from jackpots_jax.experiment.loop import NonFiniteLossError
+    from jackpots_jax.experiment.modes import train_and_evaluate
+    from jackpots_jax.io.errors import CheckpointMismatchError
 
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, FileNotFoundError, CheckpointMismatchError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except train.NonFiniteLossError as e:
+    except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     return 0
 
 
-def unknown_overrides(argv: list[str]) -> list[str]:
-    """The `--config.<field>` overrides in `argv` that name no field of the config schema."""
-    from jackpots_jax.config_schema import base_config
-
-    schema = base_config().to_dict()
-    unknown = []
-    for arg in argv[1:]:
-        if arg == "--":
-            break
-        if not arg.startswith("--config."):
-            continue
-        field = arg[len("--config.") :].split("=", 1)[0]
-        node = schema
-        for part in field.split("."):
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-                if part == "kwargs":
-                    break
-            else:
-                unknown.append(field)
-                break
-    return unknown
-
-
 def run(argv: list[str] | None = None) -> None:
     """Entry point of the `jackpots-jax` console script."""
-    argv = sys.argv if argv is None else argv
-    unknown = unknown_overrides(argv)
-    if unknown:
-        print(
-            f"error: unknown config field(s) {', '.join(unknown)}: no such field in "
-            "jackpots_jax.config_schema.base_config() (check the spelling; the README lists them)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    app.run(main, argv=argv)
+    app.run(main, argv=sys.argv if argv is None else argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

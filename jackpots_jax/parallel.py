@@ -13,8 +13,9 @@ global batch and passes them through `shard_batch`; the same program then runs o
 Example:
   >>> initialize_distributed()  # a no-op on one machine
   >>> mesh = make_mesh()
-  >>> run = data_parallel(search_step, mesh=mesh, model=model, tx=tx, budget=budget)
-  >>> state, metrics = run(state, shard_batch(local_batch, mesh))
+  >>> run = data_parallel(search_step, mesh=mesh, donate_argnums=0, apply_fn=apply_fn, tx=tx)
+  >>> params = replicate(params, mesh)  # the frozen weights, placed once
+  >>> state, metrics = run(state, params, shard_batch(local_batch, mesh))
 """
 
 from __future__ import annotations
@@ -210,6 +211,24 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(one, batch)
 
 
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """`tree` as global arrays held whole by every device of the mesh.
+
+    For arguments that every step reads and none changes (the frozen weights of a search): placed
+    once, they are not copied to the devices again at every step. Every process passes the same
+    values.
+    """
+    sharding = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x  # already placed (on several hosts it could not be read back here)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
 def _local_devices(mesh: Mesh) -> list:
     return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
@@ -244,6 +263,7 @@ def data_parallel(
     *,
     mesh: Mesh | None = None,
     backend: str = "shard_map",
+    donate_argnums: int | tuple[int, ...] = (),
     **static: Any,
 ) -> Callable[..., Any]:
     """Runs a per-device step data-parallel over the `'data'` axis, on one or several hosts.
@@ -263,11 +283,13 @@ def data_parallel(
     Args:
       step_fn: a per-device function `step_fn(*replicated, batch, axis_name=..., **static)` whose
         outputs are identical on every device (averaged or summed over `axis_name`), e.g.
-        `search_step`, `train_step`, `eval_step`.
+        `search_step`, `train_step`, `eval_step`, `bn_stats_step`.
       mesh: a 1-D mesh with axis `'data'` (`make_mesh()` by default). For `pmap` its devices are
         the ones used.
       backend: `'shard_map'` or `'pmap'`.
-      **static: keyword arguments bound into `step_fn` (model, tx, budget, ...).
+      donate_argnums: the replicated arguments whose buffers the step may reuse for its outputs
+        (the state of a training or search step: `0`); the caller must not use them afterwards.
+      **static: keyword arguments bound into `step_fn` (`apply_fn`, `tx`, ...).
 
     Returns:
       A callable `(*replicated, batch) -> outputs` with replicated (unsharded) outputs. The batch's
@@ -294,7 +316,7 @@ def data_parallel(
                 out_specs=P(),
                 check_vma=False,
             )
-            return jax.jit(mapped)
+            return jax.jit(mapped, donate_argnums=donate_argnums)
 
         def run(*args):
             _check_divisible(args[-1], n)
@@ -318,7 +340,9 @@ def data_parallel(
         return jax.device_put(x, stacked)
 
     def build_pmap(n_args):
-        return jax.pmap(fn, axis_name=AXIS, devices=devices, in_axes=0)
+        return jax.pmap(
+            fn, axis_name=AXIS, devices=devices, in_axes=0, donate_argnums=donate_argnums
+        )
 
     def run_pmap(*args):
         *replicated, batch = args

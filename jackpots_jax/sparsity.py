@@ -268,16 +268,12 @@ def _summary(size: int, kept: int) -> dict[str, float]:
     }
 
 
-def sparsity_report(
-    masks: PyTree, params: PyTree, *, dense: str | Sequence[str] | None = DEFAULT_DENSE
-) -> dict[str, Any]:
+def sparsity_report(masks: PyTree, params: PyTree) -> dict[str, Any]:
     """Per-layer and total sparsity of a set of masks (or of a budget).
 
     Args:
       masks: a masks pytree (bool arrays at masked leaves, `None` elsewhere) or a budget (ints).
       params: the parameter pytree the masks belong to.
-      dense: the patterns used for the budget; only decides which unmasked kernels are reported as
-        "held dense" (every kernel, masked or not, counts in `prunable`).
 
     Returns:
       A dict with `layers` (path -> size/kept/pruned/sparsity/density; held-dense kernels too,
@@ -285,7 +281,6 @@ def sparsity_report(
       held-dense ones included: the figure to compare with papers that prune the classifier) and
       `all` (over every parameter).
     """
-    del dense
     all_kernels = prunable_leaves(params, dense=None)
     layers: dict[str, dict[str, Any]] = {}
     budgeted = [0, 0]

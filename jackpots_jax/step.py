@@ -1,34 +1,129 @@
-"""One step of the search, of dense training and of evaluation, written per device.
+"""One step of the search, of dense training, of evaluation and of BN re-estimation, per device.
 
-Every step is a pure function `(state, batch) -> (state, metrics)` (or `-> counts` for
-evaluation). With `axis_name=None` it runs on one device over the whole batch; with an axis name it
-is the body of a data-parallel run (`parallel.data_parallel`): each device sees its shard of the
-batch, gradients and batch statistics are averaged with `lax.pmean` and evaluation counts summed
-with `lax.psum` over that axis.
+Every step is a pure function of pytrees over an *apply function*, so any model runs through it:
 
-A search step (ALGORITHM.md section 6, DESIGN.md "Data flow of one search step"):
+    apply_fn(params, batch_stats, images, train) -> (logits, new_batch_stats)
 
-  forward   model.apply(W * M) in train mode (batch norm re-estimates its running statistics)
-  backward  dL/dS = dL/d(W M) * W  (straight-through; params are never differentiated)
+`new_batch_stats` are the re-estimated running statistics in train mode, the given ones otherwise
+(and `{}` for a model without any). `linen_apply(module)` and `nnx_apply(graphdef)` make one from a
+Flax Linen module or an NNX module; a hand-written function works as well.
+
+The frozen pre-trained `params` are an argument of the search step, not part of its state:
+`SearchState` holds only what a step changes (scores, the optimiser state that owns the masks,
+batch statistics, the step count and a PRNG key), so checkpoints never rewrite the weights.
+
+With `axis_name=None` a step runs on one device over the whole batch; with an axis name it is the
+body of a data-parallel run (`parallel.data_parallel`): each device sees its shard of the batch,
+gradients and batch statistics are averaged with `lax.pmean` and evaluation counts summed with
+`lax.psum` over that axis. Replicated arguments come first and the batch last, so that a runner
+calls `step(*replicated, batch)`.
+
+A search step:
+
+  forward   apply_fn(W * M) in train mode (batch norm re-estimates its running statistics)
+  backward  dL/dS = dL/d(W M) * W: straight through the binarisation, dense (pruned entries get
+            gradients too); the params are never differentiated
   update    optax chain: weight decay -> SGD momentum (cosine lr) -> short_restriction, which
             refreshes the masks it owns inside `opt_state`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax import lax
 
 from jackpots_jax.masks import apply_masks, mask_churn, masked_weights
 from jackpots_jax.restriction import Schedule, current_masks, short_restriction
 
 PyTree = Any
+ApplyFn = Callable[[PyTree, PyTree, jax.Array, bool], tuple[jax.Array, PyTree]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply functions of Linen and NNX models.
+
+
+def _has_stats(batch_stats: PyTree) -> bool:
+    return bool(jax.tree.leaves(batch_stats))
+
+
+def _pure(tree: PyTree) -> PyTree:
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def linen_apply(module: Any) -> ApplyFn:
+    """The apply function of a Flax Linen module called as `module(x, train=...)`.
+
+    Args:
+      module: a Linen module whose `__call__` takes `train`; its variables are `params` and,
+        optionally, `batch_stats`.
+
+    Returns:
+      `apply_fn(params, batch_stats, images, train) -> (logits, new_batch_stats)`; in train mode
+      the `batch_stats` collection is updated (`mutable=["batch_stats"]`).
+
+    Example:
+      >>> apply_fn = linen_apply(models.create("resnet20", 10))
+      >>> logits, stats = apply_fn(variables["params"], variables["batch_stats"], x, True)
+    """
+
+    def apply_fn(params, batch_stats, images, train):
+        if not _has_stats(batch_stats):
+            return module.apply({"params": params}, images, train=train), batch_stats
+        variables = {"params": params, "batch_stats": batch_stats}
+        if not train:
+            return module.apply(variables, images, train=False), batch_stats
+        logits, updates = module.apply(variables, images, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    return apply_fn
+
+
+def nnx_apply(graphdef: nnx.GraphDef, *rest: PyTree) -> ApplyFn:
+    """The apply function of a Flax NNX module, from its graph definition.
+
+    The module is rebuilt from `graphdef` and the given states at every call (`nnx.merge`), put in
+    train or eval mode (`module.train()` / `module.eval()`: batch norm uses and updates the batch
+    statistics, dropout is active) and called on the images.
+
+    Args:
+      graphdef: from `graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)`.
+      *rest: any further states of that split (e.g. `nnx.split(model, nnx.Param, nnx.BatchStat,
+        ...)`), passed unchanged to every call.
+
+    Returns:
+      `apply_fn(params, batch_stats, images, train) -> (logits, new_batch_stats)`. `params` and
+      `batch_stats` may be `nnx.State`s or plain nested dicts (`nnx.to_pure_dict`); the new
+      statistics come back in the same form.
+
+    Example:
+      >>> graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+      >>> apply_fn = nnx_apply(graphdef)
+      >>> logits, batch_stats = apply_fn(params, batch_stats, images, True)
+    """
+
+    def apply_fn(params, batch_stats, images, train):
+        # Plain arrays in: merge then makes fresh Variables in this trace, which batch norm may
+        # update (Variables of an `nnx.State` given from outside belong to another trace).
+        model = nnx.merge(graphdef, _pure(params), _pure(batch_stats), *map(_pure, rest))
+        if train:
+            model.train()
+        else:
+            model.eval()
+        logits = model(images)
+        if not train:
+            return logits, batch_stats
+        stats = nnx.state(model, nnx.BatchStat)
+        return logits, stats if isinstance(batch_stats, nnx.State) else nnx.to_pure_dict(stats)
+
+    return apply_fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,22 +132,22 @@ PyTree = Any
 
 @flax.struct.dataclass
 class SearchState:
-    """Everything a search step reads and writes; a pytree (jit/pmap/shard_map friendly).
+    """What a search step changes; a pytree (jit/pmap/shard_map friendly, checkpointed whole).
+
+    The frozen pre-trained params are not part of it: they are an argument of `search_step`.
 
     Attributes:
       step: int32 count of search steps done.
-      params: the frozen pre-trained parameters (never changed by `search_step`).
-      batch_stats: batch-norm running statistics (re-estimated during the search).
       scores: the scores (budget structure; `None` at unmasked leaves).
       opt_state: the optax state of the search optimiser; its `short_restriction` owns the masks.
+      batch_stats: batch-norm running statistics (re-estimated during the search; `{}` if none).
       rng: a PRNG key carried along (split once per step).
     """
 
     step: jax.Array
-    params: PyTree
-    batch_stats: PyTree
     scores: PyTree
     opt_state: PyTree
+    batch_stats: PyTree
     rng: jax.Array
 
     @property
@@ -80,11 +175,14 @@ def search_optimizer(
     total_steps: int,
     rate: float | Schedule | None = None,
     rank_by: str = "score",
+    selection: str = "auto",
+    layout: Any = None,
 ) -> optax.GradientTransformation:
-    """The search optimiser of ALGORITHM.md section 6.2, ending in the short restriction.
+    """The paper's search optimiser of the scores, ending in the short restriction.
 
     `add_decayed_weights(weight_decay)` -> `sgd(cosine_decay(learning_rate, total_steps),
-    momentum, nesterov=False)` -> `short_restriction(budget, rate)`.
+    momentum, nesterov=False)` -> `short_restriction(budget, rate)`: weight decay coupled to the
+    gradient as in PyTorch's SGD, no warm-up, the learning rate decayed to 0 over the search.
 
     Args:
       budget: pruned counts from `layer_budgets`.
@@ -95,6 +193,8 @@ def search_optimizer(
       rate: the short-restriction rate, a number in [0, 1] or a schedule; `None` means 1 (every
         proposed swap is made, i.e. exact per-layer top-k after each step).
       rank_by: `'score'` (signed) or `'abs'`.
+      selection, layout: how the restriction selects (see `short_restriction`); the same masks
+        whatever they are.
 
     Returns:
       An `optax.GradientTransformation`; call `update(grads, state, scores)`.
@@ -106,25 +206,38 @@ def search_optimizer(
             momentum=momentum,
             nesterov=False,
         ),
-        short_restriction(budget, rate=1.0 if rate is None else rate, rank_by=rank_by),
+        short_restriction(
+            budget,
+            rate=1.0 if rate is None else rate,
+            rank_by=rank_by,
+            selection=selection,
+            layout=layout,
+        ),
     )
 
 
 def create_search_state(
-    params: PyTree,
-    batch_stats: PyTree,
     scores: PyTree,
     tx: optax.GradientTransformation,
-    rng: jax.Array,
+    *,
+    batch_stats: PyTree | None = None,
+    rng: jax.Array | None = None,
 ) -> SearchState:
-    """A fresh `SearchState`: `tx.init(scores)` derives the initial masks from the scores."""
+    """A fresh `SearchState`: `tx.init(scores)` derives the initial masks from the scores.
+
+    Args:
+      scores: the initial scores (from `init_scores`).
+      tx: the search optimiser (from `search_optimizer`, or any chain ending in
+        `short_restriction`).
+      batch_stats: the pre-trained running statistics (`{}`, the default, for a model without).
+      rng: a PRNG key carried in the state (default: `jax.random.key(0)`'s data).
+    """
     return SearchState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
         scores=scores,
         opt_state=tx.init(scores),
-        rng=rng,
+        batch_stats={} if batch_stats is None else batch_stats,
+        rng=jax.random.key_data(jax.random.key(0)) if rng is None else rng,
     )
 
 
@@ -142,21 +255,6 @@ def create_train_state(
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
-    if batch_stats is None or (isinstance(batch_stats, dict) and not batch_stats):
-        return {"params": params}
-    return {"params": params, "batch_stats": batch_stats}
-
-
-def _forward_train(model: nn.Module, params, batch_stats, images):
-    """Train-mode logits and the new batch statistics (unchanged when the model has none)."""
-    variables = _variables(params, batch_stats)
-    if "batch_stats" not in variables:
-        return model.apply(variables, images, train=True), batch_stats
-    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
@@ -178,11 +276,11 @@ def _pmean(tree: PyTree, axis_name: str | None) -> PyTree:
 
 def search_step(
     state: SearchState,
+    params: PyTree,
     batch: dict[str, jax.Array],
     *,
-    model: nn.Module,
+    apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
-    budget: PyTree,
     axis_name: str | None = None,
     label_smoothing: float = 0.0,
 ) -> tuple[SearchState, dict[str, jax.Array]]:
@@ -190,10 +288,10 @@ def search_step(
 
     Args:
       state: the `SearchState` (replicated when data-parallel).
+      params: the frozen pre-trained params (replicated; never changed).
       batch: `{'image': [b, H, W, C], 'label': [b]}` (this device's shard).
-      model: the Flax Linen model (static).
+      apply_fn: the model's apply function (`linen_apply`, `nnx_apply`; static).
       tx: the search optimiser (from `search_optimizer`; static).
-      budget: the budget the optimiser was built with (static; used to keep `scores` structure).
       axis_name: the data-parallel axis name, or `None` on one device.
       label_smoothing: label smoothing of the cross-entropy (0 in the reference code).
 
@@ -201,12 +299,16 @@ def search_step(
       `(new_state, metrics)`; metrics hold `loss`, `accuracy` (means over the global batch) and
       `churn` (mask entries flipped by this step, all layers) and `churn_per_layer` (a dict
       layer path -> entries flipped in that layer).
+
+    Example:
+      >>> step = jax.jit(partial(search_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
+      >>> state, metrics = step(state, params, batch)
     """
     old_masks = current_masks(state.opt_state)
 
     def loss_fn(scores):
-        weights = masked_weights(state.params, scores, old_masks)
-        logits, new_stats = _forward_train(model, weights, state.batch_stats, batch["image"])
+        weights = masked_weights(params, scores, old_masks)
+        logits, new_stats = apply_fn(weights, state.batch_stats, batch["image"], True)
         loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
         return loss, (logits, new_stats)
 
@@ -215,7 +317,6 @@ def search_step(
     # loss over the global batch (equal shards).
     grads = _pmean(grads, axis_name)
     new_stats = _pmean(new_stats, axis_name)
-    # Keep exactly the budget's structure (None at unmasked leaves) for the optimiser.
     updates, opt_state = tx.update(grads, state.opt_state, state.scores)
     scores = optax.apply_updates(state.scores, updates)
     new_masks = current_masks(opt_state)
@@ -235,7 +336,6 @@ def search_step(
         opt_state=opt_state,
         rng=rng,
     )
-    del budget  # static; part of the signature so that runners can pass it uniformly
     return new_state, metrics
 
 
@@ -243,7 +343,7 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
-    model: nn.Module,
+    apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
     axis_name: str | None = None,
     label_smoothing: float = 0.0,
@@ -255,7 +355,7 @@ def train_step(
     """
 
     def loss_fn(params):
-        logits, new_stats = _forward_train(model, params, state.batch_stats, batch["image"])
+        logits, new_stats = apply_fn(params, state.batch_stats, batch["image"], True)
         loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
         return loss, (logits, new_stats)
 
@@ -278,7 +378,7 @@ def eval_step(
     masks: PyTree | None,
     batch: dict[str, jax.Array],
     *,
-    model: nn.Module,
+    apply_fn: ApplyFn,
     axis_name: str | None = None,
 ) -> dict[str, jax.Array]:
     """Summed evaluation counts over the valid examples of a (possibly padded) batch.
@@ -289,7 +389,7 @@ def eval_step(
       masks: masks to apply (`W * M`), or `None` to evaluate the dense params.
       batch: `{'image', 'label'}` and optionally `'mask'` (bool, True for real examples; padded
         examples count nowhere). Without `'mask'` every example counts.
-      model: the Flax Linen model (static).
+      apply_fn: the model's apply function (static).
       axis_name: the data-parallel axis name; counts are `psum`'d over it.
 
     Returns:
@@ -297,7 +397,7 @@ def eval_step(
       valid examples}` (`correct_top5`: the label among the 5 highest logits).
     """
     weights = params if masks is None else apply_masks(params, masks)
-    logits = model.apply(_variables(weights, batch_stats), batch["image"], train=False)
+    logits, _ = apply_fn(weights, batch_stats, batch["image"], False)
     labels = batch["label"]
     valid = batch.get("mask")
     valid = jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
@@ -315,3 +415,33 @@ def eval_step(
         "count": jnp.sum(valid, dtype=jnp.int32),
     }
     return out if axis_name is None else lax.psum(out, axis_name)
+
+
+def bn_stats_step(
+    params: PyTree,
+    batch_stats: PyTree,
+    masks: PyTree | None,
+    batch: dict[str, jax.Array],
+    *,
+    apply_fn: ApplyFn,
+    axis_name: str | None = None,
+) -> PyTree:
+    """The running statistics after one train-mode forward pass of `W * M` over the batch.
+
+    Re-estimates batch-norm statistics of a pruned model without training it: call it on a
+    number of training batches, feeding each call the statistics of the previous one.
+
+    Args:
+      params: the parameters.
+      batch_stats: the running statistics to update.
+      masks: masks to apply (`W * M`), or `None` for the dense params.
+      batch: `{'image', ...}` (this device's shard).
+      apply_fn: the model's apply function (static).
+      axis_name: the data-parallel axis name; the statistics are averaged over it.
+
+    Returns:
+      The updated running statistics.
+    """
+    weights = params if masks is None else apply_masks(params, masks)
+    _, stats = apply_fn(weights, batch_stats, batch["image"], True)
+    return _pmean(stats, axis_name)

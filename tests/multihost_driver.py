@@ -51,7 +51,7 @@ def main() -> None:
     import numpy as np
     from test_step import batches, setup
 
-    from jackpots_jax.parallel import data_parallel, make_mesh, shard_batch
+    from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_batch
     from jackpots_jax.step import search_step
 
     pid, count = jax.process_index(), jax.process_count()
@@ -63,19 +63,29 @@ def main() -> None:
     assert sorted(d.process_index for d in small.devices.flat) == list(range(count))
 
     mesh = make_mesh()
-    model, budget, tx, state, _ = setup(**SETUP)
+    search = setup(**SETUP)
     rows = GLOBAL_BATCH // count
     out = {}
     for backend in ("shard_map", "pmap"):
         run = data_parallel(
-            search_step, mesh=mesh, backend=backend, model=model, tx=tx, budget=budget
+            search_step,
+            mesh=mesh,
+            backend=backend,
+            donate_argnums=0,
+            apply_fn=search.apply_fn,
+            tx=search.tx,
         )
-        s = state
+        # The frozen weights placed once on every device of every process (shard_map), or passed
+        # as they are (pmap broadcasts its replicated arguments).
+        params = replicate(search.params, mesh) if backend == "shard_map" else search.params
+        s = jax.tree.map(jax.numpy.copy, search.state)  # donated to the steps below
         losses, churns = [], []
         for batch in batches(STEPS, batch=GLOBAL_BATCH):
             # Only this process's rows of the global batch ever reach it.
             local = jax.tree.map(lambda x: np.asarray(x)[pid * rows : (pid + 1) * rows], batch)
-            s, metrics = run(s, shard_batch(local, mesh) if backend == "shard_map" else local)
+            s, metrics = run(
+                s, params, shard_batch(local, mesh) if backend == "shard_map" else local
+            )
             losses.append(float(metrics["loss"]))
             churns.append(int(metrics["churn"]))
         out |= flatten(f"{backend}/masks", s.masks)

@@ -22,7 +22,8 @@ def topk_mask(scores, keep, current=None):
 
 
 def restricted_refresh(scores, old, keep, rate):
-    """ALGORITHM.md 6.3 by brute force: ceil(rate * c) of the c proposed swaps, extremes first."""
+    """The restricted refresh by brute force: ceil(rate * c) of the c proposed swaps, extremes
+    first."""
     s = np.asarray(scores, np.float64).ravel()
     old = np.asarray(old, bool).ravel()
     target = topk_mask(s, keep, old).ravel()

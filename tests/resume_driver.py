@@ -1,14 +1,16 @@
-"""A tiny search that checkpoints as it goes and resumes from its newest checkpoint.
+"""A tiny search through the runner's training loop, checkpointing as it goes; resumes on start.
 
 Run by `tests/test_checkpoints.py`, which kills it with SIGKILL, restarts it, and compares its final
 state with that of a run that was never stopped. Batch `i` is derived from the seed and `i` alone,
-so a resumed run sees the same batches as an uninterrupted one.
+so a resumed run sees the same batches as an uninterrupted one. The loop is the one every mode of
+the command line runs (`experiment.loop.train_loop`), with its checkpointer.
 
 Usage:
   python tests/resume_driver.py WORKDIR OUT.npz [--steps 12] [--save-every 2] [--delay 0.05]
 
-Prints `resumed <step>` after a restore, `step <k> done` after step `k` (and its checkpoint, when
-due), and `finished` once `OUT.npz` (every state leaf by its path, and the loss history) is written.
+Prints `resumed <step>` after a restore, `step <k> done` once step `k` and its checkpoint (when
+due) are done, and `finished` once `OUT.npz` (every state leaf by its path, and the loss history)
+is written.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from test_step import TinyNet
 
 import jackpots_jax as jj
 from jackpots_jax._tree import named_leaves
-from jackpots_jax.checkpoints import Checkpointer
-from jackpots_jax.step import create_search_state, search_optimizer, search_step
+from jackpots_jax.experiment.loop import Hook, train_loop
+from jackpots_jax.io.checkpoints import Checkpointer, fingerprint
+from jackpots_jax.step import create_search_state, linen_apply, search_optimizer, search_step
 
 
 def build_search(steps: int, seed: int = 0):
-    """A TinyNet search (70% uniform budget, cosine rate): `(model, budget, tx, state)`.
+    """A TinyNet search (70% uniform budget, cosine rate): `(apply_fn, params, budget, tx, state)`.
 
     The numbers come from numpy: compiling Flax's random initialisers takes seconds on a busy CPU.
     The state's PRNG key is a typed key, to check that one survives a checkpoint too.
@@ -53,8 +56,10 @@ def build_search(steps: int, seed: int = 0):
     tx = search_optimizer(
         budget, learning_rate=0.1, total_steps=steps, rate=jj.schedules.cosine(steps)
     )
-    create = jax.jit(lambda p, s, sc: create_search_state(p, s, sc, tx, jax.random.key(seed)))
-    return model, budget, tx, create(params, stats, scores)
+    create = jax.jit(
+        lambda s, sc: create_search_state(sc, tx, batch_stats=s, rng=jax.random.key(seed))
+    )
+    return linen_apply(model), params, budget, tx, create(stats, scores)
 
 
 def batch(seed: int, i: int, size: int = 16) -> dict[str, np.ndarray]:
@@ -63,6 +68,49 @@ def batch(seed: int, i: int, size: int = 16) -> dict[str, np.ndarray]:
         "image": rng.standard_normal((size, 8, 8, 2)).astype(np.float32),
         "label": rng.integers(0, 5, size).astype(np.int32),
     }
+
+
+class Batches:
+    """Batch `i` from the seed and `i` alone; its position is saved with every checkpoint."""
+
+    def __init__(self, seed: int):
+        self.seed, self.next_index = seed, 0
+
+    def __next__(self):
+        self.next_index += 1
+        return batch(self.seed, self.next_index - 1)
+
+    def get_state(self) -> dict:
+        return {"next_index": self.next_index}
+
+    def set_state(self, state: dict) -> None:
+        self.next_index = state["next_index"]
+
+
+class Losses(Hook):
+    """Every step's loss (logged at every step), carried through checkpoints; progress lines."""
+
+    def __init__(self, batches: Batches, delay: float):
+        self.batches, self.delay, self.losses = batches, delay, []
+
+    def start(self, step: int) -> None:
+        assert self.batches.next_index == step == len(self.losses), (step, self.losses)
+        if step:
+            print(f"resumed {step}", flush=True)
+
+    def log(self, step, sums, num_steps, seconds) -> None:
+        assert num_steps == 1
+        self.losses.append(float(sums["loss"]))
+
+    def after_step(self, step, state) -> None:
+        print(f"step {step} done", flush=True)  # its checkpoint, when due, is written
+        time.sleep(self.delay)
+
+    def get_state(self):
+        return list(self.losses)
+
+    def set_state(self, state) -> None:
+        self.losses = list(state)
 
 
 def leaves_by_path(state) -> dict[str, np.ndarray]:
@@ -84,34 +132,36 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    model, budget, tx, state = build_search(args.steps, args.seed)
+    apply_fn, params, budget, tx, state = build_search(args.steps, args.seed)
     identity = {
         "kind": "search",
         "model": "TinyNet",
         "budget": {name: int(b) for name, b in named_leaves(budget) if b is not None},
         "steps": args.steps,
     }
-    ckpt = Checkpointer(args.workdir, identity=identity, save_every_steps=args.save_every, keep=2)
-    start, losses = 0, []
-    restored = ckpt.restore(state)
-    if restored is not None:
-        state, extra, start = restored
-        assert extra["next_batch"] == start == int(state.step), (extra, start, state.step)
-        losses = extra["losses"]
-        print(f"resumed {start}", flush=True)
-
-    step_fn = jax.jit(partial(search_step, model=model, tx=tx, budget=budget))
-    for i in range(start, args.steps):
-        state, metrics = step_fn(state, batch(args.seed, i))
-        losses.append(float(metrics["loss"]))
-        extra = {"next_batch": i + 1, "losses": losses}
-        ckpt.save(i + 1, state, extra, force=i + 1 == args.steps)
-        print(f"step {i + 1} done", flush=True)
-        time.sleep(args.delay)
-    ckpt.close()
+    step = jax.jit(partial(search_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
+    batches = Batches(args.seed)
+    losses = Losses(batches, args.delay)
+    with Checkpointer(
+        args.workdir,
+        identity=identity,
+        save_every_steps=args.save_every,
+        keep=2,
+        fingerprint=fingerprint(params),
+    ) as ckpt:
+        state = train_loop(
+            state,
+            lambda state, batch: step(state, params, batch),
+            batches,
+            total_steps=args.steps,
+            steps_per_epoch=args.steps,
+            checkpointer=ckpt,
+            log_every_steps=1,
+            hooks=[losses],
+        )
 
     arrays = leaves_by_path(state)
-    arrays["losses"] = np.asarray(losses, np.float64)
+    arrays["losses"] = np.asarray(losses.losses, np.float64)
     with open(args.out + ".tmp", "wb") as f:
         np.savez(f, **arrays)
     os.replace(args.out + ".tmp", args.out)

@@ -1,4 +1,5 @@
-"""Checkpoints: bit-exact round trips, identity checks, damage recovery, SIGKILL resume, export."""
+"""Checkpoints and export: bit-exact round trips, identity and weights checks, damage recovery,
+SIGKILL resume through the runner's loop, the exported jackpot."""
 
 import json
 import logging
@@ -18,15 +19,17 @@ import pytest
 from resume_driver import batch, build_search
 
 import jackpots_jax as jj
-from jackpots_jax import convert, models
+from jackpots_jax import models
 from jackpots_jax._tree import named_leaves
-from jackpots_jax.checkpoints import (
+from jackpots_jax.io import weights
+from jackpots_jax.io.checkpoints import (
+    FORMAT_VERSION,
     CheckpointCorruptError,
     Checkpointer,
-    CheckpointMismatchError,
-    export_jackpot,
-    masks_from_npz,
+    fingerprint,
 )
+from jackpots_jax.io.errors import CheckpointMismatchError
+from jackpots_jax.io.export import export_jackpot, masks_from_npz
 from jackpots_jax.step import create_train_state, search_step
 
 # A restore that fails on damaged files can leave tensorstore callbacks aimed at the closed asyncio
@@ -45,13 +48,19 @@ IDENTITY = {
 @pytest.fixture(scope="module")
 def states():
     """A fresh search state (typed PRNG key) and the states after 1, 2 and 3 search steps."""
-    model, budget, tx, state = build_search(steps=10)
-    step = jax.jit(partial(search_step, model=model, tx=tx, budget=budget))
+    apply_fn, params, budget, tx, state = build_search(steps=10)
+    step = jax.jit(partial(search_step, apply_fn=apply_fn, tx=tx))
     out = [state]
     for i in range(3):
-        state, _ = step(state, batch(0, i))
+        state, _ = step(state, params, batch(0, i))
         out.append(state)
     return out
+
+
+@pytest.fixture(scope="module")
+def params():
+    """The frozen weights the `states` are searched over (numpy)."""
+    return build_search(steps=10)[1]
 
 
 def flat(tree):
@@ -120,16 +129,16 @@ def test_search_state_round_trip_is_bit_identical(tmp_path, states):
     assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
 
 
-def test_train_state_and_raw_keys_round_trip(tmp_path, states):
+def test_train_state_and_raw_keys_round_trip(tmp_path, states, params):
     base = states[1]
     tx = optax.adamw(1e-3)
-    train = create_train_state(base.params, base.batch_stats, tx)
+    train = create_train_state(params, base.batch_stats, tx)
     grads = jax.tree.map(jnp.ones_like, train.params)
     updates, opt_state = tx.update(grads, train.opt_state, train.params)
     train = train.replace(
         step=jnp.int32(7), params=optax.apply_updates(train.params, updates), opt_state=opt_state
     )
-    target = create_train_state(base.params, base.batch_stats, tx)
+    target = create_train_state(params, base.batch_stats, tx)
     raw = {"rng": jax.random.PRNGKey(5), "x": jnp.array([np.nan, -0.0, 1.0], jnp.float32)}
     with Checkpointer(tmp_path, identity={"kind": "train"}, save_every_steps=1) as ckpt:
         assert ckpt.save(7, (train, raw), {})
@@ -191,7 +200,7 @@ def test_identity_mismatch_names_each_field(tmp_path, states, change, field, sav
     with Checkpointer(tmp_path, identity=other, save_every_steps=1) as ckpt:
         with pytest.raises(CheckpointMismatchError) as err:
             ckpt.restore(states[0])
-    assert isinstance(err.value, convert.CheckpointMismatchError)
+    assert isinstance(err.value, ValueError)
     message = str(err.value)
     assert f"{field}: checkpoint {saved}, now {now}" in message
     differing = {name for name, _, _ in err.value.fields}
@@ -200,6 +209,57 @@ def test_identity_mismatch_names_each_field(tmp_path, states, change, field, sav
         assert "width: checkpoint <absent>, now 2" in message
     # Nothing was moved aside: the checkpoint is good, it just belongs to another run.
     assert os.listdir(tmp_path / "1")
+
+
+def test_the_frozen_weights_are_not_saved_but_their_fingerprint_is_checked(
+    tmp_path, states, params, caplog
+):
+    """A checkpoint holds no pre-trained weights; resuming with other weights is refused."""
+    with Checkpointer(
+        tmp_path, identity=IDENTITY, save_every_steps=1, fingerprint=fingerprint(params)
+    ) as ckpt:
+        ckpt.save(1, states[1], {})
+    meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+    assert meta["format"] == FORMAT_VERSION
+    assert meta["identity"]["fingerprint"] == fingerprint(params)
+    saved = set(meta["layout"])
+    assert saved and not any("params" in leaf for leaf in saved)
+    assert any(leaf.startswith(".scores") for leaf in saved)
+
+    # The same weights (a copy) resume; weights differing in one value do not.
+    same = jax.tree.map(np.copy, params)
+    with Checkpointer(
+        tmp_path, identity=IDENTITY, save_every_steps=1, fingerprint=fingerprint(same)
+    ) as ckpt:
+        assert ckpt.restore(states[0])[2] == 1
+    other = jax.tree.map(np.copy, params)
+    other["conv1"]["kernel"][0, 0, 0, 0] += 1e-6
+    assert fingerprint(other) != fingerprint(params)
+    with Checkpointer(
+        tmp_path, identity=IDENTITY, save_every_steps=1, fingerprint=fingerprint(other)
+    ) as ckpt:
+        with pytest.raises(CheckpointMismatchError) as err:
+            ckpt.restore(states[0])
+    message = str(err.value)
+    assert "fingerprint: checkpoint" in message
+    assert "the pre-trained weights differ from those the checkpoint was made from" in message
+    # A checkpoint of an older format (which held the weights) is refused, not misread.
+    meta["format"] = 1
+    (tmp_path / "1" / "meta" / "metadata").write_text(json.dumps(meta))
+    with Checkpointer(
+        tmp_path, identity=IDENTITY, save_every_steps=1, fingerprint=fingerprint(params)
+    ) as ckpt:
+        with pytest.raises(CheckpointMismatchError, match="has format 1"):
+            ckpt.restore(states[0])
+
+
+def test_fingerprint_covers_paths_dtypes_shapes_and_bytes():
+    a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    assert fingerprint(a) == fingerprint(jax.tree.map(jnp.asarray, a))
+    assert fingerprint(a) != fingerprint({"v": a["w"], "b": a["b"]})
+    assert fingerprint(a) != fingerprint({**a, "w": a["w"].reshape(3, 2)})
+    assert fingerprint(a) != fingerprint({**a, "w": a["w"].astype(np.float64)})
+    assert fingerprint(a) != fingerprint({**a, "b": np.array([0.0, -0.0, 0.0], np.float32)})
 
 
 def test_layout_mismatch_names_the_leaf(tmp_path):
@@ -421,8 +481,21 @@ def test_export_jackpot_files(tmp_path, monkeypatch):
             assert npz[name].dtype == np.bool_
             np.testing.assert_array_equal(npz[name], m)
     assert_bit_identical(masks_from_npz(paths["masks"], budget), masks)
+    # The one masks reader also takes a file of some layers' masks, against the params.
+    subset = tmp_path / "subset.npz"
+    np.savez(subset, **{"fc1/kernel": masked["fc1/kernel"]})
+    with pytest.raises(CheckpointMismatchError, match="missing: conv1/kernel, conv2/kernel"):
+        masks_from_npz(subset, budget)
+    got = masks_from_npz(subset, params, exact=False)
+    assert got["conv1"]["kernel"] is None and got["head"]["bias"] is None
+    np.testing.assert_array_equal(got["fc1"]["kernel"], masked["fc1/kernel"])
+    np.savez(subset, **{"fc1/kernel": masked["fc1/kernel"][:5], "fc2/kernel": np.ones(2, bool)})
+    with pytest.raises(CheckpointMismatchError) as err:
+        masks_from_npz(subset, params, exact=False)
+    assert err.value.unexpected == ["fc2/kernel"]
+    assert err.value.mismatched == [("fc1/kernel", (5, 128), (1568, 128))]
 
-    again, scores2, masks2 = convert.import_checkpoint(paths["safetensors"], "fmnist_cnn")
+    again, scores2, masks2 = weights.import_checkpoint(paths["safetensors"], "fmnist_cnn")
     for layer in ("conv1", "conv2", "fc1"):
         w, m = params[layer]["kernel"], np.asarray(masks[layer]["kernel"])
         np.testing.assert_array_equal(again["params"][layer]["kernel"], np.where(m, w, 0))
@@ -461,12 +534,14 @@ def test_export_jackpot_files(tmp_path, monkeypatch):
     # A writer that fails half-way leaves the previous file whole and no temporary file.
     before = (out / "jackpot.safetensors").read_bytes()
 
-    def failing_export(variables, masks, model_name, path, **kwargs):
+    def failing_save_file(arrays, path, *args, **kwargs):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "export_state_dict", failing_export)
+    import safetensors.numpy
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         export_jackpot(
             out,

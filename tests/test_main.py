@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from test_data import Cifar10, Imagenet2012, build_fixture, encode, write_idx
 
 import jackpots_jax as jj
-from jackpots_jax import convert
+from jackpots_jax.io import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +53,15 @@ def results(workdir):
 def metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def tensorboard_scalars(workdir, phase, tag):
+    """`(step, value)` of a tag of a phase's TensorBoard run, as TensorBoard itself reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard" / phase))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +187,7 @@ def test_default_job_tiny(tmp_path, fmnist_source):
     }
 
     # The exported masks hold exactly the budget of the pre-trained weights at 90% sparsity.
-    variables, _, _ = convert.import_checkpoint(
+    variables, _, _ = weights.import_checkpoint(
         workdir / "pretrain" / "model.safetensors", "fmnist_cnn"
     )
     budget = jj.layer_budgets(variables["params"], 0.9, "global_magnitude")
@@ -197,16 +206,13 @@ def test_default_job_tiny(tmp_path, fmnist_source):
     assert [r["epoch"] for r in search if r["kind"] == "eval"] == [1, 2]
     steps = [r["step"] for r in search if r["kind"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 2 * (256 // 32)
-    # The same numbers in TensorBoard, read back by TensorBoard's own reader.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(workdir / "tensorboard"))
-    events.Reload()
+    # The same numbers in TensorBoard (one run per phase), read back by TensorBoard's own reader.
+    assert sorted(p.name for p in (workdir / "tensorboard").iterdir()) == ["pretrain", "search"]
     train = [r for r in search if r["kind"] == "train"]
-    logged = [(e.step, e.value) for e in events.Scalars("search/train/loss")]
+    logged = tensorboard_scalars(workdir, "search", "train/loss")
     assert logged == [(r["step"], pytest.approx(r["loss"])) for r in train]
     evaluated = [r for r in search if r["kind"] == "eval"]
-    logged = [(e.step, e.value) for e in events.Scalars("search/eval/accuracy")]
+    logged = tensorboard_scalars(workdir, "search", "eval/accuracy")
     assert logged == [(r["step"], pytest.approx(r["accuracy"])) for r in evaluated]
 
     # Evaluating the exported jackpot (masked weights, masks and the re-estimated BN statistics,
@@ -241,7 +247,7 @@ def test_default_job_tiny_in_bfloat16(tmp_path, fmnist_source):
     assert rows["jackpot (search)"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
     with open(workdir / "config.json") as f:
         assert json.load(f)["model"]["dtype"] == "bfloat16"
-    variables, _, _ = convert.import_checkpoint(
+    variables, _, _ = weights.import_checkpoint(
         workdir / "pretrain" / "model.safetensors", "fmnist_cnn"
     )
     assert {np.asarray(x).dtype for x in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
@@ -431,12 +437,59 @@ def test_search_killed_and_restarted_ends_bit_identical(tmp_path, straight_searc
     train = [r for r in metrics(killed) if r["phase"] == "search" and r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 17))
     # So does TensorBoard's view, from the killed run's event file and the resumed run's.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(killed / "tensorboard"))
-    events.Reload()
-    logged = [(e.step, e.value) for e in events.Scalars("search/train/loss")]
+    logged = tensorboard_scalars(killed, "search", "train/loss")
     assert logged == [(r["step"], pytest.approx(r["loss"])) for r in train]
+
+
+@pytest.mark.slow
+def test_nnx_model_searched_through_the_command_line(tmp_path, straight_search):
+    """`fmnist_cnn_nnx` (an NNX module) from the Linen CNN's weights: the same jackpot.
+
+    The two models compute the same function of the same variables, so the search through the
+    command line, over the steps' apply function, must find what the Linen search found.
+    """
+    straight, search = straight_search
+    workdir = tmp_path / "nnx"
+    check_ok(run_main("default.py:tiny", workdir, *search, "--config.model.name=fmnist_cnn_nnx"))
+    linen, nnx_run = results(straight)["jackpot (search)"], results(workdir)["jackpot (search)"]
+    assert nnx_run["count"] == linen["count"] == 100
+    assert nnx_run["accuracy"] == linen["accuracy"]
+    with (
+        np.load(straight / "export" / "masks.npz") as a,
+        np.load(workdir / "export" / "masks.npz") as b,
+    ):
+        assert sorted(a.files) == sorted(b.files) == ["conv1/kernel", "conv2/kernel", "fc1/kernel"]
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_resuming_with_other_weights_is_refused(tmp_path, straight_search):
+    """A search checkpoint records the fingerprint of its weights: other weights are an error.
+
+    With the `uniform` rule the budget does not depend on the weights' values, so only the
+    fingerprint tells the runs apart (it used to resume with the checkpoint's own weights).
+    """
+    from safetensors.numpy import load_file, save_file
+
+    _, search = straight_search
+    workdir = tmp_path / "work"
+    uniform = ["--config.search.rule=uniform", "--config.search.max_steps=1"]
+    check_ok(run_main("default.py:tiny", workdir, *search, *uniform))
+    pretrained = next(a.split("=", 1)[1] for a in search if a.startswith("--config.weights.path"))
+    tensors = load_file(pretrained)
+    tensors["conv1.weight"] = tensors["conv1.weight"] * 1.5
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other))
+    proc = run_main(
+        "default.py:tiny",
+        workdir,
+        *search,
+        *uniform,
+        f"--config.weights.path={other}",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the pre-trained weights differ from those the checkpoint was made from" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("backend", ["shard_map", "pmap"])

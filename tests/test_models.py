@@ -1,4 +1,5 @@
-"""Models: registry, interface, shortcut and batch-norm numerics, parameter counts by hand."""
+"""Models: specs and registry, interface, shortcut and batch-norm numerics, parameter counts by
+hand, and the NNX CNN against its Linen twin."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jackpots_jax as jj
 from jackpots_jax import models
@@ -41,8 +43,58 @@ def kernels(params):
     return {"/".join(k.key for k in p): v for p, v in flat if p[-1].key == "kernel"}
 
 
+NNX = ("fmnist_cnn_nnx",)
+
+
 def test_names_lists_every_model():
-    assert set(models.names()) == set(ALL)
+    assert set(models.names()) == set(ALL) | set(NNX)
+
+
+@pytest.mark.parametrize("name", ALL + NNX)
+def test_every_spec_builds_a_network_with_plain_dict_variables(name):
+    """`network(name)` gives the same interface for Linen and NNX models: plain nested dicts."""
+    spec = models.spec(name)
+    assert spec.name == name and spec.kind == ("nnx" if name in NNX else "linen")
+    assert spec.classifier == "head" and spec.dense == ("head",)
+    net = models.network(name, 7)
+    variables = net.abstract_variables((32, 32, 3) if "resnet" in name else None)
+    assert type(variables["params"]) is dict and type(variables["batch_stats"]) is dict
+    assert variables["params"]["head"]["kernel"].shape[-1] == 7
+    h, w, c = (32, 32, 3) if "resnet" in name else spec.input_shape
+    x = jax.ShapeDtypeStruct((2, h, w, c), jnp.float32)
+    for train in (False, True):
+        logits, stats = jax.eval_shape(
+            lambda p, s, x: net.apply_fn(p, s, x, train),  # noqa: B023 - called at once
+            variables["params"],
+            variables["batch_stats"],
+            x,
+        )
+        assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+        assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+
+
+def test_nnx_cnn_computes_what_the_linen_cnn_computes():
+    """`fmnist_cnn_nnx` is `fmnist_cnn` in NNX: the same variables give the same outputs."""
+    linen, nnx_net = models.network("fmnist_cnn", 10), models.network("fmnist_cnn_nnx", 10)
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+    assert shapes(linen.abstract_variables()) == shapes(nnx_net.abstract_variables())
+    params, stats = linen.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+    for train in (False, True):
+        want = linen.apply_fn(params, stats, x, train)
+        got = nnx_net.apply_fn(params, stats, x, train)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), want, got)
+    model = models.create("fmnist_cnn_nnx", 10, rngs=nnx.Rngs(3))
+    assert isinstance(model, nnx.Module) and model.head.kernel.shape == (128, 10)
+    with pytest.raises(ValueError, match="takes no `rngs`"):
+        models.create("fmnist_cnn", 10, rngs=nnx.Rngs(0))
+
+
+def test_describe_checkpoint_names_the_family():
+    assert "VGG" in models.describe_checkpoint({"features.0.weight": (64, 3, 3, 3)})
+    resnet = {"conv1.weight": (32, 3, 3, 3), "layer1.0.conv1.weight": (32, 32, 3, 3)}
+    assert "CIFAR ResNet-4 of width 2" in models.describe_checkpoint(resnet)
+    assert models.describe_checkpoint({"fc1.weight": (2, 3)}) is None
 
 
 def test_create_unknown_name_lists_known_names():
@@ -295,7 +347,7 @@ def test_unknown_dtype_is_an_error():
 
 def test_bfloat16_search_keeps_exact_counts_and_float32_state():
     """A few search steps of the bf16 CNN: masks keep the budget; scores and state stay float32."""
-    from jackpots_jax.step import create_search_state, search_optimizer, search_step
+    from jackpots_jax.step import create_search_state, linen_apply, search_optimizer, search_step
 
     model = models.create("fmnist_cnn", 10, dtype=jnp.bfloat16)
     rng = np.random.default_rng(0)
@@ -306,8 +358,9 @@ def test_bfloat16_search_keeps_exact_counts_and_float32_state():
     budget = jj.layer_budgets(params, 0.9, "global_magnitude")
     scores, _ = jj.init_scores(params, budget, "magnitude")
     tx = search_optimizer(budget, learning_rate=0.5, total_steps=4, rate=jj.schedules.cosine(4))
-    state = create_search_state(params, variables["batch_stats"], scores, tx, jax.random.key(1))
-    step = jax.jit(lambda s, b: search_step(s, b, model=model, tx=tx, budget=budget))
+    state = create_search_state(scores, tx, batch_stats=variables["batch_stats"])
+    apply_fn = linen_apply(model)
+    step = jax.jit(lambda s, b: search_step(s, params, b, apply_fn=apply_fn, tx=tx))
     churn = 0
     for i in range(4):
         batch = {"image": images + 0.1 * i, "label": labels}

@@ -88,11 +88,12 @@ def test_two_processes_match_one_process(tmp_path):
     run_processes(tmp_path)
 
     # The reference: one device, the whole global batch, the same steps.
-    model, budget, tx, state, _ = setup(**SETUP)
-    step = jax.jit(partial(search_step, model=model, tx=tx, budget=budget))
+    run = setup(**SETUP)
+    step = jax.jit(partial(search_step, apply_fn=run.apply_fn, tx=run.tx))
+    state = run.state
     losses, churns = [], []
     for batch in batches(STEPS, batch=GLOBAL_BATCH):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, run.params, batch)
         losses.append(float(metrics["loss"]))
         churns.append(int(metrics["churn"]))
     assert all(c > 0 for c in churns)  # the masks move, so equal masks mean something

@@ -3,18 +3,19 @@
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_step import batches, setup
 
-from jackpots_jax.parallel import data_parallel, make_mesh, shard_batch
+from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_batch
 from jackpots_jax.step import eval_step, search_step
 
 
-def run_steps(run, state, data):
+def run_steps(run, state, params, data):
     metrics = []
     for b in data:
-        state, m = run(state, b)
+        state, m = run(state, params, b)
         metrics.append(m)
     return state, metrics
 
@@ -27,7 +28,6 @@ def assert_same(ref, got, rtol=1e-5):
         ref.scores,
         jax.tree.map(np.asarray, got.scores),
     )
-    jax.tree.map(np.testing.assert_array_equal, ref.params, jax.tree.map(np.asarray, got.params))
     jax.tree.map(
         partial(np.testing.assert_allclose, rtol=rtol, atol=1e-6),
         ref.batch_stats,
@@ -56,15 +56,21 @@ def test_make_mesh():
 )
 def test_runners_match_single_device_global_batch(n):
     # No batch norm: per-device batch statistics would (correctly) differ from the global ones.
-    model, budget, tx, state, _ = setup(bn=False, rate=0.5, lr=20.0)
+    run = setup(bn=False, rate=0.5, lr=20.0)
     data = batches(2)
-    kw = dict(model=model, tx=tx, budget=budget)
-    ref, ref_metrics = run_steps(jax.jit(partial(search_step, **kw)), state, data)
+    kw = dict(apply_fn=run.apply_fn, tx=run.tx)
+    ref, ref_metrics = run_steps(jax.jit(partial(search_step, **kw)), run.state, run.params, data)
     assert sum(int(m["churn"]) for m in ref_metrics) > 0  # the masks do move
     mesh = make_mesh(n)
+    params = replicate(run.params, mesh)
+    assert params["conv1"]["kernel"].sharding.is_fully_replicated
     for backend in ("shard_map", "pmap"):
-        run = data_parallel(search_step, mesh=mesh, backend=backend, **kw)
-        got, metrics = run_steps(run, state, data)
+        # The state is donated: each backend starts from its own copy.
+        step = data_parallel(search_step, mesh=mesh, backend=backend, donate_argnums=0, **kw)
+        state = jax.tree.map(jnp.copy, run.state)
+        got, metrics = run_steps(
+            step, state, params if backend == "shard_map" else run.params, data
+        )
         assert_same(ref, got)
         for a, b in zip(ref_metrics, metrics, strict=True):
             np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
@@ -76,20 +82,25 @@ def test_runners_with_batch_norm_match_vmap_emulation():
     # With batch norm each device normalises with its own shard's statistics; the reference is the
     # same per-device step vmapped over the shards with the axis name bound (an exact emulation).
     n = 4
-    model, budget, tx, state, _ = setup(bn=True)
+    run = setup(bn=True)
     data = batches(2)
-    kw = dict(model=model, tx=tx, budget=budget)
+    kw = dict(apply_fn=run.apply_fn, tx=run.tx)
 
-    def emulate(state, batch):
+    def emulate(state, params, batch):
         split = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
-        f = jax.vmap(partial(search_step, axis_name="data", **kw), (None, 0), axis_name="data")
-        return jax.tree.map(lambda x: x[0], f(state, split))
+        f = jax.vmap(
+            partial(search_step, axis_name="data", **kw), (None, None, 0), axis_name="data"
+        )
+        return jax.tree.map(lambda x: x[0], f(state, params, split))
 
-    ref, _ = run_steps(jax.jit(emulate), state, data)
+    ref, _ = run_steps(jax.jit(emulate), run.state, run.params, data)
     mesh = make_mesh(n)
     for backend in ("shard_map", "pmap"):
         got, _ = run_steps(
-            data_parallel(search_step, mesh=mesh, backend=backend, **kw), state, data
+            data_parallel(search_step, mesh=mesh, backend=backend, **kw),
+            run.state,
+            run.params,
+            data,
         )
         assert_same(ref, got)
     # Running statistics are averaged: they moved away from their init.
@@ -97,17 +108,18 @@ def test_runners_with_batch_norm_match_vmap_emulation():
 
 
 def test_shard_batch_and_data_parallel_eval_counts_valid_only():
-    model, budget, tx, state, batch = setup(bn=True)
+    run = setup(bn=True)
+    state, batch = run.state, run.batch
     mesh = make_mesh(8)
     valid = np.arange(16) < 11  # padded tail
     full = {**batch, "mask": valid}
-    ref = eval_step(state.params, state.batch_stats, state.masks, full, model=model)
+    ref = eval_step(run.params, state.batch_stats, state.masks, full, apply_fn=run.apply_fn)
     sharded = shard_batch(jax.tree.map(np.asarray, full), mesh)
     assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("data")
     for backend in ("shard_map", "pmap"):
-        run = data_parallel(eval_step, mesh=mesh, backend=backend, model=model)
-        out = run(
-            state.params,
+        step = data_parallel(eval_step, mesh=mesh, backend=backend, apply_fn=run.apply_fn)
+        out = step(
+            run.params,
             state.batch_stats,
             state.masks,
             sharded if backend == "shard_map" else full,
@@ -118,9 +130,9 @@ def test_shard_batch_and_data_parallel_eval_counts_valid_only():
 
 
 def test_bad_arguments():
-    model, budget, tx, state, batch = setup(bn=False)
+    run = setup(bn=False)
     with pytest.raises(ValueError, match="backend"):
         data_parallel(search_step, backend="xmap")
-    run = data_parallel(search_step, mesh=make_mesh(8), model=model, tx=tx, budget=budget)
+    step = data_parallel(search_step, mesh=make_mesh(8), apply_fn=run.apply_fn, tx=run.tx)
     with pytest.raises(ValueError, match="split"):
-        run(state, jax.tree.map(lambda x: x[:12], batch))
+        step(run.state, run.params, jax.tree.map(lambda x: x[:12], run.batch))

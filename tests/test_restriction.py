@@ -1,4 +1,4 @@
-"""Short restriction against a brute-force numpy reference of ALGORITHM.md section 6.3."""
+"""Short restriction against a brute-force numpy reference of the restricted mask refresh."""
 
 import math
 

@@ -169,7 +169,7 @@ def test_masks_of_another_count_give_the_same_result_on_both_paths():
 
 def test_nan_ranks_above_inf_whatever_its_sign():
     x = np.array([1.0, np.nan, np.inf, NEG_NAN, -np.inf, 0.0], np.float32)
-    keys = np.asarray(jj.ordered_keys(jnp.asarray(x)))
+    keys = np.asarray(select.ordered_keys(jnp.asarray(x)))
     assert keys[1] == keys[3] == np.iinfo(np.uint32).max
     assert keys[1] > keys[2] > keys[0] > keys[5] > keys[4]
     for selection in SELECTIONS:
@@ -344,7 +344,7 @@ def test_every_digit_width_selects_the_same_set(digit_bits):
     rng = np.random.default_rng(digit_bits)
     shapes, budget = STRUCTURES["mixed"]
     scores = _draw_scores(rng, shapes, 0.6)
-    keys = [jj.ordered_keys(jnp.asarray(v)).ravel() for v in scores.values()]
+    keys = [select.ordered_keys(jnp.asarray(v)).ravel() for v in scores.values()]
     keep = [v.size - budget[k] for k, v in scores.items()]
     got = jax.jit(lambda ks: select.topk(ks, keep, selection="batched", digit_bits=digit_bits))(
         keys

@@ -5,9 +5,9 @@ big-endian uint32 per dimension, then the values in C order. Fashion-MNIST ships
 `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte` and
 `t10k-labels-idx1-ubyte`, raw or gzip-compressed (`.gz`).
 
-Where the files are looked for, in order (see `locate_fashion_mnist`): a directory the user names;
-the files of Debian's `dataset-fashion-mnist` package, found through `dpkg -L` (with the directory
-that package uses as a fallback).
+Where the files are looked for, in order (see `fashion_mnist.locate_sources`): a directory the
+user names; the files of Debian's `dataset-fashion-mnist` package, found through `dpkg -L` (with
+the directory that package uses as a fallback).
 """
 
 from __future__ import annotations

@@ -6,18 +6,23 @@ stride on the 3x3 conv (torchvision's "ResNet v1.5", also the lottery-jackpots r
 a projection shortcut (1x1 conv + BN) is used where the shape changes.
 
 Module names follow torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/downsample_conv`,
-`layer1_0/downsample_bn`, ..., the classifier `head`), so `jackpots_jax.convert` maps
-`layer1_0/downsample_conv` to `layer1.0.downsample.0` and `head` to `fc`.
+`layer1_0/downsample_bn`, ..., the classifier `head`); `torch_name` maps them to torchvision's keys
+(`layer1_0/downsample_conv` -> `layer1.0.downsample.0`; `head` is `fc`). The CIFAR ResNets share
+that naming and `describe_resnet_keys`.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jackpots_jax.models import layers
+from jackpots_jax.models.spec import ModelSpec, TorchLayout
 
 
 class BasicBlock(nn.Module):
@@ -114,3 +119,58 @@ class ResNet(nn.Module):
                 )
         x = jnp.mean(x, axis=(1, 2))
         return layers.logits(layers.head(self.num_classes, self.dtype)(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: names, input shape, PyTorch layout.
+
+_TORCH_RENAME = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+
+
+def torch_name(path: tuple[str, ...]) -> str:
+    """The PyTorch module name of a ResNet module path: `layer1_0/downsample_conv` ->
+    `layer1.0.downsample.0` (torchvision's and the CIFAR ResNet code's naming)."""
+    parts = [_TORCH_RENAME.get(p, re.sub(r"^(layer\d+)_(\d+)$", r"\1.\2", p)) for p in path]
+    return ".".join(parts)
+
+
+def describe_resnet_keys(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What ResNet a state dict's `{key: shape}` looks like (depth, stages, CIFAR width)."""
+    blocks: dict[int, set[int]] = {}
+    for key in shapes:
+        match = re.match(r"layer(\d+)\.(\d+)\.", key)
+        if match:
+            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    if not blocks:
+        return None
+    counts = [len(blocks[s]) for s in sorted(blocks)]
+    if len(blocks) == 4:
+        per_block = 3 if any(".conv3." in k for k in shapes) else 2
+        depth = per_block * sum(counts) + 2
+        return f"the keys look like an ImageNet ResNet-{depth} checkpoint (blocks {counts})"
+    stem = shapes.get("conv1.weight", ())
+    width = f" of width {stem[0] // 16}" if len(stem) == 4 else ""
+    depth = 2 * sum(counts) + 2
+    return f"the keys look like a CIFAR ResNet-{depth}{width} checkpoint (blocks {counts})"
+
+
+def _build(stage_sizes: tuple[int, ...], block: type[nn.Module], num_classes: int, dtype: Any):
+    return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, dtype=dtype)
+
+
+_TORCHVISION = TorchLayout(
+    module_name=torch_name, classifier_names=("fc",), describe=describe_resnet_keys
+)
+SPECS = tuple(
+    ModelSpec(
+        name=name,
+        build=functools.partial(_build, stages, block),
+        input_shape=(224, 224, 3),
+        torch=_TORCHVISION,
+    )
+    for name, stages, block in (
+        ("resnet18", (2, 2, 2, 2), BasicBlock),
+        ("resnet34", (3, 4, 6, 3), BasicBlock),
+        ("resnet50", (3, 4, 6, 3), Bottleneck),
+    )
+)

@@ -10,7 +10,8 @@ The reference code's ResNet-32 has widths 32/64/128: `CifarResNet(depth=32, widt
 as `resnet32_w2`.
 
 Module names follow the PyTorch code (`conv1`, `bn1`, `layer1_0/conv1`, ..., the classifier
-`head`), so `jackpots_jax.convert` maps `layer1_0/conv1` to `layer1.0.conv1`.
+`head`), mapped to `layer1.0.conv1`; the reference code names its classifier `fc` and stores it as
+a 1x1 conv, the common CIFAR ResNet code as a `Linear` named `linear`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jackpots_jax.models import layers
+from jackpots_jax.models.resnet import describe_resnet_keys, torch_name
+from jackpots_jax.models.spec import ModelSpec, TorchLayout
 
 
 def _shortcut(x: jnp.ndarray, planes: int, stride: int) -> jnp.ndarray:
@@ -96,3 +99,29 @@ class CifarResNet(nn.Module):
                 x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return layers.logits(layers.head(self.num_classes, self.dtype)(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: names, input shape, PyTorch layout.
+
+
+def _builder(depth: int, default_width: int = 1):
+    def build(num_classes: int, dtype: Any, width: int = default_width) -> CifarResNet:
+        return CifarResNet(depth=depth, num_classes=num_classes, width=width, dtype=dtype)
+
+    return build
+
+
+_REFERENCE = TorchLayout(
+    module_name=torch_name,
+    classifier_names=("fc", "linear"),
+    classifier_as_conv=True,
+    describe=describe_resnet_keys,
+)
+SPECS = (
+    ModelSpec("resnet20", _builder(20), (32, 32, 3), torch=_REFERENCE),
+    ModelSpec("resnet32", _builder(32), (32, 32, 3), torch=_REFERENCE),
+    ModelSpec("resnet56", _builder(56), (32, 32, 3), torch=_REFERENCE),
+    # The lottery-jackpots reference code's CIFAR ResNet-32 (widths 32/64/128).
+    ModelSpec("resnet32_w2", _builder(32, default_width=2), (32, 32, 3), torch=_REFERENCE),
+)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jackpots_jax.models import layers
+from jackpots_jax.models.spec import ModelSpec
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
@@ -67,3 +68,13 @@ class FashionCNN(nn.Module):
         )(x)
         x = nn.relu(layers.batch_norm(train, f"bn{len(self.channels) + 1}", self.dtype)(x))
         return layers.logits(layers.head(self.num_classes, self.dtype)(x))
+
+
+SPECS = (
+    ModelSpec(
+        name="fmnist_cnn",
+        build=lambda num_classes, dtype: FashionCNN(num_classes=num_classes, dtype=dtype),
+        input_shape=(28, 28, 1),
+        fixed_input_shape=True,  # the flatten before fc1 fixes the image size
+    ),
+)

@@ -8,8 +8,9 @@ Figures are made with `matplotlib.figure.Figure` on an Agg canvas, never through
 is registered in pyplot's global list of open figures, the process-wide backend is left alone, and
 each figure is cleared as soon as its PNG is written.
 
-Every file is written under a temporary name in its final folder and renamed into place, so a reader
-(or a run killed half-way) never sees a half-written report or PNG.
+Every file is written under a temporary name in its final folder and renamed into place
+(`io.files.atomic_path`), so a reader (or a run killed half-way) never sees a half-written report or
+PNG.
 
 Metric records (one JSON dict per line):
 
@@ -22,21 +23,17 @@ Metric records (one JSON dict per line):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-TOTALS = (
-    ("budgeted", "total over masked layers"),
-    ("prunable", "total over all conv/dense kernels"),
-    ("all", "total over all parameters"),
-)
+from jackpots_jax.io.files import atomic_path, jsonable, write_text
+from jackpots_jax.sparsity import format_sparsity_table
+
 # How many layers a churn plot names in its legend; the rest are drawn as one "other layers" band.
 MAX_LEGEND_LAYERS = 10
 
@@ -197,40 +194,6 @@ def _require(mapping: Mapping, keys: Sequence[str], what: str, made_by: str) -> 
         )
 
 
-def sparsity_table(report: Mapping[str, Any]) -> str:
-    """A Markdown table of a `sparsity_report`: one row per layer, then the three totals.
-
-    Layers kept dense (`masked: False`) are marked `(dense)`. When a layer's dict carries a
-    `shape`, a shape column is added.
-
-    Args:
-      report: the dict returned by `jackpots_jax.sparsity_report(masks, params)`.
-
-    Returns:
-      The table: layer, [shape,] weights, kept, sparsity (%), density (%).
-
-    Example:
-      >>> print(sparsity_table(jj.sparsity_report(masks, params)))
-    """
-    _require(report, ["layers"] + [k for k, _ in TOTALS], "the sparsity report", "sparsity_report")
-    layers = report["layers"]
-    with_shape = any("shape" in r for r in layers.values())
-    header = ["layer"] + (["shape"] if with_shape else []) + ["weights", "kept", "sparsity"]
-    header.append("density")
-
-    def row(label, r, shape=None):
-        cells = [label] + ([shape] if with_shape else [])
-        return cells + [r["size"], r["kept"], _percent(r["sparsity"]), _percent(r["density"])]
-
-    body = []
-    for name, r in layers.items():
-        label = name if r.get("masked", True) else f"{name} (dense)"
-        shape = "×".join(map(str, r["shape"])) if "shape" in r else ""
-        body.append(row(label, r, shape))
-    body += [row(f"**{label}**", report[key], "") for key, label in TOTALS]
-    return _markdown(header, "l" + "l" * with_shape + "rrrr", body)
-
-
 def overlap_table(overlap: Mapping[str, Any], names: tuple[str, str] = ("a", "b")) -> str:
     """A Markdown table of a `mask_overlap(a, b)`: per layer, then the total.
 
@@ -302,30 +265,6 @@ def churn_table(records: Iterable[Mapping[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing files atomically.
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes through `write(file)` to a temporary name in `path`'s folder, then renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
-# ---------------------------------------------------------------------------------------------
 # Plots.
 
 
@@ -340,12 +279,12 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
 
 
 def _save(fig, path: str | os.PathLike) -> str:
-    path = Path(path)
     try:
-        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         fig.clear()
-    return str(path)
+    return os.fspath(path)
 
 
 def _series(records: Iterable[Mapping], phase: str, kind: str, field: str):
@@ -490,9 +429,7 @@ def plot_churn(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) ->
 
 
 def _config_text(config: Any) -> str:
-    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-        config = config.to_dict()
-    return json.dumps(config, indent=2, sort_keys=True, default=str)
+    return json.dumps(jsonable(config, "config"), indent=2, sort_keys=True)
 
 
 def write_report(
@@ -541,7 +478,7 @@ def write_report(
     if notes:
         sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
     if sparsity:
-        sections.append("## Sparsity per layer\n\n" + sparsity_table(sparsity))
+        sections.append("## Sparsity per layer\n\n" + format_sparsity_table(sparsity))
     if overlap:
         sections.append(
             "## Overlap with the magnitude mask\n\n" + overlap_table(overlap, overlap_names)
@@ -566,5 +503,5 @@ def write_report(
     if config:
         sections.append("## Config\n\n```json\n" + _config_text(config) + "\n```")
     path = workdir / "report.md"
-    _write_text(path, "\n\n".join(sections) + "\n")
+    write_text(path, "\n\n".join(sections) + "\n")
     return str(path)

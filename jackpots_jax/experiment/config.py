@@ -1,0 +1,313 @@
+"""The fields every config has, their defaults, and the checks run before any compute starts.
+
+Every file under `configs/` starts from `base_config()` and changes fields. The config is a locked
+`ml_collections.ConfigDict`: a field that is not here cannot be set, in a config file or on the
+command line (a typo must not be silently ignored), and a value of the wrong type is refused when it
+is set. `check` adds what types cannot say (ranges, choices, batches that split over the devices)
+and names the field, the value and what is allowed.
+
+The runner reads the config once, in `experiment.modes`; nothing below it sees a config object.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import ml_collections
+
+SCHEDULES = ("constant", "cosine", "polynomial")
+DTYPES = ("float32", "bfloat16")
+VARIANTS = ("pretrain", "tiny", "tiny_pretrain")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that cannot work."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default (the offline default job: Fashion-MNIST, `fmnist_cnn`).
+
+    Fields:
+      mode: `jackpot` (pre-train when no weights exist, evaluate dense, magnitude-prune, search,
+        report), `pretrain`, `search`, `evaluate`, `prune` or `export` (`experiment.modes`).
+      seed: the one seed every random choice comes from.
+      model: `name` (see `jackpots_jax.models.names()`), `kwargs` (model options, e.g. `width`),
+        `num_classes` (0: the dataset's), `dtype` (compute dtype of convs and matmuls: `float32`
+        or `bfloat16`; params, scores, masks, optimizer state, BN statistics and the loss stay
+        float32).
+      dataset: `name`, `data_dir` (tfds directory; '' for the default), `source_dir` (the
+        Fashion-MNIST IDX files; '' to look for Debian's package), `num_train` / `num_eval` (use the
+        first N examples; 0 for all), `dtype`.
+      weights: `path` of the pre-trained weights (a `.safetensors`, `.npz` or PyTorch file; '' for
+        `<workdir>/pretrain/model.safetensors`), `random` (search on random weights on purpose:
+        the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none).
+      pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
+        0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`.
+      search: `sparsity`, `rule` (budget rule), `dense` (regular expressions of the leaves held
+        dense; `None` for the model's default, its classifier `head`), `init` (score
+        init), `gap` (magnitude init barrier), `epochs`, `max_steps` (0: epochs decide),
+        `batch_size`, `learning_rate`, `momentum`, `weight_decay`, `label_smoothing`, `augment`,
+        `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`).
+      prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
+      eval: `batch_size`, `every_epochs`.
+      checkpoint: `every_steps`, `keep`.
+      parallel: `backend` (`shard_map` or `pmap`), `num_devices` (0: all).
+      log_every_steps: how often a metrics line is written.
+    """
+    c = ml_collections.ConfigDict()
+    c.mode = "jackpot"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "fmnist_cnn"
+    c.model.kwargs = ml_collections.ConfigDict()
+    c.model.num_classes = 0
+    c.model.dtype = "float32"
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "fashion_mnist"
+    c.dataset.data_dir = ""
+    c.dataset.source_dir = ""
+    c.dataset.num_train = 0
+    c.dataset.num_eval = 0
+    c.dataset.dtype = "float32"
+
+    c.weights = ml_collections.ConfigDict()
+    c.weights.path = ""
+    c.weights.random = False
+    c.weights.masks = ""
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.epochs = 8
+    c.pretrain.batch_size = 128
+    c.pretrain.learning_rate = 0.05
+    c.pretrain.momentum = 0.9
+    c.pretrain.nesterov = False
+    c.pretrain.weight_decay = 5e-4
+    c.pretrain.label_smoothing = 0.0
+    c.pretrain.augment = False
+
+    c.search = ml_collections.ConfigDict()
+    c.search.sparsity = 0.9
+    c.search.rule = "global_magnitude"
+    # None: the model's own default (`ModelSpec.dense`; every classifier `head` is held dense).
+    c.search.dense = ml_collections.config_dict.placeholder(tuple)
+    c.search.init = "magnitude"
+    c.search.gap = 0.01
+    c.search.epochs = 3
+    c.search.max_steps = 0
+    c.search.batch_size = 128
+    c.search.learning_rate = 0.1
+    c.search.momentum = 0.9
+    c.search.weight_decay = 5e-4
+    c.search.label_smoothing = 0.0
+    c.search.augment = False
+    c.search.rank_by = "score"
+    c.search.rate = ml_collections.ConfigDict()
+    c.search.rate.schedule = "constant"
+    c.search.rate.value = 1.0
+    c.search.rate.power = 1.0
+
+    c.prune = ml_collections.ConfigDict()
+    c.prune.reestimate_bn = True
+    c.prune.bn_batches = 100
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 1000
+    c.eval.every_epochs = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.keep = 3
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.backend = "shard_map"
+    c.parallel.num_devices = 0
+
+    c.log_every_steps = 50
+
+    c.lock()  # unknown fields are errors...
+    c.model.kwargs.unlock()  # ...except the model's own options, which each config may name
+    return c
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config field `{field}` is {value!r}; allowed: {allowed}")
+
+
+def _int(field: str, value: Any, lo: int, hi: float = math.inf) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        bound = f"an integer >= {lo}" if hi == math.inf else f"an integer in [{lo}, {hi}]"
+        _fail(field, value, bound)
+    return value
+
+
+def _number(field: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        _fail(field, value, f"a number in [{lo}, {hi}{')' if hi_open else ']'}")
+    return float(value)
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        _fail(field, value, ", ".join(map(repr, allowed)))
+    return value
+
+
+def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[str, ...]) -> None:
+    """Raises `ConfigError` for an impossible value, before any compute.
+
+    Args:
+      config: the experiment config (from `base_config()`, so its fields and types are known).
+      num_devices: the devices the job runs on (global batches must split evenly over them).
+      modes: the modes the runner knows (`experiment.modes.MODES`).
+    """
+    from jackpots_jax import data, models
+    from jackpots_jax.masks import INIT_METHODS
+    from jackpots_jax.parallel import BACKENDS
+    from jackpots_jax.sparsity import RULES
+
+    c = config
+    _choice("mode", c.mode, modes)
+    _int("seed", c.seed, 0)
+    _choice("model.name", c.model.name, models.names())
+    _int("model.num_classes", c.model.num_classes, 0)
+    _choice("model.dtype", c.model.dtype, DTYPES)
+    if c.dataset.name.split("/")[0] not in data.NAMES:
+        _fail("dataset.name", c.dataset.name, ", ".join(map(repr, data.NAMES)))
+    _int("dataset.num_train", c.dataset.num_train, 0)
+    _int("dataset.num_eval", c.dataset.num_eval, 0)
+    _choice("dataset.dtype", c.dataset.dtype, DTYPES)
+    for name in ("pretrain", "search"):
+        group = c[name]
+        _int(f"{name}.epochs", group.epochs, 0)
+        _number(f"{name}.learning_rate", group.learning_rate, 0.0, math.inf)
+        _number(f"{name}.momentum", group.momentum, 0.0, 1.0, hi_open=True)
+        _number(f"{name}.weight_decay", group.weight_decay, 0.0, math.inf)
+        _number(f"{name}.label_smoothing", group.label_smoothing, 0.0, 1.0, hi_open=True)
+    for name in ("pretrain", "search", "eval"):
+        size = _int(f"{name}.batch_size", c[name].batch_size, 1)
+        if size % num_devices:
+            _fail(f"{name}.batch_size", size, f"a multiple of the {num_devices} device(s)")
+    s = c.search
+    _number("search.sparsity", s.sparsity, 0.0, 1.0, hi_open=True)
+    _choice("search.rule", s.rule, tuple(r for r in RULES if r != "explicit"))
+    _choice("search.init", s.init, tuple(INIT_METHODS))
+    if not 0 < s.gap < 1:
+        _fail("search.gap", s.gap, "a number in (0, 1)")
+    for pattern in s.dense or ():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            _fail("search.dense", s.dense, f"regular expressions ({pattern!r}: {e})")
+    _int("search.max_steps", s.max_steps, 0)
+    _choice("search.rank_by", s.rank_by, ("score", "abs"))
+    _choice("search.rate.schedule", s.rate.schedule, SCHEDULES)
+    _number("search.rate.value", s.rate.value, 0.0, 1.0)
+    _number("search.rate.power", s.rate.power, 0.0, math.inf)
+    if c.mode in ("search", "jackpot") and s.epochs == 0 and s.max_steps == 0:
+        _fail("search.epochs", 0, "at least 1 (or set `search.max_steps`)")
+    _int("prune.bn_batches", c.prune.bn_batches, 1)
+    _int("eval.every_epochs", c.eval.every_epochs, 0)
+    _int("checkpoint.every_steps", c.checkpoint.every_steps, 1)
+    _int("checkpoint.keep", c.checkpoint.keep, 1)
+    _choice("parallel.backend", c.parallel.backend, tuple(BACKENDS))
+    _int("parallel.num_devices", c.parallel.num_devices, 0)
+    _int("log_every_steps", c.log_every_steps, 1)
+
+
+def cifar_recipe(dataset: str, model: str, arg: str | None):
+    """The search recipe: 30 epochs at 90% sparsity from the magnitude init, batch 256.
+
+    Variants: `pretrain` (train the dense model from scratch: 160 epochs, SGD 0.1, momentum 0.9,
+    weight decay 5e-4, cosine, batch 128, the usual CIFAR recipe), `tiny` and `tiny_pretrain`
+    (a few steps on a few examples, for the end-to-end tests).
+    """
+    config = base_config()
+    config.mode = "search"
+    config.model.name = model
+    config.dataset.name = dataset
+
+    config.pretrain.epochs = 160
+    config.pretrain.batch_size = 128
+    config.pretrain.learning_rate = 0.1
+    config.pretrain.weight_decay = 5e-4
+    config.pretrain.augment = True
+
+    config.search.sparsity = 0.9
+    config.search.rule = "global_magnitude"
+    config.search.init = "magnitude"
+    config.search.gap = 0.01
+    config.search.epochs = 30
+    config.search.batch_size = 256
+    config.search.learning_rate = 0.1
+    config.search.momentum = 0.9
+    config.search.weight_decay = 5e-4
+    config.search.augment = True
+    config.search.rate.schedule = "constant"
+    config.search.rate.value = 1.0
+
+    config.eval.batch_size = 1000
+    config.checkpoint.every_steps = 500
+    config.log_every_steps = 50
+
+    if arg not in (None, "", *VARIANTS):
+        raise ValueError(f"unknown config variant {arg!r}; allowed: {', '.join(VARIANTS)}")
+    if arg in ("pretrain", "tiny_pretrain"):
+        config.mode = "pretrain"
+    if arg in ("tiny", "tiny_pretrain"):
+        config.dataset.num_train = 32
+        config.dataset.num_eval = 16
+        config.pretrain.epochs = 1
+        config.pretrain.batch_size = 16
+        config.search.epochs = 1
+        config.search.batch_size = 16
+        config.eval.batch_size = 16
+        config.prune.bn_batches = 1
+        config.checkpoint.every_steps = 1
+        config.log_every_steps = 1
+    return config
+
+
+def imagenet_recipe(arg: str | None):
+    """ResNet-50 from torchvision's weights: 30 search epochs, weight decay 1e-4, batch 256.
+
+    Variants: `tiny` (a few steps on a few images of an ImageNet-format dataset; the model is
+    `resnet18` to keep the end-to-end test cheap on a CPU).
+    """
+    config = base_config()
+    config.mode = "search"
+    config.model.name = "resnet50"
+    config.dataset.name = "imagenet2012"
+    config.search.sparsity = 0.9
+    config.search.rule = "global_magnitude"
+    config.search.init = "magnitude"
+    config.search.epochs = 30
+    config.search.batch_size = 256
+    config.search.learning_rate = 0.1
+    config.search.weight_decay = 1e-4
+    config.search.augment = True
+    config.eval.batch_size = 500
+    config.checkpoint.every_steps = 1000
+    config.log_every_steps = 100
+    if arg not in (None, "", "tiny", "tiny_pretrain"):
+        raise ValueError(f"unknown config variant {arg!r}; allowed: 'tiny', 'tiny_pretrain'")
+    if arg in ("tiny", "tiny_pretrain"):
+        config.mode = "pretrain" if arg == "tiny_pretrain" else "search"
+        config.model.name = "resnet18"
+        config.model.num_classes = 1000
+        config.dataset.num_train = 4
+        config.dataset.num_eval = 4
+        config.pretrain.epochs = 1
+        config.pretrain.batch_size = 2
+        config.search.epochs = 1
+        config.search.batch_size = 2
+        config.eval.batch_size = 2
+        config.prune.bn_batches = 1
+        config.checkpoint.every_steps = 1
+        config.log_every_steps = 1
+    return config

@@ -1,0 +1,191 @@
+"""What every phase of a run shares: the model, the data, the devices, the logs, the files.
+
+`Context` is built once from the config by `experiment.modes`; it holds no config. With it come
+the run's files: the pre-trained weights (`load_weights`, `save_weights`, `random_variables`) and
+`results.json` (`record_result`, `results`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from absl import logging
+
+from jackpots_jax import data as data_lib
+from jackpots_jax import models, parallel
+from jackpots_jax.experiment.logs import MetricsLog
+from jackpots_jax.io import weights as weights_io
+from jackpots_jax.io.checkpoints import Checkpointer
+from jackpots_jax.io.files import read_json, write_json
+
+PyTree = Any
+PRETRAINED = os.path.join("pretrain", "model.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """A prepared dataset and how this run reads it."""
+
+    info: data_lib.DatasetInfo
+    data_dir: str | None
+    dtype: str
+    num_train: int | None  # the first N training examples only (None: all)
+    num_eval: int | None
+    local_device_count: int
+
+    @property
+    def _kwargs(self) -> dict[str, Any]:
+        return {
+            "data_dir": self.data_dir,
+            "dtype": self.dtype,
+            "local_device_count": self.local_device_count,
+        }
+
+    def train_batches(self, batch_size: int, seed: int, augment: bool) -> data_lib.TrainIterator:
+        return data_lib.train_iterator(
+            self.info.name,
+            global_batch_size=batch_size,
+            seed=seed,
+            augment=augment,
+            num_examples=self.num_train,
+            **self._kwargs,
+        )
+
+    def eval_batches(self, batch_size: int):
+        return data_lib.eval_iterator(
+            self.info.name, global_batch_size=batch_size, num_examples=self.num_eval, **self._kwargs
+        )
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return data_lib.steps_per_epoch(self.info, batch_size, self.num_train)
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The mesh a run is data-parallel over, and the runner backend."""
+
+    mesh: jax.sharding.Mesh
+    backend: str
+
+    def run(self, step_fn, *, donate_state: bool = False, **static):
+        """`step_fn` data-parallel (`parallel.data_parallel`); the state (argument 0) donated."""
+        return parallel.data_parallel(
+            step_fn,
+            mesh=self.mesh,
+            backend=self.backend,
+            donate_argnums=(0,) if donate_state else (),
+            **static,
+        )
+
+    def shard(self, batch: PyTree) -> PyTree:
+        return batch if self.backend == "pmap" else parallel.shard_batch(batch, self.mesh)
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """`tree` placed once on every device of the mesh (frozen weights: not moved per step)."""
+        if self.backend == "pmap":
+            return tree
+        return parallel.replicate(tree, self.mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every phase of a run shares; built once from the config by `experiment.modes`."""
+
+    workdir: str
+    network: models.Network
+    model_dtype: str  # the name, as in the config and the checkpoint identity
+    data: Data
+    devices: Devices
+    log: MetricsLog
+    is_main: bool
+    checkpoint_every_steps: int
+    checkpoint_keep: int
+    log_every_steps: int
+    eval_batch_size: int
+    eval_every_epochs: int
+
+    @property
+    def model_name(self) -> str:
+        return self.network.spec.name
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        return dict(self.network.options)
+
+    def checkpointer(
+        self, phase: str, identity: Mapping[str, Any], fingerprint: str | None = None
+    ) -> Checkpointer:
+        """The checkpoints of `phase` in `<workdir>/<phase>/checkpoints`."""
+        identity = {
+            "kind": phase,
+            "model": self.model_name,
+            "model_kwargs": self.model_options,
+            "dtype": self.model_dtype,
+            "num_classes": self.network.num_classes,
+            **identity,
+        }
+        return Checkpointer(
+            os.path.join(self.workdir, phase, "checkpoints"),
+            identity=identity,
+            save_every_steps=self.checkpoint_every_steps,
+            keep=self.checkpoint_keep,
+            fingerprint=fingerprint,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and results.
+
+
+def random_variables(ctx: Context, seed: int) -> dict[str, PyTree]:
+    """Freshly initialised variables of the model, for the dataset's image shape."""
+    shape = tuple(ctx.data.info.image_shape)
+    params, stats = jax.jit(lambda k: ctx.network.init(k, shape))(jax.random.key(seed))
+    return {"params": params, "batch_stats": stats}
+
+
+def load_weights(ctx: Context, path: str) -> tuple[dict[str, PyTree], PyTree | None]:
+    """The variables (host numpy arrays) and masks (or `None`) of a weights file.
+
+    Raises:
+      FileNotFoundError: no file at `path`, with what to do about it.
+      CheckpointMismatchError: the file does not fit the model (every key listed).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no pre-trained weights at {path!r}: set `--config.weights.path` to a checkpoint "
+            "(.safetensors, .npz, or .pth with PyTorch installed), run `--config.mode=pretrain` "
+            "first, or set `--config.weights.random=True` to search random weights on purpose"
+        )
+    variables, _, masks = weights_io.import_checkpoint(
+        path, ctx.model_name, ctx.network.num_classes, **ctx.model_options
+    )
+    variables.setdefault("batch_stats", {})
+    return variables, masks
+
+
+def save_weights(ctx: Context, variables: PyTree, path: str) -> None:
+    """Writes dense variables as a PyTorch-style state dict (process 0 only)."""
+    if ctx.is_main:
+        weights_io.export_state_dict(
+            jax.device_get(variables), None, ctx.model_name, path, **ctx.model_options
+        )
+
+
+def record_result(ctx: Context, row: Mapping[str, Any]) -> None:
+    """Adds (or replaces, by `model`) a row of `<workdir>/results.json`."""
+    logging.info("%s: accuracy %.2f%%", row["model"], 100 * row["accuracy"])
+    if not ctx.is_main:
+        return
+    rows = [r for r in results(ctx) if r["model"] != row["model"]]
+    write_json(os.path.join(ctx.workdir, "results.json"), [*rows, dict(row)], "results")
+
+
+def results(ctx: Context) -> list[dict[str, Any]]:
+    """The rows of `<workdir>/results.json` (none yet: `[]`)."""
+    path = os.path.join(ctx.workdir, "results.json")
+    return read_json(path) if os.path.exists(path) else []

@@ -1,0 +1,119 @@
+"""What the phases add along the training loop: metric records, progress, churn, evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+from absl import logging
+
+from jackpots_jax.experiment.logs import MetricsLog, Progress
+from jackpots_jax.experiment.loop import Hook
+
+PyTree = Any
+
+
+class TrainLog(Hook):
+    """A `train` metrics record and a progress update at every logging point of the loop.
+
+    On start it drops the phase's records past the step the loop starts from (a run resumed from
+    its checkpoint, or restarted from scratch, logs those steps again).
+    """
+
+    def __init__(
+        self,
+        log: MetricsLog,
+        phase: str,
+        *,
+        total_steps: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        learning_rate: optax.Schedule,
+        show_progress: bool,
+    ):
+        self.metrics_log, self.phase = log, phase
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.batch_size, self.learning_rate = batch_size, learning_rate
+        self.show_progress = show_progress
+        self.progress: Progress | None = None
+
+    def start(self, step: int) -> None:
+        self.metrics_log.drop_after(self.phase, step)
+        self.progress = Progress(self.phase, self.total_steps, step, self.show_progress)
+
+    def log(self, step, sums, num_steps, seconds) -> None:
+        record = {
+            "phase": self.phase,
+            "kind": "train",
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "loss": float(sums["loss"]) / num_steps,
+            "accuracy": float(sums["accuracy"]) / num_steps,
+            "learning_rate": float(self.learning_rate(step - 1)),
+            "images_per_s": num_steps * self.batch_size / max(seconds, 1e-9),
+        }
+        if "churn" in sums:
+            record["churn"] = int(sums["churn"])
+        self.metrics_log.write(record)
+        self.progress.update(step, record["loss"], record["accuracy"], record["images_per_s"])
+
+    def end(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+class ChurnPerEpoch(Hook):
+    """Mask entries flipped per layer, summed over each search epoch: a `churn` record per epoch.
+
+    Args:
+      log: where the records go.
+      phase: the phase name of the records.
+      kept: the weights the masks keep (the churn table reports churn as a share of it).
+    """
+
+    def __init__(self, log: MetricsLog, phase: str, kept: int):
+        self.metrics_log, self.phase, self.kept = log, phase, kept
+        self.epoch_churn: dict[str, int] = {}
+
+    def log(self, step, sums, num_steps, seconds) -> None:
+        for name, n in sums["churn_per_layer"].items():
+            self.epoch_churn[name] = self.epoch_churn.get(name, 0) + int(n)
+
+    def end_of_epoch(self, step: int, epoch: int, state: PyTree) -> None:
+        if self.epoch_churn:
+            self.metrics_log.write(
+                {
+                    "phase": self.phase,
+                    "kind": "churn",
+                    "step": step,
+                    "epoch": epoch,
+                    "churn": sum(self.epoch_churn.values()),
+                    "churn_per_layer": self.epoch_churn,
+                    "kept": self.kept,
+                }
+            )
+            self.epoch_churn = {}
+
+    def get_state(self) -> dict[str, int]:
+        return dict(self.epoch_churn)
+
+    def set_state(self, state: dict[str, int] | None) -> None:
+        self.epoch_churn = dict(state or {})
+
+
+class EvaluateEveryEpochs(Hook):
+    """Evaluates the state every `every` epochs and after the last step: an `eval` record."""
+
+    def __init__(self, log: MetricsLog, phase: str, every: int, total_steps: int, evaluate_fn):
+        self.metrics_log, self.phase, self.every = log, phase, every
+        self.total_steps, self.evaluate_fn = total_steps, evaluate_fn
+
+    def end_of_epoch(self, step: int, epoch: int, state: PyTree) -> None:
+        if not self.every or (epoch % self.every and step != self.total_steps):
+            return
+        result = self.evaluate_fn(state)
+        record = {"phase": self.phase, "kind": "eval", "step": step, "epoch": epoch, **result}
+        self.metrics_log.write(record)
+        logging.info(
+            "%s epoch %d: test accuracy %.2f%%", self.phase, epoch, 100 * result["accuracy"]
+        )

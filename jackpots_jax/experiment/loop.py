@@ -1,0 +1,167 @@
+"""The one training loop: step a state through batches, checkpoint, and call hooks.
+
+Every mode that trains (dense pre-training, the jackpot search) and the resume tests run
+`train_loop`. It knows nothing about models, devices or metrics files; what a phase adds (metric
+records, the progress bar, mask churn per epoch, evaluation) comes in as hooks.
+
+    restore   the newest checkpoint: the state, the batches' position, every hook's state
+    loop      state, metrics = step_fn(state, next(batches)); metrics summed over a window
+    log       every `log_every_steps`, at the end of each epoch and at each checkpoint: the
+              window's sums go to the hooks (a non-finite loss stops the run first)
+    epoch     at the end of each epoch: the hooks (evaluation, per-epoch statistics)
+    save      every `checkpointer.save_every_steps` and at the last step
+    after     the hooks, once the step is done
+
+Example:
+  >>> step_fn = lambda state, batch: run(state, params, shard(batch))
+  >>> state = train_loop(state, step_fn, batches, total_steps=1000, steps_per_epoch=100,
+  ...                    checkpointer=ckpt, log_every_steps=50, hooks=[TrainLog(log, "search")])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from jackpots_jax.io.checkpoints import Checkpointer
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class Batches(Protocol):
+    """An iterator of batches whose position can be saved and restored (`data.TrainIterator`)."""
+
+    def __next__(self) -> Any: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+class Hook:
+    """Something a phase does along the loop; override what it needs.
+
+    `get_state` / `set_state` carry the hook's own JSON state through checkpoints (e.g. counts
+    accumulated over an epoch), so a resumed run continues exactly where it stopped.
+    """
+
+    def start(self, step: int) -> None:
+        """Called once before the first step; `step` is where the run starts (0 or resumed)."""
+
+    def log(self, step: int, sums: dict[str, Any], num_steps: int, seconds: float) -> None:
+        """The step metrics summed (on the host) over the `num_steps` steps up to `step`."""
+
+    def end_of_epoch(self, step: int, epoch: int, state: PyTree) -> None:
+        """Called after the last step of every epoch (and after the last step of the run)."""
+
+    def after_step(self, step: int, state: PyTree) -> None:
+        """Called at the end of every step, after its log, epoch end and checkpoint."""
+
+    def end(self, step: int) -> None:
+        """Called once after the loop (also when it ends with an error)."""
+
+    def get_state(self) -> Any:
+        return None
+
+    def set_state(self, state: Any) -> None:
+        del state
+
+
+@jax.jit
+def _accumulate(total: PyTree, new: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, total, new)
+
+
+def train_loop(
+    state: PyTree,
+    step_fn: Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]],
+    batches: Batches | Iterator,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    checkpointer: Checkpointer | None = None,
+    log_every_steps: int,
+    hooks: Sequence[Hook] = (),
+    step_of: Callable[[PyTree], int] = lambda state: int(jax.device_get(state.step)),
+) -> PyTree:
+    """Runs `step_fn` from the state's step (or the newest checkpoint's) up to `total_steps`.
+
+    Args:
+      state: the initial state; also the restore target (structure, shapes, dtypes, shardings).
+        It may be donated by `step_fn`: use the returned state.
+      step_fn: `(state, batch) -> (state, metrics)`; metrics hold at least `loss` (a mean over
+        the batch); all of them are summed over the logging window.
+      batches: the training batches; with a `checkpointer`, an iterator with `get_state` /
+        `set_state` (its position is saved with every checkpoint).
+      total_steps: the step count to reach.
+      steps_per_epoch: steps per epoch (epochs end at multiples of it, and at `total_steps`).
+      checkpointer: saves every `save_every_steps` and at the last step, and restores the newest
+        checkpoint on start; `None` runs without.
+      log_every_steps: how often the hooks see the metrics (and at each epoch end and save).
+      hooks: called in order at every point (see `Hook`).
+      step_of: the step count held in a state.
+
+    Returns:
+      The final state.
+
+    Raises:
+      NonFiniteLossError: the mean loss of a logging window is NaN or infinite; the newest
+        checkpoint is from before it.
+    """
+    restored = checkpointer.restore(state) if checkpointer is not None else None
+    if restored is not None:
+        state, extra, _ = restored
+        batches.set_state(extra["data"])
+        for hook, hook_state in zip(hooks, extra.get("hooks", [None] * len(hooks)), strict=True):
+            hook.set_state(hook_state)
+    step = step_of(state)
+    if restored is not None:
+        logging.info("resumed from step %d in %s", step, checkpointer.directory)
+    for hook in hooks:
+        hook.start(step)
+    window, window_steps, window_start = None, 0, time.perf_counter()
+    try:
+        while step < total_steps:
+            state, metrics = step_fn(state, next(batches))
+            step += 1
+            window = metrics if window is None else _accumulate(window, metrics)
+            window_steps += 1
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            save = checkpointer is not None and (
+                checkpointer.should_save(step) or step == total_steps
+            )
+            if step % log_every_steps == 0 or end_of_epoch or save:
+                sums = jax.device_get(window)
+                loss = float(sums["loss"]) / window_steps
+                if not math.isfinite(loss):
+                    where = f" (the last good checkpoint in {checkpointer.directory} is intact)"
+                    raise NonFiniteLossError(
+                        f"the loss became {loss} before step {step}; stopped"
+                        f"{where if checkpointer is not None else ''}. Lower the learning rate?"
+                    )
+                seconds = time.perf_counter() - window_start
+                for hook in hooks:
+                    hook.log(step, sums, window_steps, seconds)
+                window, window_steps, window_start = None, 0, time.perf_counter()
+            if end_of_epoch:
+                for hook in hooks:
+                    hook.end_of_epoch(step, math.ceil(step / steps_per_epoch), state)
+            if save:
+                extra = {"data": batches.get_state(), "hooks": [h.get_state() for h in hooks]}
+                checkpointer.save(step, state, extra, force=step == total_steps)
+            for hook in hooks:
+                hook.after_step(step, state)
+    finally:
+        for hook in hooks:
+            hook.end(step)
+    return state

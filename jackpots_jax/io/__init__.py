@@ -1,0 +1,30 @@
+"""Reading and writing: one home for each I/O job of the library.
+
+* `checkpoints`: resume a search or a training run exactly (`Checkpointer`, `fingerprint`);
+* `export`: what a finished search leaves (`export_jackpot`, `masks_from_npz`);
+* `weights`: PyTorch / safetensors / npz state dicts <-> Flax variables of the registered models
+  (`import_checkpoint`, `export_state_dict`), generic over the models' specs;
+* `files`: the atomic file writer and the JSON conversion every file uses;
+* `errors`: `CheckpointMismatchError`, raised by all of them when a file does not fit.
+"""
+
+from jackpots_jax.io import checkpoints, export, files, weights
+from jackpots_jax.io.checkpoints import CheckpointCorruptError, Checkpointer, fingerprint
+from jackpots_jax.io.errors import CheckpointMismatchError
+from jackpots_jax.io.export import export_jackpot, masks_from_npz
+from jackpots_jax.io.weights import export_state_dict, import_checkpoint
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "checkpoints",
+    "export",
+    "export_jackpot",
+    "export_state_dict",
+    "files",
+    "fingerprint",
+    "import_checkpoint",
+    "masks_from_npz",
+    "weights",
+]

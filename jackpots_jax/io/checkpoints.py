@@ -1,0 +1,436 @@
+"""Checkpoints of a running search or training, to resume it exactly.
+
+`Checkpointer` wraps an orbax `CheckpointManager`. Each checkpoint holds three items:
+
+- `state`: the state pytree (a `SearchState` or `TrainState`, optax states and the masks that the
+  short restriction owns included), written by orbax as it is: every dtype is kept (int32 step,
+  uint32 or typed PRNG keys, bool masks) and `None` leaves stay `None`;
+- `extra`: a JSON dict of the caller's (the data iterator's position, the metrics so far, ...);
+- `meta`: JSON that says what the checkpoint belongs to (`identity`, and the `fingerprint` of the
+  frozen values the state is used with), the layout of the state
+  (path, shape and dtype of every leaf) and a CRC-32 of every leaf's bytes.
+
+A search state holds no frozen pre-trained weights: they never change, so rewriting them at every
+checkpoint would only cost time and disk. Their `fingerprint` goes into the checkpoint's identity
+instead, so that resuming with other weights is refused.
+
+`restore` refuses a checkpoint of another run (another model, budget, weights, ...) with a
+`CheckpointMismatchError` naming each differing field, and steps back over a newest checkpoint that
+cannot be read or whose bytes do not match their checksums (a file truncated or garbled after it was
+written): it logs why and restores the previous good one.
+
+Example:
+  >>> ckpt = Checkpointer(workdir / "checkpoints", identity={"model": "resnet20", ...},
+  ...                     save_every_steps=1000, fingerprint=fingerprint(params))
+  >>> restored = ckpt.restore(state)
+  >>> if restored is not None:
+  ...   state, extra, step = restored
+  ...   data.set_state(extra["data"])
+  >>> ...
+  >>> ckpt.save(step, state, {"data": data.get_state()})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from jackpots_jax._tree import is_none, named_leaves
+from jackpots_jax.io.errors import ABSENT, CheckpointMismatchError
+from jackpots_jax.io.files import json_round_trip
+
+PyTree = Any
+
+# 2: states hold no frozen params; the identity carries their fingerprint.
+FORMAT_VERSION = 2
+QUARANTINE = "corrupt"  # subfolder that receives checkpoints found unreadable
+_STATE, _EXTRA, _META = "state", "extra", "meta"
+FINGERPRINT = "fingerprint"  # the identity field that holds the frozen values' fingerprint
+WEIGHTS_DIFFER = (
+    "the pre-trained weights differ from those the checkpoint was made from: resume with the same "
+    "weights, or use another work directory (or delete it) to start afresh"
+)
+
+
+class CheckpointCorruptError(RuntimeError):
+    """Every checkpoint in the directory is unreadable or fails its checksums.
+
+    Attributes:
+      failures: `(step, reason)` for every checkpoint tried, newest first.
+    """
+
+    def __init__(self, directory: str, failures: list[tuple[int, str]]):
+        self.failures = list(failures)
+        detail = "\n".join(f"  step {step}: {reason}" for step, reason in self.failures)
+        super().__init__(
+            f"no readable checkpoint in {directory} (delete the directory to start afresh):\n"
+            + detail
+        )
+
+
+def _reason(what: str, err: BaseException) -> str:
+    """A one-line reason for a log message (tensorstore errors carry pages of spec)."""
+    text = " ".join(str(err).split())
+    return f"{what}: {type(err).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+
+
+def fingerprint(tree: PyTree) -> str:
+    """A SHA-256 of a pytree's leaves: their paths, dtypes, shapes and bytes, in order.
+
+    Computed on the host, once per run (for the frozen pre-trained params of a search; a hundred
+    MB hash in well under a second). Two trees get the same fingerprint exactly when they hold the
+    same arrays at the same paths, bit for bit.
+
+    Raises:
+      ValueError: a leaf is sharded so that no device of this process holds all of it.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in named_leaves(tree):
+        if leaf is None:
+            continue
+        data = _host_bytes(leaf)
+        if data is None:
+            raise ValueError(f"{path}: no device of this process holds all of this leaf's values")
+        digest.update(f"{path}|{data.dtype.str}|{data.shape}\n".encode())
+        digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def _flatten_json(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as `{dotted.path: value}`; lists and scalars are values."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten_json(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def _identity_diff(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
+    a, b = _flatten_json(saved), _flatten_json(now)
+    return [
+        (key, a.get(key, ABSENT), b.get(key, ABSENT))
+        for key in sorted(set(a) | set(b))
+        if a.get(key, ABSENT) != b.get(key, ABSENT)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaves: layout, checksums, restore targets
+
+
+def _leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def _describe(leaf: Any) -> str | None:
+    """`'float32[3,3,2,4]'`, `'key<fry>[]'`; `None` for a `None` leaf."""
+    if leaf is None:
+        return None
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    return f"{dtype}[{','.join(str(d) for d in np.shape(leaf))}]"
+
+
+def _layout(tree: PyTree) -> dict[str, str | None]:
+    return {path: _describe(leaf) for path, leaf in _leaves(tree)}
+
+
+def _host_bytes(leaf: Any) -> np.ndarray | None:
+    """The leaf's values on this host, or `None` when no single device holds all of them."""
+    if isinstance(leaf, jax.Array):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            if not leaf.is_fully_replicated:
+                return None
+            leaf = leaf.addressable_data(0)
+    return np.ascontiguousarray(np.asarray(leaf))
+
+
+def _checksums(tree: PyTree) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for path, leaf in _leaves(tree):
+        if leaf is not None:
+            data = _host_bytes(leaf)
+            out[path] = None if data is None else zlib.crc32(data.view(np.uint8).ravel())
+    return out
+
+
+def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
+    """What orbax restores a leaf as: shape, dtype and sharding of the target's leaf."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(leaf, jax.ShapeDtypeStruct | jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    leaf = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointer
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return int(value)
+
+
+class Checkpointer:
+    """Saves and restores the state of a search (or dense training) with orbax, to resume it.
+
+    Every checkpoint records `identity`, a JSON dict that says what it belongs to (kind of run,
+    model, classes, budget, the fingerprint of the frozen weights, ...); `restore` refuses a
+    checkpoint whose identity differs.
+
+    Args:
+      directory: where the checkpoints live (created if missing); one sub-folder per step.
+      identity: JSON-able dict describing the run, e.g. `{"kind": "search", "model":
+        "fmnist_cnn", "num_classes": 10, "budget": {"conv1/kernel": 123, ...}}`.
+      save_every_steps: `should_save(step)` is true every this many steps.
+      keep: how many of the newest checkpoints are kept.
+      fingerprint: `fingerprint(params)` of the frozen values the state is used with but does
+        not hold (the pre-trained weights of a search); stored in the identity, so that a restore
+        with other weights fails with a message that says so.
+
+    Example:
+      >>> with Checkpointer(path, identity=identity, save_every_steps=100,
+      ...                   fingerprint=fingerprint(params)) as ckpt:
+      ...   state, extra, step = ckpt.restore(state) or (state, {}, 0)
+      ...   for step in range(step + 1, total + 1):
+      ...     state, metrics = step_fn(state, params, next(data))
+      ...     ckpt.save(step, state, {"data": data.get_state()})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        identity: Mapping[str, Any],
+        save_every_steps: int,
+        keep: int = 3,
+        fingerprint: str | None = None,
+    ):
+        if not isinstance(identity, Mapping):
+            raise TypeError(f"`identity` must be a JSON-able dict, got {type(identity).__name__}")
+        if FINGERPRINT in identity:
+            raise ValueError(f"`identity` must not hold {FINGERPRINT!r}: pass `fingerprint=`")
+        self.save_every_steps = _check_positive_int(save_every_steps, "save_every_steps")
+        self.keep = _check_positive_int(keep, "keep")
+        identity = dict(identity)
+        if fingerprint is not None:
+            identity[FINGERPRINT] = str(fingerprint)
+        self.identity = json_round_trip(identity, "identity")
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep,
+            create=True,
+            # `save` returns only once the checkpoint is finalised (written to a temporary folder,
+            # then renamed): a process killed at any moment leaves every listed step whole.
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        """The newest saved step (whether or not it is readable), or `None`."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every saved step, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is on the saving cadence: `step % save_every_steps == 0`."""
+        return int(step) % self.save_every_steps == 0
+
+    def save(
+        self, step: int, state: PyTree, extra: Mapping[str, Any], *, force: bool = False
+    ) -> bool:
+        """Saves `state` and `extra` as step `step` when `should_save(step)` or `force`.
+
+        Returns after the checkpoint is finalised on disk. The oldest checkpoints beyond `keep`
+        are deleted.
+
+        Args:
+          step: the step number (e.g. the number of steps done).
+          state: a pytree of arrays (`SearchState`, `TrainState`, ...); `None` leaves allowed.
+          extra: a JSON-able dict; `restore` returns it as JSON gives it back (tuples as lists,
+            keys as strings, numpy scalars as Python numbers).
+          force: save even off the cadence (e.g. the last step).
+
+        Returns:
+          Whether a checkpoint was written; `False` off the cadence, or when step `step` is
+          already saved.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"`step` must be a non-negative int, got {step}")
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        extra = json_round_trip(dict(extra), "extra")
+        meta = {
+            "format": FORMAT_VERSION,
+            "identity": self.identity,
+            "layout": _layout(state),
+            "crc32": _checksums(state),
+        }
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _EXTRA: ocp.args.JsonSave(extra),
+                _META: ocp.args.JsonSave(meta),
+            }
+        )
+        saved = self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+        return bool(saved)
+
+    def restore(self, target: PyTree) -> tuple[PyTree, dict, int] | None:
+        """The newest good checkpoint, restored into the structure of `target`.
+
+        Args:
+          target: a state of the same structure, shapes and dtypes as the saved one (e.g. a
+            freshly built state, or its `jax.eval_shape`); restored arrays take its shardings.
+
+        Returns:
+          `None` when there is no checkpoint, else `(state, extra, step)`.
+
+        Raises:
+          CheckpointMismatchError: the newest readable checkpoint belongs to another run (its
+            identity differs) or its state has another layout than `target`.
+          CheckpointCorruptError: no checkpoint can be read.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        want = _layout(target)
+        abstract = jax.tree.map(_abstract, target)
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            result, reason = self._try_restore(step, want, abstract)
+            if result is None:
+                logging.warning(
+                    "checkpoint of step %d in %s is unusable (%s); trying an older one",
+                    step,
+                    self.directory,
+                    reason,
+                )
+                failures.append((step, reason))
+                continue
+            if failures:
+                self._quarantine([s for s, _ in failures])
+            return result
+        raise CheckpointCorruptError(str(self.directory), failures)
+
+    def _try_restore(self, step, want, abstract) -> tuple[tuple | None, str]:
+        # Orbax and tensorstore raise many kinds of errors on damaged files (ValueError,
+        # OSError, tensorstore errors, JSON errors); any of them means "this step is unusable".
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+            )[_META]
+        except Exception as err:  # noqa: BLE001
+            return None, _reason("metadata unreadable", err)
+        if not isinstance(meta, dict) or not {"identity", "layout", "crc32"} <= set(meta):
+            return None, "metadata incomplete (not written by jackpots_jax.io.checkpoints)"
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointMismatchError(
+                f"checkpoint of step {step} in {self.directory} has format {meta.get('format')}, "
+                f"this version reads format {FORMAT_VERSION} (format 1 held the frozen weights in "
+                "the state); use another directory, or delete it to start afresh"
+            )
+        self._check_identity(step, meta["identity"])
+        self._check_layout(step, meta["layout"], want)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardRestore(abstract), _EXTRA: ocp.args.JsonRestore()}
+                ),
+            )
+        except Exception as err:  # noqa: BLE001
+            return None, _reason("state unreadable", err)
+        state, extra = restored[_STATE], restored[_EXTRA]
+        sums = _checksums(state)
+        bad = [
+            path
+            for path, crc in meta["crc32"].items()
+            if crc is not None and sums.get(path) is not None and sums[path] != crc
+        ]
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            return None, f"checksum mismatch at {', '.join(bad[:5])}{more}"
+        return (state, dict(extra or {}), int(step)), ""
+
+    def _check_identity(self, step: int, saved: Any) -> None:
+        fields = _identity_diff(saved, self.identity)
+        if fields:
+            raise CheckpointMismatchError(
+                f"checkpoint of step {step} in {self.directory} belongs to another run "
+                f"({len(fields)} identity field(s) differ; use another directory, or delete it "
+                "to start afresh)",
+                fields=fields,
+                hint=WEIGHTS_DIFFER if any(f == FINGERPRINT for f, _, _ in fields) else None,
+            )
+
+    def _check_layout(self, step: int, saved: dict, want: dict) -> None:
+        missing = [k for k in want if k not in saved]
+        unexpected = [k for k in saved if k not in want]
+        mismatched = [
+            (k, str(saved[k]), str(want[k])) for k in want if k in saved and saved[k] != want[k]
+        ]
+        if missing or unexpected or mismatched:
+            raise CheckpointMismatchError(
+                f"checkpoint of step {step} in {self.directory} does not have the layout of the "
+                "target state",
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+            )
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unusable steps aside, so that they are neither restored nor block a new save."""
+        if jax.process_index() == 0:
+            folder = self.directory / QUARANTINE
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                source = self.directory / str(step)
+                if source.exists():
+                    dest = folder / f"{step}-{stamp}"
+                    source.rename(dest)
+                    logging.warning("moved unusable checkpoint of step %d to %s", step, dest)
+        # Every process must see the same steps afterwards: `save` skips steps already there, and
+        # a save that some processes skip and others make would hang.
+        ocp.multihost.sync_global_processes(f"jackpots_quarantine_{'_'.join(map(str, steps))}")
+        self._manager.reload()
+
+    def close(self) -> None:
+        """Waits for pending work and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()

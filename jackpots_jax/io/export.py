@@ -1,0 +1,149 @@
+"""What a finished search leaves behind: its masks, its masked weights and a JSON summary.
+
+`export_jackpot` writes three files into a folder, each under a temporary name renamed into place
+(`io.files.atomic_path`), so a reader never sees a half-written one:
+
+- `masks.npz`: one bool array per masked leaf, keyed by its path (`'conv1/kernel'`); read back with
+  `masks_from_npz`;
+- `jackpot.safetensors`: `W * M`, the masks and the batch-norm statistics as a PyTorch-style state
+  dict (`io.weights.export_state_dict`; `io.weights.import_checkpoint` reads it back);
+- `jackpot.json`: model, config, the pruned count per layer (`budget`), the sparsity of the masks
+  (`sparsity_report`), the final metrics and the fingerprint of the pre-trained weights.
+
+Example:
+  >>> paths = export_jackpot("workdir/export", variables=variables, masks=state.masks,
+  ...                        model_name="fmnist_cnn", budget=budget, config=config,
+  ...                        metrics={"accuracy": 0.92})
+  >>> masks = masks_from_npz(paths["masks"], budget)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jackpots_jax._tree import is_none, named_leaves, path_str
+from jackpots_jax.io import weights
+from jackpots_jax.io.errors import CheckpointMismatchError
+from jackpots_jax.io.files import atomic_path, json_round_trip, write_json
+from jackpots_jax.sparsity import sparsity_report
+
+PyTree = Any
+
+FORMAT_VERSION = 1
+
+
+def _masked_leaves(tree: PyTree) -> dict[str, Any]:
+    return {name: leaf for name, leaf in named_leaves(tree) if leaf is not None}
+
+
+def export_jackpot(
+    directory: str | os.PathLike,
+    *,
+    variables: PyTree,
+    masks: PyTree,
+    model_name: str,
+    budget: PyTree,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    scores: PyTree | None = None,
+    fingerprint: str | None = None,
+    **model_kwargs,
+) -> dict[str, str]:
+    """Writes a searched jackpot: its masks, its masked weights and a JSON summary.
+
+    Args:
+      directory: the output folder (created if missing).
+      variables: `{'params', 'batch_stats'}` of the model: the frozen pre-trained params and the
+        running statistics the jackpot is evaluated with.
+      masks: the jackpot's masks (`state.masks`): bool arrays at masked leaves, `None` elsewhere.
+      model_name: the registered model name (`jackpots_jax.models.names()`).
+      budget: the budget the search ran with (pruned counts per leaf; `None` at unmasked leaves).
+      config: the run's config (a dict or `ConfigDict`), JSON-able.
+      metrics: final metrics (e.g. `{'accuracy': 0.91}`), JSON-able.
+      scores: optional scores, also written into the state dict as `<layer>.mask`.
+      fingerprint: the `io.checkpoints.fingerprint` of the pre-trained params, recorded in the
+        summary as `weights_fingerprint` (the masks mean nothing without their weights).
+      **model_kwargs: model options passed to `models.create` (e.g. `width`).
+
+    Returns:
+      `{'masks': path, 'safetensors': path, 'json': path}`.
+
+    Raises:
+      ValueError: `masks` holds no mask.
+      TypeError: `config` or `metrics` is not JSON-able.
+    """
+    directory = os.fspath(directory)
+    flat_masks = {name: np.asarray(m).astype(bool) for name, m in _masked_leaves(masks).items()}
+    if not flat_masks:
+        raise ValueError("`masks` holds no mask (every leaf is None): nothing to export")
+    summary = {
+        "format": FORMAT_VERSION,
+        "model": model_name,
+        "model_kwargs": model_kwargs,
+        "config": config,
+        "budget": {name: int(count) for name, count in _masked_leaves(budget).items()},
+        "sparsity": sparsity_report(masks, variables["params"]),
+        "metrics": metrics,
+    }
+    if fingerprint is not None:
+        summary["weights_fingerprint"] = fingerprint
+    summary = json_round_trip(summary, "config/metrics")
+    paths = {
+        "masks": os.path.join(directory, "masks.npz"),
+        "safetensors": os.path.join(directory, "jackpot.safetensors"),
+        "json": os.path.join(directory, "jackpot.json"),
+    }
+    with atomic_path(paths["masks"]) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **flat_masks)  # a file object: np.savez appends no suffix
+    weights.export_state_dict(
+        variables, masks, model_name, paths["safetensors"], scores=scores, **model_kwargs
+    )
+    write_json(paths["json"], summary)
+    return paths
+
+
+def masks_from_npz(path: str | os.PathLike, like: PyTree, *, exact: bool = True) -> PyTree:
+    """Reads a `masks.npz` back into the structure of `like`.
+
+    Args:
+      path: the file (`export_jackpot`'s `masks.npz`, or any `.npz` of bool arrays keyed by leaf
+        path).
+      like: a tree whose structure the masks take: a budget or a masks tree (its non-`None` leaves
+        are the masked ones), or the params themselves (with `exact=False`).
+      exact: the file must hold a mask for every non-`None` leaf of `like`; with `False` it may
+        hold masks for only some of them (the others come back `None`).
+
+    Returns:
+      `like`'s structure with bool arrays at the masked leaves and `None` elsewhere.
+
+    Raises:
+      CheckpointMismatchError: the file's keys or shapes do not fit `like` (all listed).
+    """
+    with np.load(os.fspath(path)) as data:
+        stored = {k: data[k] for k in data.files}
+    wanted = _masked_leaves(like)
+    missing = [k for k in wanted if k not in stored] if exact else []
+    unexpected = [k for k in stored if k not in wanted]
+    mismatched = [
+        (k, tuple(stored[k].shape), tuple(np.shape(v)))
+        for k, v in wanted.items()
+        if k in stored and np.ndim(v) and np.shape(v) != stored[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(
+            f"masks file {os.fspath(path)} does not match the masked leaves",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
+
+    def leaf(p, x):
+        name = path_str(p)
+        return None if x is None or name not in stored else stored[name].astype(bool)
+
+    return jax.tree_util.tree_map_with_path(leaf, like, is_leaf=is_none)
