@@ -322,7 +322,8 @@ def to_nnx(
     Raises:
       CheckpointMismatchError: missing keys, unexpected keys or wrong shapes, all listed, with
         the dimensions in which the checkpoint's architecture differs from the model's.
-      ValueError: an unknown layout, or a `b_mask` that is not 0/1.
+      ValueError: an unknown layout, a `num_classes` other than the model's, or a `b_mask` that
+        is not 0/1.
     """
     config, model_classes = _resolve(model)
     state = {k: _as_numpy(v) for k, v in state_dict.items()}
@@ -334,6 +335,10 @@ def to_nnx(
         raise ValueError(f"unknown ViT checkpoint layout {layout!r}; allowed: {LAYOUTS}")
     if num_classes is None:
         num_classes = model_classes or _num_classes_of(state, layout) or 1
+    elif model_classes is not None and num_classes != model_classes:
+        raise ValueError(
+            f"num_classes={num_classes} contradicts the model's num_classes={model_classes}"
+        )
     entries = _entries(config, num_classes, layout)
     _check(state, entries, config, num_classes, layout, detected)
 

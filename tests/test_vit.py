@@ -167,6 +167,15 @@ def test_standard_sizes(name, dims, published):
     assert count == hand_count(c, 1000) == published  # timm's published parameter counts
 
 
+def test_create_vit_fmnist_gives_float32_logits_of_28x28x1_images():
+    model = nnx.eval_shape(lambda: vit.create_vit("vit_fmnist", 10, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = jax.ShapeDtypeStruct((5, 28, 28, 1), jnp.float32)
+    out = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+    assert (out.shape, out.dtype) == ((5, 10), jnp.float32)
+    assert vit.get_config("vit_fmnist", pool="gap").pool == "gap"
+
+
 def test_leaf_paths_and_shapes_of_a_block():
     c = dataclasses.replace(SMALL, depth=1)
     params = nnx.state(abstract_model(c), nnx.Param)

@@ -35,7 +35,8 @@ Example:
   >>> logits = model(jnp.zeros((8, 28, 28, 1)))                    # float32 [8, 10]
   >>> graphdef, params = nnx.split(model, nnx.Param)
   >>> budget = jj.layer_budgets(params, 0.9, dense=DENSE)
-  >>> logits = nnx.merge(graphdef, jj.apply_masks(params, masks))(images)
+  >>> scores, masks = jj.init_scores(params, budget, "magnitude")
+  >>> logits = nnx.merge(graphdef, jj.masked_weights(params, scores, masks))(images)
 """
 
 from __future__ import annotations
