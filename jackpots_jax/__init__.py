@@ -6,6 +6,10 @@ Example:
   >>> scores, masks = jj.init_scores(params, budget, method="magnitude")
   >>> tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9),
   ...                  jj.short_restriction(budget, rate=jj.schedules.cosine(total_steps)))
+
+Structured sparsity (N:M, blocks, channels; see `jackpots_jax.patterns`): make the budget with a
+pattern and use the same calls:
+  >>> budget = jj.layer_budgets(params, 0.5, pattern="2:4")
 """
 
 from jackpots_jax.masks import (
@@ -19,6 +23,7 @@ from jackpots_jax.masks import (
     select_top,
     topk_masks,
 )
+from jackpots_jax.patterns import PATTERNS, Pattern, Structured
 from jackpots_jax.restriction import (
     ShortRestrictionState,
     current_masks,
@@ -40,8 +45,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "INIT_METHODS",
+    "PATTERNS",
+    "Pattern",
     "RULES",
     "ShortRestrictionState",
+    "Structured",
     "apply_masks",
     "budget_sizes",
     "current_masks",
