@@ -52,7 +52,6 @@ import numpy as np
 
 from jackpots_jax import select
 
-KINDS = ("unstructured", "n:m", "block", "channel")
 PATTERNS = ("unstructured", "N:M (e.g. '2:4', '4:8')", "block:B (e.g. 'block:4')", "channel")
 INDIVISIBLE = ("error", "dense")
 
@@ -408,29 +407,25 @@ def nm_refresh(
     Returns:
       The new element masks, per leaf.
     """
-    targets, revives, removes, keys, counts = [], [], [], [], []
-    for v, o, e in zip(values, old, entries, strict=True):
-        o = jnp.asarray(o, bool)
-        k = select.ordered_keys(v)
-        target = group_ranks(k, e.axis, e.pattern.m, prefer=o) < e.pattern.n
-        revive = target & ~o
-        targets.append(target)
-        revives.append(revive)
-        removes.append(o & ~target)
-        keys.append(k)
-        proposed = jnp.sum(revive, dtype=jnp.int32)
-        counts.append((proposed, select.n_swaps(rate, proposed)))
-    come_in = select.top_eligible(values, revives, [n for _, n in counts], selection=selection)
+    olds = [jnp.asarray(o, bool) for o in old]
+    keys = [select.ordered_keys(v) for v in values]
+    targets = [
+        group_ranks(k, e.axis, e.pattern.m, prefer=o) < e.pattern.n
+        for k, o, e in zip(keys, olds, entries, strict=True)
+    ]
+    revives = [t & ~o for t, o in zip(targets, olds, strict=True)]
+    proposed = [jnp.sum(r, dtype=jnp.int32) for r in revives]
+    n = [select.n_swaps(rate, c) for c in proposed]
+    come_in = select.top_eligible(values, revives, n, selection=selection)
     out = []
-    for o, e, k, target, remove, flat_in, (proposed, n) in zip(
-        old, entries, keys, targets, removes, come_in, counts, strict=True
+    for o, e, k, target, flat_in, c, n_l in zip(
+        olds, entries, keys, targets, come_in, proposed, n, strict=True
     ):
-        o = jnp.asarray(o, bool)
         come = flat_in.reshape(e.shape)
-        taken = group_counts(come, e.axis, e.pattern.m)
+        remove = o & ~target
         rank_out = group_ranks(k, e.axis, e.pattern.m, eligible=remove, lowest_first=True)
-        go = remove & (rank_out < taken)
-        out.append(jnp.where(n == proposed, target, (o & ~go) | come))
+        go = remove & (rank_out < group_counts(come, e.axis, e.pattern.m))
+        out.append(jnp.where(n_l == c, target, (o & ~go) | come))
     return out
 
 

@@ -317,13 +317,15 @@ def test_block_ste_gradient_is_the_sum_of_entry_gradients():
         h = jnp.einsum("bhd,hdo->bo", h[:, :, :4], weights["out"])  # out: [heads, head_dim, D]
         return jnp.sum(jnp.sin(h))
 
+    grad = jax.jit(jax.grad(lambda s, m: loss(jj.masked_weights(params, s, m))))
     for pattern in ("block:2", "channel"):
         budget = jj.layer_budgets(params, 0.5, "uniform", pattern=pattern, input_axes=INPUT_AXES)
-        scores, masks = jj.init_scores(params, budget, "random", jax.random.key(1))
-        masked_loss = functools.partial(lambda s, m: loss(jj.masked_weights(params, s, m)), m=masks)
-        block_grads = jax.grad(masked_loss)(scores)
+        scores, masks = jax.jit(lambda p, b=budget: jj.init_scores(p, b, "magnitude"))(params)
+        # Scores that differ per tile (the gradient must not depend on them).
+        scores = jax.tree.map(lambda s: s + jnp.arange(s.size).reshape(s.shape), scores)
+        block_grads = grad(scores, masks)
         # One score per weight: the plain STE, dL/dS = dL/d(W*M) * W.
-        elem_grads = jax.grad(masked_loss)(jax.tree.map(lambda w: jnp.zeros(w.shape), params))
+        elem_grads = grad(jax.tree.map(lambda w: jnp.zeros(w.shape), params), masks)
         for k, e in _masked(budget).items():
             np.testing.assert_allclose(
                 np.asarray(block_grads[k]),
@@ -333,7 +335,7 @@ def test_block_ste_gradient_is_the_sum_of_entry_gradients():
                 err_msg=f"{pattern} {k}",
             )
         # Forward: W * M.
-        out = jj.masked_weights(params, scores, masks)
+        out = jax.jit(jj.masked_weights)(params, scores, masks)
         for k in _masked(budget):
             np.testing.assert_array_equal(out[k], params[k] * np.asarray(masks[k]))
     with pytest.raises(ValueError, match=r"a score of shape \(3, 3\) does not fit"):
@@ -393,8 +395,9 @@ def test_nm_restriction_counts_swaps_per_layer_over_its_groups():
     old = np.array([1, 1, 0, 0] * 3, bool).reshape(12, 1)
     # The third entry of each group rises above the second: revivals 0.9, 0.7, 0.8.
     new = np.array([1, 0.5, 0.9, 0, 1, 0.5, 0.7, 0, 1, 0.6, 0.8, 0], np.float32).reshape(12, 1)
+    refresh = jax.jit(lambda s, m, r: jj.refresh_masks({"w": s}, {"w": m}, e, r)["w"])
     for rate, come_in in ((1.0, (2, 6, 10)), (0.5, (2, 10)), (0.1, (2,)), (0.0, ())):
-        got = np.asarray(jj.refresh_masks({"w": new}, {"w": old}, e, jnp.float32(rate))["w"])
+        got = np.asarray(refresh(new, old, jnp.float32(rate)))
         want = old.ravel().copy()
         for i in come_in:  # each revival sends out the lowest kept entry of its own group
             want[i], want[i - 1] = True, False
