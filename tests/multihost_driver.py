@@ -4,7 +4,9 @@ Run as `python tests/multihost_driver.py --process-id I --num-processes 2 --port
 with `XLA_FLAGS=--xla_force_host_platform_device_count=2` and `JAX_PLATFORMS=cpu`. Every process
 joins the run with `initialize_distributed`, builds the same initial search state (same seeds),
 feeds only its own rows of every global batch and runs `STEPS` search steps with each backend of
-`data_parallel` over the 4 global devices. Each process writes what it ends with (masks, scores,
+`data_parallel` over the 4 global devices, then under `jit` on a (data, fsdp) = (1, 4) mesh whose
+`fsdp` axis spans both processes (scores, optimiser state and masks sharded, each process holding
+half of every leaf and its own rows of the batch). Each process writes what it ends with (masks, scores,
 per-step loss and churn) to `DIR/process_I.npz`.
 """
 
@@ -29,6 +31,57 @@ def flatten(prefix: str, tree) -> dict:
 
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {f"{prefix}{jax.tree_util.keystr(path)}": np.asarray(leaf) for path, leaf in leaves}
+
+
+def fsdp_run(search, pid: int, rows: int) -> dict:
+    """The same steps with the state sharded over an `fsdp` axis across both processes."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+    from test_step import batches
+
+    from jackpots_jax import parallel
+    from jackpots_jax.step import search_optimizer, search_step
+
+    mesh = parallel.make_mesh(fsdp=jax.device_count())
+    # The same optimiser as `setup(**SETUP)`, its exact selection told where the shards are.
+    tx = search_optimizer(
+        search.budget,
+        learning_rate=SETUP["lr"],
+        total_steps=SETUP["total_steps"],
+        rate=SETUP["rate"],
+        selection="batched",
+        layout=parallel.selection_layout(search.state.scores, mesh),
+    )
+    whole = NamedSharding(mesh, PartitionSpec())
+    shardings = parallel.fsdp_shardings(search.state, mesh).replace(
+        batch_stats=jax.tree.map(lambda _: whole, search.state.batch_stats),
+        step=whole,
+        rng=whole,
+    )
+    state = parallel.place(search.state, mesh, shardings=shardings)
+    params = parallel.place(search.params, mesh)
+    run = parallel.sharded(search_step, mesh=mesh, apply_fn=search.apply_fn, tx=tx)
+    total = sum(x.nbytes for x in jax.tree.leaves((search.state.scores, search.state.masks)))
+    losses, churns = [], []
+    for batch in batches(STEPS, batch=GLOBAL_BATCH):
+        local = jax.tree.map(lambda x: np.asarray(x)[pid * rows : (pid + 1) * rows], batch)
+        state, metrics = run(state, params, parallel.shard_batch(local, mesh))
+        losses.append(float(metrics["loss"]))
+        churns.append(int(metrics["churn"]))
+        held = parallel.state_bytes((state.scores, state.masks))
+        # Each of this process's 2 devices holds a quarter of every masked leaf, nothing more.
+        assert len(held) == 2 and set(held.values()) == {total // 4}, (held, total)
+    assert not any(m.is_fully_addressable for m in jax.tree.leaves(state.masks))
+    masks, scores = multihost_utils.process_allgather((state.masks, state.scores), tiled=True)
+    return {
+        **flatten("fsdp/masks", masks),
+        **flatten("fsdp/scores", scores),
+        "fsdp/loss": np.asarray(losses),
+        "fsdp/churn": np.asarray(churns),
+        "fsdp/step": np.asarray(int(state.step)),
+    }
 
 
 def main() -> None:
@@ -93,6 +146,7 @@ def main() -> None:
         out[f"{backend}/loss"] = np.asarray(losses)
         out[f"{backend}/churn"] = np.asarray(churns)
         out[f"{backend}/step"] = np.asarray(int(s.step))
+    out |= fsdp_run(search, pid, rows)
     np.savez(os.path.join(args.out, f"process_{pid}.npz"), **out)
     print(f"process {pid} of {count}: done, churn {out['shard_map/churn'].tolist()}", flush=True)
 

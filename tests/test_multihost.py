@@ -1,7 +1,8 @@
 """Multi-host data parallelism: two real processes against one, and `initialize_distributed`.
 
 The two processes (`multihost_driver.py`, 2 CPU devices each, joined over 127.0.0.1 with gloo
-collectives) each see only their half of every global batch; the reference is the single-device
+collectives) each see only their half of every global batch, data parallel (`shard_map`, `pmap`)
+and with the search state sharded over an `fsdp` axis that spans both processes; the reference is the single-device
 search step of this process on the whole global batch.
 """
 
@@ -102,7 +103,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     for pid in (0, 1):
         got = np.load(tmp_path / f"process_{pid}.npz")
-        for backend in ("shard_map", "pmap"):
+        for backend in ("shard_map", "pmap", "fsdp"):
             for key, want in want_masks.items():
                 np.testing.assert_array_equal(got[f"{backend}/{key}"], want, err_msg=key)
             for key, want in want_scores.items():
