@@ -5,9 +5,9 @@ with `XLA_FLAGS=--xla_force_host_platform_device_count=2` and `JAX_PLATFORMS=cpu
 joins the run with `initialize_distributed`, builds the same initial search state (same seeds),
 feeds only its own rows of every global batch and runs `STEPS` search steps with each backend of
 `data_parallel` over the 4 global devices, then under `jit` on a (data, fsdp) = (1, 4) mesh whose
-`fsdp` axis spans both processes (scores, optimiser state and masks sharded, each process holding
-half of every leaf and its own rows of the batch). Each process writes what it ends with (masks, scores,
-per-step loss and churn) to `DIR/process_I.npz`.
+`fsdp` axis spans both processes (scores, optimiser state and masks sharded, each process
+holding half of every leaf and its own rows of the batch). Each process writes what it ends with
+(masks, scores, per-step loss and churn) to `DIR/process_I.npz`.
 """
 
 from __future__ import annotations

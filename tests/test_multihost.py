@@ -2,8 +2,8 @@
 
 The two processes (`multihost_driver.py`, 2 CPU devices each, joined over 127.0.0.1 with gloo
 collectives) each see only their half of every global batch, data parallel (`shard_map`, `pmap`)
-and with the search state sharded over an `fsdp` axis that spans both processes; the reference is the single-device
-search step of this process on the whole global batch.
+and with the search state sharded over an `fsdp` axis that spans both processes; the reference
+is the single-device search step of this process on the whole global batch.
 """
 
 import os
