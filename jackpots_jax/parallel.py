@@ -188,23 +188,42 @@ def initialize_distributed(
 
 
 def make_mesh(
-    num_devices: int | None = None, devices: list | None = None, *, fsdp: int = 1
+    num_devices: int | None = None,
+    devices: list | None = None,
+    *,
+    fsdp: int = 1,
+    data: int | None = None,
 ) -> Mesh:
     """A mesh `('data', 'fsdp')` of shape `(num_devices // fsdp, fsdp)` over the devices given.
 
     Args:
-      num_devices: how many devices (all of `devices` by default).
+      num_devices: how many devices (all of `devices` by default; `data * fsdp` when `data` is
+        given).
       devices: the devices (all global devices by default). With several processes and no
         `devices`, each process contributes the same number of its own devices
         (`num_devices // jax.process_count()`, the first ones), in process order, so that every
         process holds a contiguous part of the batch.
       fsdp: the size of the `'fsdp'` axis, over which the state is sharded (1: every device holds
         all of it, data parallelism only). Must divide `num_devices`.
+      data: the size of the `'data'` axis (`None`: `num_devices // fsdp`).
 
     Raises:
-      ValueError: a device count out of range, or one that `fsdp` (or the processes) do not
-        divide.
+      ValueError: a device count out of range, one that `fsdp` (or the processes) do not
+        divide, or a `data` that disagrees with `num_devices`.
+
+    Example:
+      >>> dict(make_mesh(data=2, fsdp=4).shape)  # on 8 devices
+      {'data': 2, 'fsdp': 4}
     """
+    if data is not None:
+        if isinstance(data, bool) or not isinstance(data, int) or data < 1:
+            raise ValueError(f"`data` must be a positive integer, got {data!r}")
+        if isinstance(fsdp, int) and num_devices is not None and data * fsdp != num_devices:
+            raise ValueError(
+                f"`data` x `fsdp` must be `num_devices` ({num_devices}), got {data} x {fsdp}"
+            )
+        if isinstance(fsdp, int) and not isinstance(fsdp, bool):
+            num_devices = data * fsdp
     explicit = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_devices is None else int(num_devices)

@@ -46,6 +46,12 @@ def test_make_mesh():
         make_mesh(9)
     with pytest.raises(ValueError, match="fsdp"):
         make_mesh(8, fsdp=3)
+    assert dict(make_mesh(data=2, fsdp=2).shape) == {"data": 2, "fsdp": 2}
+    assert dict(make_mesh(data=1, fsdp=8).shape) == {"data": 1, "fsdp": 8}
+    with pytest.raises(ValueError, match="num_devices"):
+        make_mesh(data=4, fsdp=4)  # 16 of 8 devices
+    with pytest.raises(ValueError, match="data"):
+        make_mesh(8, data=2, fsdp=2)
 
 
 @pytest.mark.parametrize(
