@@ -515,32 +515,43 @@ def test_train_is_deterministic_and_reshuffled_each_epoch(fmnist_dir):
 
 
 @pytest.mark.parametrize("hosts", [2, 3])
-def test_train_shards_are_disjoint_and_cover(fmnist_dir, hosts):
-    per_host = FMNIST_TRAIN // hosts
+def test_hosts_split_the_one_host_batches(fmnist_dir, hosts):
+    """On P hosts, host p yields rows [p*B/P, (p+1)*B/P) of the batches one host yields,
+    augmentation included, across an epoch boundary; within an epoch no example repeats."""
     local = 4
-    steps = per_host // local
-    seen = []
-    for host in range(hosts):
-        it = data.train_iterator(
-            "fashion_mnist",
-            data_dir=fmnist_dir,
-            seed=0,
-            augment=False,
-            process_index=host,
-            process_count=hosts,
-            **one_host(local * hosts),
-        )
-        assert it.steps_per_epoch == steps
-        epoch = train_ids(it, steps).ravel()
-        assert len(set(epoch)) == steps * local
-        seen.append(set(epoch))
-        # This host reads only its contiguous shard of the split.
-        assert min(epoch) >= host * per_host and max(epoch) < (host + 1) * per_host
-    for a in range(hosts):
-        for b in range(a + 1, hosts):
-            assert not seen[a] & seen[b]
-    # Each epoch uses all of a host's shard but the remainder of its last batch.
-    assert sum(len(s) for s in seen) == hosts * steps * local
+    batch = local * hosts
+    steps = FMNIST_TRAIN // batch
+    for augmented in (False, True):
+        kw = dict(data_dir=fmnist_dir, seed=5, augment=augmented, **one_host(batch))
+        whole = data.train_iterator("fashion_mnist", **kw)
+        parts = [
+            data.train_iterator("fashion_mnist", process_index=h, process_count=hosts, **kw)
+            for h in range(hosts)
+        ]
+        assert all(it.steps_per_epoch == whole.steps_per_epoch == steps for it in parts)
+        assert all(it.local_batch_size == local for it in parts)
+        for _ in range(steps + 2):
+            want = next(whole)
+            got = [next(it) for it in parts]
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+    ids = [
+        train_ids(
+            data.train_iterator(
+                "fashion_mnist",
+                data_dir=fmnist_dir,
+                seed=0,
+                augment=False,
+                process_index=h,
+                process_count=hosts,
+                **one_host(batch),
+            ),
+            steps,
+        ).ravel()
+        for h in range(hosts)
+    ]
+    epoch = np.concatenate(ids)
+    assert len(set(epoch.tolist())) == len(epoch) == steps * batch
 
 
 def test_restore_mid_epoch_gives_the_same_batches(fmnist_dir):

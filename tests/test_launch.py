@@ -2,7 +2,8 @@
 
 Nothing here reaches a cluster. `tests/bin/srun` starts local copies of the command with the
 variables of a Slurm job step, so `launch/slurm.sbatch` runs for real: two processes of one CPU
-device each, which JAX's own Slurm detection joins over 127.0.0.1 (gloo collectives). A stand-in
+device each, which JAX's own Slurm detection joins over 127.0.0.1 (gloo collectives), ending with
+the jackpot of one process on two devices. A stand-in
 `gcloud` records what `launch/tpu_pod.sh` asks of it.
 """
 
@@ -17,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import load_file
 from test_main import ROOT, check_ok, fmnist_source, metrics, run_main  # noqa: F401 - fixture
 
 import jackpots_jax as jj
@@ -94,6 +96,17 @@ def test_slurm_script_runs_two_processes_as_one_search(tmp_path, fmnist_source):
     # exactly the budget of the pre-trained weights.
     train = [r for r in metrics(workdir) if r["phase"] == "search" and r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 17))
+    # The same search in one process on 2 devices (the same mesh, the same global batches)
+    # ends with the same jackpot bit for bit.
+    one = tmp_path / "one"
+    check_ok(run_main("default.py:tiny", one, *cmd[4:], devices=2))
+    want, got = (
+        load_file(one / "export" / "jackpot.safetensors"),
+        load_file(workdir / "export" / "jackpot.safetensors"),
+    )
+    assert set(want) == set(got) and any(k.endswith(".mask") for k in want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     variables, _, _ = weights.import_checkpoint(pretrained, "fmnist_cnn")
     budget = jj.layer_budgets(variables["params"], 0.9, "global_magnitude")
     expected = {name: b for name, b in jj._tree.named_leaves(budget) if b is not None}

@@ -107,10 +107,22 @@ def random_crop_and_flip(
       >>> out = random_crop_and_flip(batch, np.random.default_rng(0), padding=4)
     """
     _check_batch(images)
-    b = images.shape[0]
-    offsets = rng.integers(0, 2 * padding + 1, size=(b, 2))
-    flips = rng.random(b) < 0.5 if flip else np.zeros(b, dtype=bool)
+    offsets, flips = crop_and_flip_draws(rng, images.shape[0], padding, flip)
     return crop_and_flip(images, offsets, flips, padding)
+
+
+def crop_and_flip_draws(
+    rng: np.random.Generator, count: int, padding: int, flip: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The random draws of `random_crop_and_flip` for `count` images: `(offsets, flips)`.
+
+    `offsets` is `[count, 2]` (top and left of the crop in the padded image), `flips` `[count]`
+    bool. Drawn for a whole global batch and sliced, they give every host of a multi-host run
+    the augmentation one host would apply to the same rows.
+    """
+    offsets = rng.integers(0, 2 * padding + 1, size=(count, 2))
+    flips = rng.random(count) < 0.5 if flip else np.zeros(count, dtype=bool)
+    return offsets, flips
 
 
 def normalize(

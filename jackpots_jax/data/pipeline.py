@@ -14,16 +14,18 @@ the training pipeline stays far cheaper than the model step even on a 2-core CPU
 datasets are read from the array_record files batch by batch and decoded image by image in
 `num_threads` prefetch threads (PIL releases the GIL while decoding and resizing).
 
-Sharding: with `P` hosts, host `p` reads a contiguous shard. Training uses `n // P` examples per
-host (the remainder is dropped, so every host has the same number of batches); evaluation gives
-host `p` the examples `[p * n // P, (p + 1) * n // P)` and pads every host to the same number of
-batches of the same shape, with a `mask` that is False on padding, so every example is counted
-exactly once over all hosts.
+Sharding: with `P` hosts, training batch `t` is the same global batch whatever `P` is (a slice
+of the epoch's permutation of all examples, augmented with draws made for the whole global batch
+from one seed), and host `p` loads its rows `[p * B / P, (p + 1) * B / P)` of it; so a search on
+several hosts trains on exactly the batches of a one-host run. Evaluation gives host `p` the
+examples `[p * n // P, (p + 1) * n // P)` and pads every host to the same number of batches of
+the same shape, with a `mask` that is False on padding, so every example is counted exactly once
+over all hosts.
 
 Determinism and resumption: the order of epoch `e` and the augmentation of batch `t` depend only
-on `(seed, e)` and `(seed, process_index, t)` (the last partial batch of every epoch is dropped),
-so restoring the iterator's state (`get_state`, a JSON-serialisable dict) resumes with exactly
-the batches an uninterrupted run would have seen.
+on `(seed, e)` and `(seed, t)` (the last partial batch of every epoch is dropped), so restoring
+the iterator's state (`get_state`, a JSON-serialisable dict) resumes with exactly the batches an
+uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -166,20 +168,38 @@ def _load_in_memory(info: DatasetInfo, split: str, start: int, stop: int):
 
 
 def _train_loader(
-    info: DatasetInfo, split: _Split, augmented: bool, dtype: np.dtype
+    info: DatasetInfo,
+    split: _Split,
+    augmented: bool,
+    dtype: np.dtype,
+    rows: tuple[int, int, int] | None = None,
 ) -> Callable[[np.ndarray, np.random.Generator], Batch]:
+    """Loads this host's rows of a global batch; `rows = (first, count, global_batch)`.
+
+    The augmentation's random draws are made for the whole global batch, from one seed shared
+    by all hosts, and this host takes its rows of them: a run on P hosts trains on the batches,
+    augmentation included, of a run on one host.
+    """
     s, _ = spec(info.name)
 
     def load(indices: np.ndarray, rng: np.random.Generator) -> Batch:
+        first, count, total = rows or (0, len(indices), len(indices))
         if split.in_memory:
             images = split.images[indices]
             labels = split.labels[indices]
             if augmented:
-                images = augment_lib.random_crop_and_flip(images, rng, s.padding, s.flip)
+                offsets, flips = augment_lib.crop_and_flip_draws(rng, total, s.padding, s.flip)
+                part = slice(first, first + count)
+                images = augment_lib.crop_and_flip(images, offsets[part], flips[part], s.padding)
         else:
             raw, labels = split.records(indices)
             if augmented:
-                crops = [augment_lib.random_resized_crop(im, rng, IMAGENET_SIZE) for im in raw]
+                # One seed per row of the global batch; this host's rows taken.
+                seeds = rng.integers(0, 2**63, size=total)[first : first + count]
+                crops = [
+                    augment_lib.random_resized_crop(im, np.random.default_rng(k), IMAGENET_SIZE)
+                    for im, k in zip(raw, seeds, strict=True)
+                ]
             else:
                 crops = [augment_lib.resize_and_center_crop(im, 256, IMAGENET_SIZE) for im in raw]
             images = np.stack(crops)
@@ -364,21 +384,24 @@ def train_iterator(
     index, count = _hosts(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, count, local_device_count)
     n = check_num_examples(info.num_train, num_examples, info.train_split)
-    per_host = n // count
-    steps = per_host // local_batch
+    steps = n // global_batch_size
     if steps == 0:
         raise ValueError(
             f"`global_batch_size` {global_batch_size} exceeds the {n} training examples of "
-            f"{name!r} ({per_host} per host for {count} host(s)): an epoch has no complete batch"
+            f"{name!r}: an epoch has no complete batch"
         )
-    start = index * per_host
-    split = _Split(info, info.train_split, start, start + per_host)
-    load = _train_loader(info, split, augment, out_dtype)
+    split = _Split(info, info.train_split, 0, n)
+    first = index * local_batch
+    load = _train_loader(
+        info, split, augment, out_dtype, rows=(first, local_batch, global_batch_size)
+    )
     shuffle_seed = _seed(seed, 0)
 
     def positions(step: int, batch_in_epoch: int) -> np.ndarray:
-        order = epoch_permutation(shuffle_seed, step // steps, per_host)
-        return order[batch_in_epoch * local_batch : (batch_in_epoch + 1) * local_batch]
+        # Global batch `batch_in_epoch` of the epoch's order over all n examples; this host's rows.
+        order = epoch_permutation(shuffle_seed, step // steps, n)
+        start = batch_in_epoch * global_batch_size + first
+        return order[start : start + local_batch]
 
     # `repeat` passes the global step down as the element index: one order per epoch, a fresh
     # augmentation per step, both pure functions of the step, hence resumable from a step count.
@@ -386,7 +409,7 @@ def train_iterator(
         grain.MapDataset.range(steps)
         .repeat(None)
         .map_with_index(positions)
-        .random_map(load, seed=_seed(seed, 1, index))
+        .random_map(load, seed=_seed(seed, 1, 0))  # one stream for all hosts: see load
     )
     iterator = ds.to_iter_dataset(_read_options(split.in_memory, num_threads)).__iter__()
     pipeline = {
