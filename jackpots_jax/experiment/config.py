@@ -42,17 +42,24 @@ def base_config() -> ml_collections.ConfigDict:
         first N examples; 0 for all), `dtype`.
       weights: `path` of the pre-trained weights (a `.safetensors`, `.npz` or PyTorch file; '' for
         `<workdir>/pretrain/model.safetensors`), `random` (search on random weights on purpose:
-        the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none).
+        the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none);
+        `batch_stats`: the batch-norm statistics to evaluate with (a `batch_stats.npz`; '' for
+        the one next to `masks` when there is one, else the weights file's own).
       pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
         0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`.
       search: `sparsity`, `rule` (budget rule), `dense` (regular expressions of the leaves held
         dense; `None` for the model's default, its classifier `head`), `init` (score
         init), `gap` (magnitude init barrier), `epochs`, `max_steps` (0: epochs decide),
         `batch_size`, `learning_rate`, `momentum`, `weight_decay`, `label_smoothing`, `augment`,
-        `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`).
+        `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`),
+        `allow_empty_layers` (a sparsity at which a masked layer keeps no weight is an error
+        unless this is True).
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
       eval: `batch_size`, `every_epochs`.
-      checkpoint: `every_steps`, `keep`.
+      checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
+        schedule fields changed since its checkpoint, e.g. `search.epochs` or
+        `search.learning_rate`, is an error unless this is True; then it continues under the new
+        schedule).
       parallel: `backend` (`shard_map` or `pmap`), `num_devices` (0: all).
       log_every_steps: how often a metrics line is written.
     """
@@ -78,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.weights.path = ""
     c.weights.random = False
     c.weights.masks = ""
+    c.weights.batch_stats = ""
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.epochs = 8
@@ -109,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.rate.schedule = "constant"
     c.search.rate.value = 1.0
     c.search.rate.power = 1.0
+    c.search.allow_empty_layers = False
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -121,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
     c.checkpoint.keep = 3
+    c.checkpoint.allow_schedule_change = False
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.backend = "shard_map"
