@@ -60,12 +60,17 @@ def check_writable(directory: str, what: str) -> None:
     nothing about a read-only file system.
     """
     if not os.path.isdir(directory):
-        kind = "a file is in its place" if os.path.exists(directory) else "it is missing"
+        kind = (
+            "a file is in its place"
+            if os.path.exists(directory)
+            else "a broken link is in its place"
+        )
         raise WorkdirError(
             f"{what} ({directory}) is not a folder ({kind}): move what is there away, or use "
             "another --workdir"
         )
-    probe = os.path.join(directory, f".write-test.{os.getpid()}")
+    # Named by host and process: the hosts of one run may share the folder.
+    probe = os.path.join(directory, f".write-test.{socket.gethostname()}.{os.getpid()}")
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.remove(probe)
