@@ -6,6 +6,8 @@ Faults (each wraps one function the command line merely uses, never a test hook 
 
 * `sigint K`: the process sends itself SIGINT (what Ctrl-C sends) while its training iterator
   serves the batch of step K, so step K is under way when the signal arrives.
+* `sigint2 K`: the same, twice in a row (a user who presses Ctrl-C again rather than wait for
+  the step to be saved).
 * `enospc K`: writing the checkpoint of step K fails the way a full disk makes it fail: orbax has
   created the step's temporary folder and written part of a file into it when the write raises
   `OSError(ENOSPC)`. (A real size-limited file system behaves the same; it cannot be mounted
@@ -47,6 +49,14 @@ def _on_batch(k: int, action) -> None:
 
 def _sigint(k: int) -> None:
     _on_batch(k, lambda: os.kill(os.getpid(), signal.SIGINT))
+
+
+def _sigint_twice(k: int) -> None:
+    def press_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    _on_batch(k, press_twice)
 
 
 def _enospc(k: int) -> None:
@@ -103,7 +113,7 @@ def _eacces(prefix: str) -> None:
 
 
 FAULTS = {"sigint": lambda a: _sigint(int(a)), "enospc": lambda a: _enospc(int(a))}
-FAULTS.update(pause=_pause, eacces=_eacces)
+FAULTS.update(sigint2=lambda a: _sigint_twice(int(a)), pause=_pause, eacces=_eacces)
 
 
 def main() -> None:

@@ -862,6 +862,23 @@ def test_ctrl_c_stops_after_the_step_and_resumes_bit_identical(tmp_path, straigh
     assert search_steps_logged(workdir) == list(range(1, 17))
 
 
+def test_second_ctrl_c_stops_at_once(tmp_path, straight_search):
+    """Ctrl-C twice while step 5 is under way: no step 5, nothing half-saved, the newest
+    checkpoint (step 3) kept and the command that resumes from it printed."""
+    _, search = straight_search
+    workdir = tmp_path / "work"
+    proc = run_main("default.py:tiny", workdir, *search, fault=("sigint2", "5"))
+    assert_clear_error(
+        proc,
+        "stopped by Ctrl-C; the newest checkpoints are kept. To resume, run:\n",
+        f"-m jackpots_jax.main --config={os.path.join(ROOT, 'configs', 'default.py:tiny')}",
+        code=130,
+    )
+    assert checkpoint_folder(workdir) == ["3"]  # no orbax temporary folder either
+    assert search_steps_logged(workdir) == [1, 2, 3, 4]
+    assert not (workdir / "export").exists()
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_work_directory(tmp_path, straight_search):
     """The second run is refused, naming the first; a SIGKILL of the first releases the lock."""
