@@ -4,16 +4,22 @@ Any config field can be overridden (`--config.search.sparsity=0.95`), and a conf
 an argument after a colon (`--config configs/cifar10_vgg19.py:tiny`). The mode is a config field:
 `--config.mode=pretrain|search|evaluate|prune|export|jackpot`.
 
-Errors a user can fix (an unknown field, an impossible value, a missing dataset or missing
-weights) end the program with exit code 2 and one message naming the problem, before any compute;
-a non-finite loss ends it with exit code 3. On several hosts, `jax.distributed.initialize()` runs
-first when the environment asks for it.
+Errors a user can fix end the program with exit code 2 and one message naming the problem (the
+field or the path, and what to do), never a traceback: an unknown field, an impossible value, a
+config file that cannot be loaded, a missing dataset, missing or unreadable weights, masks or
+checkpoints that do not fit, a work directory that is not writable or is in use by another run
+(found before any compute), a disk that fills up. A non-finite loss ends it with exit code 3. Ctrl-C
+stops it after the current step, once that step is checkpointed, with exit code 130 and the command
+that resumes it. On several hosts, `jax.distributed.initialize()` runs first when the environment
+asks for it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as pylogging
 import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -26,11 +32,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_ARGV: list[str] = []  # the command line as given, for the command that resumes a run
+
+
 class _QuietLibraries(pylogging.Filter):
-    """Drops INFO messages of orbax and grain (a few lines per checkpoint otherwise)."""
+    """Drops INFO messages of orbax and grain (a few lines per checkpoint otherwise).
+
+    Their warnings and errors are kept, as one line each: the tracebacks they attach (hundreds of
+    lines for a failed checkpoint write) are left out, since the error reaches the command line,
+    which says what happened and what to do.
+    """
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         noisy = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ("orbax", "grain"))
+        if noisy and record.levelno >= pylogging.WARNING:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
         return record.levelno >= pylogging.WARNING or not noisy
 
 
@@ -39,14 +55,45 @@ def _usage_error(message: str) -> None:
     sys.exit(2)
 
 
+def _config_argument(argv: list[str]) -> str:
+    """The value of `--config` as given (the last one wins, as for absl)."""
+    value = ""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _config_not_loaded(argv: list[str], error: BaseException) -> None:
+    """A config file that is missing or fails to load: where it was looked for, what failed."""
+    value = _config_argument(argv)
+    path = value.split(":", 1)[0]
+    if not os.path.exists(path):
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        there = os.path.join(repo, path)
+        found = os.path.isfile(there) and not os.path.isabs(path)
+        hint = f"; did you mean {there}?" if found else ""
+        _usage_error(
+            f"config file {path!r} not found (a relative path is taken from the current "
+            f"directory, {os.getcwd()}){hint}"
+        )
+    cause = error.__cause__ or error
+    _usage_error(f"config file {path!r} could not be loaded: {type(cause).__name__}: {cause}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a config error (of a file or an override) as a one-line error.
 
     The config is locked: `--config.<field>` for a field that does not exist is refused by
     ml_collections (with a suggestion), a value of the wrong type by absl.
     """
+    _ARGV[:] = argv
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+    except OSError as e:
+        _config_not_loaded(argv, e)
     except (AttributeError, KeyError) as e:
         # ml_collections wraps a KeyError of the locked config: "'key'\nDid you mean ...?"
         while isinstance(e, BaseException) and e.args:
@@ -64,8 +111,21 @@ def parse_flags(argv: list[str]) -> list[str]:
             "(every field is listed with its default in jackpots_jax/experiment/config.py)"
         )
     except (flags.Error, ValueError, TypeError) as e:
-        _usage_error(str(e))
-    return []  # not reached
+        text = str(e)
+        if "Error whilst parsing config file" in text:
+            # ml_collections puts the traceback of the config's own error into the message.
+            last = [line for line in text.strip().split("\n") if line.strip()][-1]
+            text = f"{text.split(': Error whilst parsing', 1)[0]}: {last.strip()}"
+        _usage_error(text)
+    except Exception as e:  # noqa: BLE001 -- a config file that raises while it is loaded
+        _config_not_loaded(argv, e)
+    try:
+        _CONFIG.value.to_dict  # noqa: B018 -- ml_collections defers a file's load error to here
+    except OSError as e:
+        _config_not_loaded(argv, e)
+    except AttributeError:
+        pass  # not a ConfigDict: `train_and_evaluate` says what is missing
+    return rest
 
 
 def main(argv: list[str]) -> int:
@@ -76,20 +136,60 @@ def main(argv: list[str]) -> int:
 
     parallel.initialize_distributed()
     from jackpots_jax.experiment.config import ConfigError
-    from jackpots_jax.experiment.loop import NonFiniteLossError
+    from jackpots_jax.experiment.loop import Interrupted, NonFiniteLossError
     from jackpots_jax.experiment.modes import train_and_evaluate
-    from jackpots_jax.io.errors import CheckpointMismatchError
+    from jackpots_jax.experiment.workdir import WorkdirError
+    from jackpots_jax.io.checkpoints import CheckpointCorruptError
+    from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 
+    usage_errors = (
+        ConfigError,
+        FileNotFoundError,
+        PermissionError,
+        CheckpointMismatchError,
+        CheckpointCorruptError,
+        FileContentError,
+        WorkdirError,
+    )
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, CheckpointMismatchError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Interrupted as e:
+        return _stop(130, f"{e}. To resume from there, run the same command again:", resume=True)
+    except KeyboardInterrupt:
+        message = "stopped by Ctrl-C; the newest checkpoints are kept. To resume, run:"
+        return _stop(130, message, resume=True)
+    except usage_errors as e:
+        return _stop(2, f"error: {e}")
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _stop(3, f"error: {e}")
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" ({e.filename})" if e.filename and e.filename not in str(e) else ""
+            return _stop(
+                2,
+                f"error: the disk is full: {e}{where}. Free some space, or use a --workdir on "
+                "another disk, then run the same command again to resume from the newest "
+                "checkpoint:",
+                resume=True,
+            )
+        if e.errno in (errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+            return _stop(2, f"error: {e}")
+        raise
     return 0
+
+
+def _stop(code: int, message: str, *, resume: bool = False) -> int:
+    """Reports why the run stopped (with the command to resume where it can) and returns `code`.
+
+    Nothing more is printed after it: a failed checkpoint write leaves orbax and tensorstore
+    coroutines behind, which the interpreter would otherwise report one by one ("Exception ignored
+    in ...") as it shuts down.
+    """
+    if resume:
+        message += f"\n  {shlex.join([sys.executable, '-m', 'jackpots_jax.main', *_ARGV[1:]])}"
+    print(message, file=sys.stderr, flush=True)
+    sys.unraisablehook = lambda unraisable: None
+    return code
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -27,8 +27,8 @@ from jackpots_jax.io.checkpoints import (
     Checkpointer,
     fingerprint,
 )
-from jackpots_jax.io.errors import CheckpointMismatchError
-from jackpots_jax.io.export import export_jackpot, masks_from_npz
+from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
+from jackpots_jax.io.export import batch_stats_from_npz, export_jackpot, masks_from_npz
 from jackpots_jax.step import create_train_state, search_step
 
 # A restore that fails on damaged files can leave tensorstore callbacks aimed at the closed asyncio
@@ -475,10 +475,25 @@ def test_export_jackpot_files(tmp_path, monkeypatch):
     )
     assert paths == {
         "masks": str(out / "masks.npz"),
+        "batch_stats": str(out / "batch_stats.npz"),
         "safetensors": str(out / "jackpot.safetensors"),
         "json": str(out / "jackpot.json"),
     }
-    assert sorted(os.listdir(out)) == ["jackpot.json", "jackpot.safetensors", "masks.npz"]
+    files = ["batch_stats.npz", "jackpot.json", "jackpot.safetensors", "masks.npz"]
+    assert sorted(os.listdir(out)) == files
+
+    # The running statistics the jackpot is evaluated with, leaf by leaf, bit for bit.
+    stats = variables["batch_stats"]
+    with np.load(paths["batch_stats"]) as npz:
+        assert sorted(npz.files) == sorted(name for name, _ in named_leaves(stats))
+    assert_bit_identical(batch_stats_from_npz(paths["batch_stats"], stats), stats)
+    fewer = tmp_path / "fewer.npz"
+    np.savez(fewer, **{n: x for n, x in named_leaves(stats) if n != "bn1/var"})
+    with pytest.raises(CheckpointMismatchError, match="missing: bn1/var"):
+        batch_stats_from_npz(fewer, stats)
+    np.savez(fewer, **{n: np.full_like(x, np.nan) for n, x in named_leaves(stats)})
+    with pytest.raises(FileContentError, match="NaN or infinite values at bn1/mean"):
+        batch_stats_from_npz(fewer, stats)
 
     masked = {name: np.asarray(m) for name, m in named_leaves(masks) if m is not None}
     assert set(masked) == {"conv1/kernel", "conv2/kernel", "fc1/kernel"}
@@ -501,6 +516,17 @@ def test_export_jackpot_files(tmp_path, monkeypatch):
         masks_from_npz(subset, params, exact=False)
     assert err.value.unexpected == ["fc2/kernel"]
     assert err.value.mismatched == [("fc1/kernel", (5, 128), (1568, 128))]
+    # Masks as numbers: 0 and 1 are read as False and True; anything else is refused, not True.
+    np.savez(subset, **{"fc1/kernel": masked["fc1/kernel"].astype(np.float32)})
+    got = masks_from_npz(subset, params, exact=False)
+    np.testing.assert_array_equal(got["fc1"]["kernel"], masked["fc1/kernel"])
+    halves = masked["fc1/kernel"] * np.float32(0.5)
+    np.savez(subset, **{"fc1/kernel": halves})
+    with pytest.raises(FileContentError, match=r"other than 0 and 1 at fc1/kernel \(e.g. 0.5\)"):
+        masks_from_npz(subset, params, exact=False)
+    subset.write_bytes(b"")
+    with pytest.raises(FileContentError, match="not a readable .npz"):
+        masks_from_npz(subset, params, exact=False)
 
     again, scores2, masks2 = weights.import_checkpoint(paths["safetensors"], "fmnist_cnn")
     for layer in ("conv1", "conv2", "fc1"):
@@ -534,7 +560,7 @@ def test_export_jackpot_files(tmp_path, monkeypatch):
         config=config,
         metrics={"test_accuracy": 0.9},
     )
-    assert sorted(os.listdir(out)) == ["jackpot.json", "jackpot.safetensors", "masks.npz"]
+    assert sorted(os.listdir(out)) == files
     with open(paths["json"]) as f:
         assert json.load(f)["metrics"] == {"test_accuracy": 0.9}
 
@@ -559,5 +585,5 @@ def test_export_jackpot_files(tmp_path, monkeypatch):
             config=config,
             metrics=metrics,
         )
-    assert sorted(os.listdir(out)) == ["jackpot.json", "jackpot.safetensors", "masks.npz"]
+    assert sorted(os.listdir(out)) == files
     assert (out / "jackpot.safetensors").read_bytes() == before

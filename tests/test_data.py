@@ -319,8 +319,9 @@ def test_no_sources_error_says_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "_online", lambda url: False)
     with pytest.raises(FileNotFoundError) as e:
         data.prepare("fashion_mnist", tmp_path)
-    assert "apt-get install dataset-fashion-mnist" in str(e.value)
-    assert "source_dir" in str(e.value)
+    assert "apt-get install -y dataset-fashion-mnist" in str(e.value)
+    # The config field by its whole name (it lives in the `dataset` group).
+    assert "`--config.dataset.source_dir=/path/to/dir`" in str(e.value)
     with pytest.raises(FileNotFoundError, match="lacks train-images-idx3-ubyte.*apt-get"):
         data.prepare("fashion_mnist", tmp_path, source_dir=tmp_path)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -26,19 +28,26 @@ from jackpots_jax.io import weights
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(config, workdir, *overrides, devices=1, timeout=600):
+FAULT_DRIVER = os.path.join(ROOT, "tests", "fault_driver.py")
+
+
+def run_main(config, workdir, *overrides, devices=1, timeout=600, fault=(), umask=None):
+    """The command line in a subprocess; `fault`: `tests/fault_driver.py` FAULT ARG runs it."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    program = [FAULT_DRIVER, *fault] if fault else ["-m", "jackpots_jax.main"]
     cmd = [
         sys.executable,
-        "-m",
-        "jackpots_jax.main",
+        *program,
         f"--config={os.path.join(ROOT, 'configs', config)}",
         f"--workdir={workdir}",
         *overrides,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    preexec = None if umask is None else (lambda: os.umask(umask))
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, preexec_fn=preexec
+    )
 
 
 def check_ok(proc):
@@ -156,6 +165,7 @@ def test_default_job_tiny(tmp_path, fmnist_source):
         workdir,
         f"--config.dataset.data_dir={data_dir}",
         f"--config.dataset.source_dir={fmnist_source}",
+        umask=0o027,
     )
     check_ok(proc)
     rows = results(workdir)
@@ -182,9 +192,23 @@ def test_default_job_tiny(tmp_path, fmnist_source):
     for section in ("magnitude pruning + BN re-estimation", "conv1/kernel", "fc1/kernel"):
         assert section in report
     export = workdir / "export"
-    assert {"masks.npz", "jackpot.safetensors", "jackpot.json"} <= {
+    assert {"masks.npz", "batch_stats.npz", "jackpot.safetensors", "jackpot.json"} <= {
         p.name for p in export.iterdir()
     }
+    # Every file and folder the run made has the mode its umask (027) gives, as `open` and
+    # `mkdir` would make them: rw-r----- and rwxr-x---, not a temporary file's rw-------.
+    made = {p.relative_to(workdir).as_posix(): p for p in workdir.rglob("*")}
+    wrong = {
+        name: oct(p.stat().st_mode & 0o777)
+        for name, p in made.items()
+        if p.stat().st_mode & 0o777 != (0o750 if p.is_dir() else 0o640)
+    }
+    assert not wrong, wrong
+    for name in ("report.md", "plots/curves.png", "plots/sparsity.png", "export/masks.npz"):
+        assert name in made, name
+    for name in ("batch_stats.npz", "jackpot.safetensors", "jackpot.json"):
+        assert f"export/{name}" in made, name
+    assert "pretrain/model.safetensors" in made and "results.json" in made
 
     # The exported masks hold exactly the budget of the pre-trained weights at 90% sparsity.
     variables, _, _ = weights.import_checkpoint(
@@ -228,6 +252,34 @@ def test_default_job_tiny(tmp_path, fmnist_source):
     again = results(workdir)["evaluated"]
     assert again["accuracy"] == rows["jackpot (search)"]["accuracy"]
     assert again["sparsity"] == pytest.approx(rows["jackpot (search)"]["sparsity"])
+
+    # So do the pre-trained weights with `masks.npz`: the search changed no weight, but it
+    # re-estimated the BN statistics, which `batch_stats.npz` next to the masks carries.
+    def evaluate_masks(masks):
+        return run_main(
+            "default.py:tiny",
+            tmp_path / "eval",
+            f"--config.dataset.data_dir={data_dir}",
+            "--config.mode=evaluate",
+            f"--config.weights.path={workdir / 'pretrain' / 'model.safetensors'}",
+            f"--config.weights.masks={masks}",
+        )
+
+    proc = evaluate_masks(export / "masks.npz")
+    check_ok(proc)
+    again = results(tmp_path / "eval")["evaluated"]
+    assert again["accuracy"] == rows["jackpot (search)"]["accuracy"]
+    assert again["loss"] == pytest.approx(rows["jackpot (search)"]["loss"], rel=1e-6)
+    assert str(export / "batch_stats.npz") in again["note"]
+    # Masks without their statistics are evaluated with the weights file's own, and it says so.
+    alone = tmp_path / "alone" / "masks.npz"
+    alone.parent.mkdir()
+    alone.write_bytes((export / "masks.npz").read_bytes())
+    proc = evaluate_masks(alone)
+    check_ok(proc)
+    assert "with the batch-norm statistics of the weights file" in proc.stderr
+    assert "no batch_stats.npz next to the masks" in proc.stderr
+    assert "weights file" in results(tmp_path / "eval")["evaluated"]["note"]
 
 
 @pytest.mark.slow
@@ -363,6 +415,8 @@ def test_non_finite_loss_stops_the_run(tmp_path, fmnist_source):
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "the loss became nan" in proc.stderr or "the loss became inf" in proc.stderr
+    # It diverged at once: no checkpoint is claimed to be intact, since none was written yet.
+    assert "no checkpoint was written yet" in proc.stderr and "intact" not in proc.stderr
     assert not (workdir / "pretrain" / "model.safetensors").exists()
 
 
@@ -517,3 +571,343 @@ def test_data_parallel_job_matches_one_device(tmp_path, fmnist_source, backend):
     assert one["count"] == four["count"] == 100
     assert one["accuracy"] == four["accuracy"] and one["top5_accuracy"] == four["top5_accuracy"]
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening (issue 17): what a user meets with bad input and faults. Each case ends with exit
+# code 2 (130 for Ctrl-C), one message that names the field or the path and what to do, no
+# traceback, and nothing half-written: the next run works.
+
+
+def assert_clear_error(proc, *phrases, code=2):
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code, f"exit {proc.returncode}\n{output[-4000:]}"
+    for phrase in phrases:
+        assert phrase in proc.stderr, f"{phrase!r} not in:\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-6000:]
+
+
+def pretrained_weights(search):
+    return next(a.split("=", 1)[1] for a in search if a.startswith("--config.weights.path="))
+
+
+def assert_same_jackpot(a, b):
+    from safetensors.numpy import load_file
+
+    ta, tb = (
+        load_file(a / "export" / "jackpot.safetensors"),
+        load_file(b / "export" / "jackpot.safetensors"),
+    )
+    assert set(ta) == set(tb)
+    for key in ta:
+        np.testing.assert_array_equal(ta[key], tb[key], err_msg=key)
+    for name in ("masks.npz", "batch_stats.npz"):
+        with np.load(a / "export" / name) as fa, np.load(b / "export" / name) as fb:
+            assert sorted(fa.files) == sorted(fb.files)
+            for key in fa.files:
+                np.testing.assert_array_equal(fa[key], fb[key], err_msg=f"{name}: {key}")
+
+
+def search_steps_logged(workdir):
+    return [r["step"] for r in metrics(workdir) if r["phase"] == "search" and r["kind"] == "train"]
+
+
+def checkpoint_folder(workdir):
+    return sorted(p.name for p in (workdir / "search" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "not readable", "nan"])
+def test_unusable_weights_file(tmp_path, straight_search, kind):
+    """An empty, truncated, unreadable or non-finite weights file: the path and the cause."""
+    from safetensors.numpy import load_file, save_file
+
+    _, search = straight_search
+    good = pretrained_weights(search)
+    bad = tmp_path / "weights.safetensors"
+    fault = ()
+    if kind == "empty":
+        bad.write_bytes(b"")
+        said = ["is not a readable safetensors file (it is empty"]
+    elif kind == "truncated":
+        bad.write_bytes(open(good, "rb").read()[:1000])
+        said = ["is not a readable safetensors file (1000 bytes: truncated, or another format"]
+    elif kind == "not readable":  # what the kernel tells a user without read permission
+        bad.write_bytes(open(good, "rb").read())
+        fault = ("eacces", str(bad))
+        said = ["may not be read (Permission denied)"]
+    else:
+        tensors = load_file(good)
+        tensors["conv2.weight"][1, 0, 2, 2] = np.nan
+        save_file(tensors, str(bad))
+        said = ["are not all finite: params/conv2/kernel (1 NaN, 0 infinite of 4608)"]
+    workdir = tmp_path / "work"
+    proc = run_main(
+        "default.py:tiny", workdir, *search, f"--config.weights.path={bad}", fault=fault
+    )
+    assert_clear_error(proc, str(bad), "weights.path", *said)
+    assert not (workdir / "search").exists()  # nothing started
+
+
+@pytest.mark.parametrize("where", ["work directory", "export"])
+def test_unwritable_folder_is_found_before_any_compute(tmp_path, straight_search, where):
+    """A work directory the user may not write, or an `export/` that cannot be written into."""
+    _, search = straight_search
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    fault = ()
+    if where == "export":
+        (workdir / "export").write_text("a file where the export folder goes")
+        said = [f"the folder `export` of the work directory ({workdir / 'export'}) is not a folder"]
+    else:  # what the kernel tells a user without write permission
+        fault = ("eacces", str(workdir))
+        said = [f"the work directory ({workdir}) is not writable (Permission denied)"]
+    proc = run_main("default.py:tiny", workdir, *search, fault=fault)
+    assert_clear_error(proc, *said, "--workdir")
+    # Nothing but the lock file (which stays, unlocked) was made.
+    made = sorted(p.name for p in workdir.iterdir())
+    assert made == ([".lock", "export"] if where == "export" else [])
+
+
+def test_config_file_given_from_another_directory(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    main = [sys.executable, "-m", "jackpots_jax.main", f"--workdir={tmp_path / 'work'}"]
+    proc = subprocess.run(
+        [*main, "--config=configs/default.py:tiny"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert_clear_error(
+        proc,
+        "config file 'configs/default.py' not found",
+        f"the current directory, {tmp_path}",
+        f"did you mean {os.path.join(ROOT, 'configs', 'default.py')}?",
+    )
+    proc = subprocess.run(
+        [*main, f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tinyy"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert_clear_error(proc, "default.py:tinyy: ValueError: unknown variant 'tinyy'")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("damage", ["shape", "key", "not 0/1"])
+def test_masks_file_that_does_not_fit(tmp_path, straight_search, damage):
+    straight, search = straight_search
+    with np.load(straight / "export" / "masks.npz") as f:
+        masks = dict(f)
+    if damage == "shape":
+        masks["conv1/kernel"] = masks["conv1/kernel"][:2]
+        said = ["conv1/kernel: [2, 3, 1, 16] vs [3, 3, 1, 16]"]
+    elif damage == "key":
+        masks["conv9/kernel"] = masks.pop("conv1/kernel")
+        said = ["1 unexpected", "unexpected: conv9/kernel"]
+    else:
+        masks["conv1/kernel"] = masks["conv1/kernel"] * np.float32(0.5)
+        said = ["holds values other than 0 and 1 at conv1/kernel (e.g. 0.5)"]
+    path = tmp_path / "masks.npz"
+    np.savez(path, **masks)
+    workdir = tmp_path / "work"
+    proc = run_main(
+        "default.py:tiny", workdir, *search, "--config.mode=evaluate",
+        f"--config.weights.masks={path}",
+    )  # fmt: skip
+    assert_clear_error(proc, f"masks file {path}", *said)
+    assert not (workdir / "results.json").exists()
+
+
+def test_export_without_a_checkpoint(tmp_path, straight_search):
+    _, search = straight_search
+    workdir = tmp_path / "work"
+    proc = run_main("default.py:tiny", workdir, *search, "--config.mode=export")
+    assert_clear_error(proc, f"no search checkpoint in {workdir / 'search' / 'checkpoints'}")
+    # One message, not orbax's noise after it; nothing made while looking.
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("I")] == [
+        line for line in proc.stderr.splitlines() if line.startswith("error:")
+    ]
+    assert not (workdir / "search").exists() and not (workdir / "export").exists()
+
+
+def test_input_that_cannot_be_meant(tmp_path, straight_search):
+    """A `search.dense` pattern that matches nothing, a sparsity that empties whole layers."""
+    _, search = straight_search
+    proc = run_main("default.py:tiny", tmp_path / "a", *search, "--config.search.dense=('haed',)")
+    assert_clear_error(
+        proc,
+        "config field `search.dense` is ('haed',)",
+        "'haed' matches none of the model's kernels",
+        "conv1/kernel, conv2/kernel, fc1/kernel, head/kernel",
+    )
+    assert not (tmp_path / "a" / "search").exists()
+    # At 0.99999 the global magnitude budget of these weights empties whole layers: which ones,
+    # the budget rule itself says.
+    variables, _, _ = weights.import_checkpoint(pretrained_weights(search), "fmnist_cnn")
+    budget = jj.layer_budgets(variables["params"], 0.99999, "global_magnitude")
+    sizes = dict(jj._tree.named_leaves(variables["params"]))
+    empty = [
+        f"{name} (0 of {sizes[name].size} kept)"
+        for name, pruned in jj._tree.named_leaves(budget)
+        if pruned is not None and pruned == sizes[name].size
+    ]
+    assert empty
+    proc = run_main("default.py:tiny", tmp_path / "b", *search, "--config.search.sparsity=0.99999")
+    assert_clear_error(
+        proc,
+        "config field `search.sparsity` is 0.99999",
+        f"{len(empty)} masked layer(s) would keep no weight at all: {', '.join(empty)}.",
+        "search.allow_empty_layers=True",
+    )
+    assert not (tmp_path / "b" / "search").exists()
+    # Asked for on purpose, it runs.
+    allow = ["--config.search.allow_empty_layers=True", "--config.mode=prune"]
+    proc = run_main("default.py:tiny", tmp_path / "b", *search, "--config.search.sparsity=0.99999",
+                    "--config.prune.reestimate_bn=False", *allow)  # fmt: skip
+    check_ok(proc)
+    assert results(tmp_path / "b")["magnitude pruning"]["sparsity"] > 0.9999
+
+
+def test_every_checkpoint_corrupt(tmp_path, straight_search):
+    straight, search = straight_search
+    workdir = tmp_path / "work"
+    shutil.copytree(straight / "search", workdir / "search")
+    steps = checkpoint_folder(workdir)
+    for step in steps:
+        (workdir / "search" / "checkpoints" / step / "meta" / "metadata").write_text("garbage")
+    proc = run_main("default.py:tiny", workdir, *search)
+    folder = workdir / "search" / "checkpoints"
+    assert_clear_error(
+        proc, f"no readable checkpoint in {folder}", "delete the directory to start afresh"
+    )
+    assert all(f"step {s}: metadata unreadable" in proc.stderr for s in steps)
+    assert checkpoint_folder(workdir) == steps  # kept for inspection
+
+
+def test_missing_fashion_mnist_names_the_field(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_main(
+        "default.py:tiny",
+        tmp_path / "work",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        f"--config.dataset.source_dir={tmp_path / 'empty'}",
+    )
+    assert_clear_error(proc, "--config.dataset.source_dir=", "apt-get install -y dataset-fashion")
+
+
+def test_resuming_under_another_schedule_is_refused_unless_allowed(tmp_path, straight_search):
+    straight, search = straight_search
+    workdir = tmp_path / "work"
+    shutil.copytree(straight, workdir)
+    changed = ["--config.search.epochs=3", "--config.search.learning_rate=0.05"]
+    proc = run_main("default.py:tiny", workdir, *search, *changed)
+    assert_clear_error(
+        proc,
+        "the checkpoint this run resumes from was made with another schedule",
+        "`search.epochs` was 2, now 3",
+        "`search.learning_rate` was 0.1, now 0.05",
+        "--config.checkpoint.allow_schedule_change=True",
+    )
+    assert search_steps_logged(workdir) == list(range(1, 17))  # nothing more was logged
+    proc = run_main(
+        "default.py:tiny",
+        workdir,
+        *search,
+        *changed,
+        "--config.checkpoint.allow_schedule_change=True",
+    )
+    check_ok(proc)
+    assert "resuming under a changed schedule" in proc.stderr
+    assert search_steps_logged(workdir) == list(range(1, 25))  # from 16 on, to 3 epochs
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint(tmp_path, straight_search):
+    """The checkpoint of step 6 fails with ENOSPC half-way: nothing of it stays, and the next
+    run resumes from step 3 and ends with the jackpot of a run that never failed."""
+    straight, search = straight_search
+    workdir = tmp_path / "work"
+    proc = run_main("default.py:tiny", workdir, *search, fault=("enospc", "6"))
+    folder = workdir / "search" / "checkpoints"
+    assert_clear_error(
+        proc,
+        "error: the disk is full",
+        f"the checkpoint of step 6 could not be written in {folder}",
+        "the newest complete checkpoint is step 3",
+        f"--workdir={workdir}",  # the command that resumes
+    )
+    assert checkpoint_folder(workdir) == ["3"]  # no orbax temporary folder
+    assert not (workdir / "export").exists()
+    proc = run_main("default.py:tiny", workdir, *search)
+    check_ok(proc)
+    assert f"resumed from step 3 in {folder}" in proc.stderr
+    assert_same_jackpot(straight, workdir)
+    assert search_steps_logged(workdir) == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_step_and_resumes_bit_identical(tmp_path, straight_search):
+    straight, search = straight_search
+    workdir = tmp_path / "work"
+    proc = run_main("default.py:tiny", workdir, *search, fault=("sigint", "5"))
+    folder = workdir / "search" / "checkpoints"
+    assert_clear_error(
+        proc,
+        f"stopped by Ctrl-C after step 5 of 16; its checkpoint is saved in {folder}",
+        "run the same command again:\n",
+        f"-m jackpots_jax.main --config={os.path.join(ROOT, 'configs', 'default.py:tiny')}",
+        code=130,
+    )
+    assert checkpoint_folder(workdir) == ["3", "5"]
+    assert search_steps_logged(workdir) == [1, 2, 3, 4, 5]
+    assert not (workdir / "export").exists()
+    check_ok(run_main("default.py:tiny", workdir, *search))
+    assert_same_jackpot(straight, workdir)
+    assert search_steps_logged(workdir) == list(range(1, 17))
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path, straight_search):
+    """Ctrl-C twice while step 5 is under way: no step 5, nothing half-saved, the newest
+    checkpoint (step 3) kept and the command that resumes from it printed."""
+    _, search = straight_search
+    workdir = tmp_path / "work"
+    proc = run_main("default.py:tiny", workdir, *search, fault=("sigint2", "5"))
+    assert_clear_error(
+        proc,
+        "stopped by Ctrl-C; the newest checkpoints are kept. To resume, run:\n",
+        f"-m jackpots_jax.main --config={os.path.join(ROOT, 'configs', 'default.py:tiny')}",
+        code=130,
+    )
+    assert checkpoint_folder(workdir) == ["3"]  # no orbax temporary folder either
+    assert search_steps_logged(workdir) == [1, 2, 3, 4]
+    assert not (workdir / "export").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_work_directory(tmp_path, straight_search):
+    """The second run is refused, naming the first; a SIGKILL of the first releases the lock."""
+    straight, search = straight_search
+    workdir = tmp_path / "work"
+    flag = tmp_path / "go"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["JAX_PLATFORMS"] = "cpu"
+    config = f"--config={os.path.join(ROOT, 'configs', 'default.py:tiny')}"
+    first = subprocess.Popen(
+        [sys.executable, FAULT_DRIVER, "pause", str(flag), config, f"--workdir={workdir}", *search],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(f"{flag}.ready"):  # the first run is about to take step 1
+            assert first.poll() is None and time.monotonic() < deadline, "first run ended"
+            time.sleep(0.1)
+        proc = run_main("default.py:tiny", workdir, *search)
+        assert_clear_error(
+            proc,
+            f"the work directory {workdir} is in use by another run (process {first.pid} on host",
+            "fault_driver.py pause",  # its command
+            "use another --workdir",
+        )
+        assert not (workdir / "metrics.jsonl").exists()  # the second run wrote nothing
+    finally:
+        first.kill()  # SIGKILL: no clean-up of its own
+        first.wait()
+    check_ok(run_main("default.py:tiny", workdir, *search))
+    assert search_steps_logged(workdir) == list(range(1, 17))
+    assert_same_jackpot(straight, workdir)

@@ -248,6 +248,48 @@ def test_plots_are_valid_pngs(tmp_path):
         report.plot_curves([r for r in records if r["kind"] == "churn"], tmp_path / "x.png")
 
 
+def _drawn(monkeypatch):
+    """The figures the plot functions draw, kept instead of written."""
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or str(path))
+    return figures
+
+
+def test_curves_give_each_phase_its_own_epochs_and_draw_the_baselines(monkeypatch):
+    figures = _drawn(monkeypatch)
+    baselines = {"dense": {"accuracy": 0.9, "loss": 0.3}, "magnitude pruning": {"accuracy": 0.6}}
+    report.plot_curves(_records(), "curves.png", baselines)
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == [
+        "pretrain: loss", "pretrain: accuracy", "search: loss", "search: accuracy",
+    ]  # fmt: skip
+    # The search's epochs start again at its own beginning (2 epochs of 4 steps each), not after
+    # the 3 epochs of pre-training.
+    train = {ax.get_title(): ax.lines[0].get_xdata() for ax in axes}
+    assert list(train["search: loss"]) == [step / 4 for step in range(1, 9)]
+    assert list(train["pretrain: loss"]) == [step / 4 for step in range(1, 13)]
+    # The baselines are horizontal lines at their value, on the search's panels only.
+    lines = lambda ax: {ln.get_label(): list(ln.get_ydata()) for ln in ax.lines}
+    assert lines(axes[3])["dense: 90.00%"] == [90.0, 90.0]
+    assert lines(axes[3])["magnitude pruning: 60.00%"] == [60.0, 60.0]
+    assert lines(axes[2])["dense: 0.3000"] == [0.3, 0.3]
+    assert "magnitude pruning" not in " ".join(lines(axes[2]))  # it has no loss
+    assert set(lines(axes[0])) == set(lines(axes[1])) == {"train", "eval"}
+    assert axes[3].get_legend() is not None
+
+
+def test_sparsity_plot_labels_every_bar(monkeypatch):
+    figures = _drawn(monkeypatch)
+    masks = {"a": np.eye(8, dtype=bool), "b": np.arange(16).reshape(4, 4) < 5, "head": None}
+    params = {n: np.ones(shape, np.float32) for n, shape in (("a", (8, 8)), ("b", (4, 4)))}
+    params["head"] = np.ones((4, 2), np.float32)
+    report.plot_sparsity(jj.sparsity_report(masks, params), "sparsity.png")
+    ax = figures[0].axes[0]
+    # 56 of 64 and 11 of 16 pruned; the classifier held dense is labelled as such, not left empty.
+    assert [t.get_text() for t in ax.texts] == ["87.50%", "68.75%", "0.00% (held dense)"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "head (dense)"]
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

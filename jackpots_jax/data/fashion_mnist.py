@@ -61,11 +61,11 @@ DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 HOW_TO_GET = (
     "Get the Fashion-MNIST IDX files in one of these ways: "
-    "(1) `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; the files are found "
-    "automatically); "
+    "(1) `$(command -v sudo) apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu, as root "
+    "or with sudo; the files are found automatically); "
     "(2) put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
     "t10k-labels-idx1-ubyte.gz (raw or .gz) in a directory and name it with the config field "
-    "`source_dir` (`--config.source_dir=/path/to/dir`, or "
+    "`dataset.source_dir` (`--config.dataset.source_dir=/path/to/dir`, or "
     "`jackpots_jax.data.prepare('fashion_mnist', data_dir, source_dir='/path/to/dir')`); "
     "(3) run once on a machine that is online, which downloads them."
 )

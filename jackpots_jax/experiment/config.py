@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
         first N examples; 0 for all), `dtype`.
       weights: `path` of the pre-trained weights (a `.safetensors`, `.npz` or PyTorch file; '' for
         `<workdir>/pretrain/model.safetensors`), `random` (search on random weights on purpose:
-        the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none).
+        the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none);
+        `batch_stats`: the batch-norm statistics to evaluate with (a `batch_stats.npz`; '' for
+        the one next to `masks` when there is one, else the weights file's own).
       pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
         0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`.
       search: `sparsity`, `rule` (budget rule), `dense` (regular expressions of the leaves held
@@ -51,10 +53,15 @@ def base_config() -> ml_collections.ConfigDict:
         `batch_size`, `learning_rate`, `momentum`, `weight_decay`, `label_smoothing`, `augment`,
         `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`),
         `selection` (the exact selection of the masks: `auto` picks by backend and mesh,
-        `batched` for accelerators and sharded state, `bracketed` for CPUs; the same masks).
+        `batched` for accelerators and sharded state, `bracketed` for CPUs; the same masks),
+        `allow_empty_layers` (a sparsity at which a masked layer keeps no weight is an error
+        unless this is True).
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
       eval: `batch_size`, `every_epochs`.
-      checkpoint: `every_steps`, `keep`.
+      checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
+        schedule fields changed since its checkpoint, e.g. `search.epochs` or
+        `search.learning_rate`, is an error unless this is True; then it continues under the new
+        schedule).
       parallel: `backend` (`shard_map` or `pmap`: data parallelism; `jit`: XLA partitions the
         step from the shardings of its arguments, needed for `fsdp` > 1), `num_devices` (0: all),
         `fsdp` (devices each leaf of params, scores, optimiser state and masks is sharded over; 1:
@@ -85,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.weights.path = ""
     c.weights.random = False
     c.weights.masks = ""
+    c.weights.batch_stats = ""
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.epochs = 8
@@ -117,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.rate.value = 1.0
     c.search.rate.power = 1.0
     c.search.selection = "auto"
+    c.search.allow_empty_layers = False
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -129,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
     c.checkpoint.keep = 3
+    c.checkpoint.allow_schedule_change = False
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.backend = "shard_map"

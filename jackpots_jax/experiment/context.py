@@ -13,13 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from jackpots_jax import data as data_lib
 from jackpots_jax import models, parallel
+from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.io import weights as weights_io
 from jackpots_jax.io.checkpoints import Checkpointer
+from jackpots_jax.io.errors import FileContentError
 from jackpots_jax.io.files import read_json, write_json
 
 PyTree = Any
@@ -195,6 +198,9 @@ def load_weights(ctx: Context, path: str) -> tuple[dict[str, PyTree], PyTree | N
 
     Raises:
       FileNotFoundError: no file at `path`, with what to do about it.
+      PermissionError: the file may not be read.
+      FileContentError: the file is empty, truncated or not in the format its suffix names, or a
+        weight or statistic is NaN or infinite (the leaf is named).
       CheckpointMismatchError: the file does not fit the model (every key listed).
     """
     if not os.path.exists(path):
@@ -203,10 +209,32 @@ def load_weights(ctx: Context, path: str) -> tuple[dict[str, PyTree], PyTree | N
             "(.safetensors, .npz, or .pth with PyTorch installed), run `--config.mode=pretrain` "
             "first, or set `--config.weights.random=True` to search random weights on purpose"
         )
-    variables, _, masks = weights_io.import_checkpoint(
-        path, ctx.model_name, ctx.network.num_classes, **ctx.model_options
-    )
+    try:
+        variables, _, masks = weights_io.import_checkpoint(
+            path, ctx.model_name, ctx.network.num_classes, **ctx.model_options
+        )
+    except PermissionError as e:
+        raise PermissionError(
+            f"the weights file {path!r} (`weights.path`) may not be read ({e.strerror}): make it "
+            "readable, or copy it somewhere you may read"
+        ) from None
+    except FileContentError as e:
+        raise FileContentError(f"`weights.path`: {e}") from None
     variables.setdefault("batch_stats", {})
+    # A NaN in the weights would only show as a NaN loss, blamed on the learning rate.
+    bad = []
+    for name, leaf in named_leaves(variables):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating) and not np.all(np.isfinite(leaf)):
+            nan, inf = int(np.isnan(leaf).sum()), int(np.isinf(leaf).sum())
+            bad.append(f"{name} ({nan} NaN, {inf} infinite of {leaf.size})")
+    if bad:
+        raise FileContentError(
+            f"the weights in {path!r} (`weights.path`) are not all finite: {', '.join(bad[:10])}"
+            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; nothing computed from "
+            "them would mean anything: use another file (or the checkpoint before the one that "
+            "diverged)"
+        )
     return variables, masks
 
 

@@ -1,4 +1,5 @@
-"""What the phases add along the training loop: metric records, progress, churn, evaluation."""
+"""What the phases add along the training loop: metric records, progress, churn, evaluation, and
+the check that a resumed phase runs the schedule it started with."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Any
 import optax
 from absl import logging
 
+from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.logs import MetricsLog, Progress
 from jackpots_jax.experiment.loop import Hook
+from jackpots_jax.io.errors import ABSENT
+from jackpots_jax.io.files import json_round_trip
 
 PyTree = Any
 
@@ -116,4 +120,47 @@ class EvaluateEveryEpochs(Hook):
         self.metrics_log.write(record)
         logging.info(
             "%s epoch %d: test accuracy %.2f%%", self.phase, epoch, 100 * result["accuracy"]
+        )
+
+
+class ScheduleGuard(Hook):
+    """Refuses to resume a phase under another schedule than the one its checkpoint was made with.
+
+    Its state, saved with every checkpoint, is the phase's schedule: the config fields that decide
+    its steps, learning rates and batches (`search.epochs`, `search.learning_rate`,
+    `search.batch_size`, `seed`, ...). A resumed run whose fields differ stops before its first
+    step with a `ConfigError` naming each one, unless `allow_change`
+    (`checkpoint.allow_schedule_change`): then it says which changed and continues under the new
+    schedule.
+
+    Args:
+      schedule: `{config field: value}`, JSON-able.
+      allow_change: continue under a changed schedule instead of refusing.
+    """
+
+    def __init__(self, schedule: dict[str, Any], allow_change: bool):
+        self.schedule = json_round_trip(schedule, "schedule")
+        self.allow_change = allow_change
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(self.schedule)
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        changed = [
+            (field, state.get(field, ABSENT), self.schedule.get(field, ABSENT))
+            for field in sorted(set(state) | set(self.schedule))
+            if state.get(field, ABSENT) != self.schedule.get(field, ABSENT)
+        ]
+        if not changed:
+            return
+        listing = "; ".join(f"`{f}` was {old!r}, now {new!r}" for f, old, new in changed)
+        if self.allow_change:
+            logging.warning("resuming under a changed schedule: %s", listing)
+            return
+        raise ConfigError(
+            f"the checkpoint this run resumes from was made with another schedule: {listing}. "
+            "Resume with the same values, set `--config.checkpoint.allow_schedule_change=True` "
+            "to continue under the new schedule, or use another --workdir to start afresh"
         )

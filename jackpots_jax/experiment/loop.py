@@ -9,8 +9,13 @@ records, the progress bar, mask churn per epoch, evaluation) comes in as hooks.
     log       every `log_every_steps`, at the end of each epoch and at each checkpoint: the
               window's sums go to the hooks (a non-finite loss stops the run first)
     epoch     at the end of each epoch: the hooks (evaluation, per-epoch statistics)
-    save      every `checkpointer.save_every_steps` and at the last step
+    save      every `checkpointer.save_every_steps`, at the last step, and when Ctrl-C asked to stop
     after     the hooks, once the step is done
+
+Ctrl-C (SIGINT) during the loop asks it to stop after the step it is in: that step is logged and
+checkpointed like a last one, and `Interrupted` (a `KeyboardInterrupt`) is raised. The run then
+resumes from exactly there, and ends as if it had never stopped. A second Ctrl-C stops at once (the
+usual `KeyboardInterrupt`; the run resumes from its newest checkpoint).
 
 Example:
   >>> step_fn = lambda state, batch: run(state, params, shard(batch))
@@ -21,6 +26,9 @@ Example:
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -30,12 +38,65 @@ import jax.numpy as jnp
 from absl import logging
 
 from jackpots_jax.io.checkpoints import Checkpointer
+from jackpots_jax.io.errors import CheckpointMismatchError
 
 PyTree = Any
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the loop between two steps; the step it stopped at is checkpointed.
+
+    Attributes:
+      step: the last step done.
+      total_steps: the step count the loop was to reach.
+      directory: the checkpoint folder (`None` for a loop without a checkpointer).
+    """
+
+    def __init__(self, step: int, total_steps: int, directory: str | None):
+        self.step, self.total_steps, self.directory = step, total_steps, directory
+        saved = (
+            f"its checkpoint is saved in {directory}"
+            if directory is not None
+            else "nothing was saved (no checkpointer)"
+        )
+        super().__init__(f"stopped by Ctrl-C after step {step} of {total_steps}; {saved}")
+
+
+class _StopRequests:
+    """From creation to `close()`: the first SIGINT only asks the loop to stop (`self()` is true).
+
+    Left alone when this is not the main thread, or when someone else installed a SIGINT handler
+    (then that handler decides).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.installed = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        if self.installed:
+            signal.signal(signal.SIGINT, self._ask_to_stop)
+
+    def _ask_to_stop(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one stops at once
+        print(
+            "\nCtrl-C: stopping after this step, once it is saved (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def close(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Batches(Protocol):
@@ -117,12 +178,20 @@ def train_loop(
     Raises:
       NonFiniteLossError: the mean loss of a logging window is NaN or infinite; the newest
         checkpoint is from before it.
+      Interrupted: Ctrl-C asked the loop to stop; the step it stopped after is checkpointed.
     """
     restored = checkpointer.restore(state) if checkpointer is not None else None
     if restored is not None:
-        state, extra, _ = restored
+        state, extra, saved_step = restored
+        hook_states = extra.get("hooks", [None] * len(hooks))
+        if len(hook_states) != len(hooks):
+            raise CheckpointMismatchError(
+                f"checkpoint of step {saved_step} in {checkpointer.directory} holds the state of "
+                f"{len(hook_states)} hook(s), this run has {len(hooks)}: it was written by another "
+                "version of the program; use another directory, or delete it to start afresh"
+            )
         batches.set_state(extra["data"])
-        for hook, hook_state in zip(hooks, extra.get("hooks", [None] * len(hooks)), strict=True):
+        for hook, hook_state in zip(hooks, hook_states, strict=True):
             hook.set_state(hook_state)
     step = step_of(state)
     if restored is not None:
@@ -130,24 +199,24 @@ def train_loop(
     for hook in hooks:
         hook.start(step)
     window, window_steps, window_start = None, 0, time.perf_counter()
+    stop_requested = _StopRequests()
     try:
         while step < total_steps:
             state, metrics = step_fn(state, next(batches))
             step += 1
+            stopping = stop_requested() and step < total_steps
             window = metrics if window is None else _accumulate(window, metrics)
             window_steps += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            save = checkpointer is not None and (
-                checkpointer.should_save(step) or step == total_steps
-            )
-            if step % log_every_steps == 0 or end_of_epoch or save:
+            last = step == total_steps or stopping
+            save = checkpointer is not None and (checkpointer.should_save(step) or last)
+            if step % log_every_steps == 0 or end_of_epoch or save or stopping:
                 sums = jax.device_get(window)
                 loss = float(sums["loss"]) / window_steps
                 if not math.isfinite(loss):
-                    where = f" (the last good checkpoint in {checkpointer.directory} is intact)"
                     raise NonFiniteLossError(
                         f"the loss became {loss} before step {step}; stopped"
-                        f"{where if checkpointer is not None else ''}. Lower the learning rate?"
+                        f"{_kept(checkpointer)}. Lower the learning rate?"
                     )
                 seconds = time.perf_counter() - window_start
                 for hook in hooks:
@@ -158,10 +227,24 @@ def train_loop(
                     hook.end_of_epoch(step, math.ceil(step / steps_per_epoch), state)
             if save:
                 extra = {"data": batches.get_state(), "hooks": [h.get_state() for h in hooks]}
-                checkpointer.save(step, state, extra, force=step == total_steps)
+                checkpointer.save(step, state, extra, force=last)
             for hook in hooks:
                 hook.after_step(step, state)
+            if stopping:
+                directory = None if checkpointer is None else str(checkpointer.directory)
+                raise Interrupted(step, total_steps, directory)
     finally:
+        stop_requested.close()
         for hook in hooks:
             hook.end(step)
     return state
+
+
+def _kept(checkpointer: Checkpointer | None) -> str:
+    """What a run stopped by an error leaves to resume from, for its message."""
+    if checkpointer is None:
+        return ""
+    newest = checkpointer.latest_step()
+    if newest is None:
+        return f" (no checkpoint was written yet in {checkpointer.directory})"
+    return f" (the last good checkpoint, step {newest} in {checkpointer.directory}, is intact)"

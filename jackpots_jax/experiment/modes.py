@@ -10,7 +10,10 @@ Modes (`config.mode`):
 * `search`: the jackpot search on frozen pre-trained weights; checkpoints every
   `checkpoint.every_steps` in `<workdir>/search/checkpoints` (resumed on start), evaluates the
   masked model every `eval.every_epochs`, exports the jackpot to `<workdir>/export`.
-* `evaluate`: accuracy of weights (and masks: `weights.masks`, or those inside the weights file).
+* `evaluate`: accuracy of weights (and masks: `weights.masks`, or those inside the weights file),
+  with the batch-norm statistics of `weights.batch_stats`, by default the `batch_stats.npz` next
+  to `weights.masks` (an exported jackpot's: the search re-estimated them); without one, the
+  weights file's own, and a warning says so.
 * `prune`: one-shot magnitude pruning at `search.sparsity`, no search; evaluated with the
   pre-trained batch-norm statistics and, with `prune.reestimate_bn`, with re-estimated ones.
 * `export`: the jackpot of the latest search checkpoint to `<workdir>/export`.
@@ -18,7 +21,8 @@ Modes (`config.mode`):
   model, magnitude-prune, search, evaluate, and write `<workdir>/report.md` with plots.
 
 Every run appends metrics to `<workdir>/metrics.jsonl` (and TensorBoard) and the accuracies it
-measured to `<workdir>/results.json`.
+measured to `<workdir>/results.json`. Before anything is computed, the work directory is checked
+to be writable and locked for this run (`experiment.workdir`): a second run on it is refused.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from absl import logging
 from jackpots_jax import data, models, parallel
 from jackpots_jax.experiment import config as config_lib
 from jackpots_jax.experiment import context, phases, report
+from jackpots_jax.experiment import workdir as workdir_lib
 from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.io.checkpoints import fingerprint
-from jackpots_jax.io.export import masks_from_npz
+from jackpots_jax.io.export import BATCH_STATS, batch_stats_from_npz, masks_from_npz
 from jackpots_jax.io.files import write_json
 from jackpots_jax.masks import init_scores
 
@@ -137,19 +142,47 @@ def _weights(ctx: Context, config: Config) -> tuple[dict[str, PyTree], PyTree | 
 
 
 def run_pretrain(ctx: Context, config: Config) -> None:
-    variables = phases.pretrain(ctx, _train_recipe(config), seed=config.seed)
+    variables = _pretrain(ctx, config)
     dense = phases.evaluate(ctx, variables["params"], variables["batch_stats"], None)
     context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
 
 
+def _batch_stats_path(config: Config) -> str | None:
+    """`weights.batch_stats`, or the `batch_stats.npz` next to `weights.masks` when there is one."""
+    if config.weights.batch_stats:
+        return config.weights.batch_stats
+    if config.weights.masks:
+        path = os.path.join(os.path.dirname(os.path.abspath(config.weights.masks)), BATCH_STATS)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def run_evaluate(ctx: Context, config: Config) -> None:
     variables, masks, _ = _weights(ctx, config)
-    params = variables["params"]
+    params, stats = variables["params"], variables["batch_stats"]
+    row = {"model": "evaluated"}
     if config.weights.masks:
         masks = masks_from_npz(config.weights.masks, params, exact=False)
+    stats_path = _batch_stats_path(config)
+    if stats_path is not None:
+        stats = batch_stats_from_npz(stats_path, stats)
+        row["note"] = f"batch-norm statistics from {stats_path}"
+        logging.info("evaluating with the batch-norm statistics of %s", stats_path)
+    elif config.weights.masks and jax.tree.leaves(stats):
+        row["note"] = "batch-norm statistics of the weights file (none next to the masks)"
+        logging.warning(
+            "evaluating the masks of %s with the batch-norm statistics of the weights file %s: "
+            "there is no %s next to the masks. A search re-estimates these statistics, so a "
+            "jackpot's accuracy is reproduced only with the batch_stats.npz exported with its "
+            "masks (set `--config.weights.batch_stats`)",
+            config.weights.masks,
+            _weights_path(ctx, config),
+            BATCH_STATS,
+        )
     sparsity = 0.0 if masks is None else phases.masks_sparsity(masks, params)
-    result = phases.evaluate(ctx, params, variables["batch_stats"], masks)
-    context.record_result(ctx, {"model": "evaluated", "sparsity": sparsity, **result})
+    result = phases.evaluate(ctx, params, stats, masks)
+    context.record_result(ctx, {**row, "sparsity": sparsity, **result})
 
 
 def _prune(ctx: Context, config: Config, variables: PyTree) -> PyTree:
@@ -202,6 +235,7 @@ def _search(ctx: Context, config: Config, variables: PyTree, weights_fingerprint
         recipe,
         seed=config.seed,
         fingerprint=weights_fingerprint,
+        allow_schedule_change=config.checkpoint.allow_schedule_change,
     )
     result = phases.evaluate(ctx, params, state.batch_stats, state.masks)
     row = {
@@ -248,14 +282,30 @@ def run_export(ctx: Context, config: Config) -> None:
     )
 
 
+def _pretrain(ctx: Context, config: Config) -> dict[str, PyTree]:
+    return phases.pretrain(
+        ctx,
+        _train_recipe(config),
+        seed=config.seed,
+        allow_schedule_change=config.checkpoint.allow_schedule_change,
+    )
+
+
 def run_jackpot(ctx: Context, config: Config) -> None:
+    recipe = _search_recipe(config)
     if not config.weights.random and not os.path.exists(_weights_path(ctx, config)):
         if config.weights.path:
             _weights(ctx, config)  # raises: the named file is missing
+        # What can be checked on the model's shapes alone is checked before pre-training.
+        shape = tuple(ctx.data.info.image_shape)
+        recipe.check_dense(
+            jax.eval_shape(lambda k: ctx.network.init(k, shape), jax.random.key(0))[0]
+        )
         logging.info("no pre-trained weights in %s: pre-training first", ctx.workdir)
-        phases.pretrain(ctx, _train_recipe(config), seed=config.seed)
+        _pretrain(ctx, config)
     variables, _, weights_fingerprint = _weights(ctx, config)
     params, stats = variables["params"], variables["batch_stats"]
+    recipe.budget(params, ctx.network.spec.dense)  # its errors before any evaluation
     dense = phases.evaluate(ctx, params, stats, None)
     context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
     magnitude = _prune(ctx, config, variables)
@@ -288,10 +338,17 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     """Runs `config.mode` in `workdir`; returns the accuracies measured (as in results.json).
 
     Raises:
-      ConfigError: an impossible value (before any compute).
+      ConfigError: an impossible value (before any compute), or a resumed schedule that changed.
+      WorkdirError: a folder the run writes into is not writable, or another run holds the work
+        directory (before any compute).
       FileNotFoundError: a missing dataset or missing pre-trained weights (before any compute).
+      FileContentError: a weights, masks or statistics file that cannot be read, non-finite
+        weights, masks that are not 0/1.
       CheckpointMismatchError: weights, masks or a checkpoint that do not fit the run.
+      CheckpointCorruptError: no checkpoint of the phase can be read.
+      CheckpointWriteError: a checkpoint could not be written (e.g. the disk is full).
       NonFiniteLossError: the loss became NaN or infinite.
+      Interrupted: Ctrl-C stopped a phase; the step it stopped after is checkpointed.
     """
     num_devices = config.parallel.num_devices or jax.device_count()
     if num_devices > jax.device_count():
@@ -300,11 +357,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
             f"{jax.device_count()} device(s) present"
         )
     config_lib.check(config, num_devices=num_devices, modes=tuple(MODES))
-    ctx = _context(config, workdir, num_devices)
-    if ctx.is_main:
-        write_json(os.path.join(ctx.workdir, "config.json"), config.to_dict(), "config")
-    try:
-        MODES[config.mode](ctx, config)
-    finally:
-        ctx.log.close()
-    return {"results": context.results(ctx)}
+    with workdir_lib.claim(workdir, lock=jax.process_index() == 0) as workdir:
+        ctx = _context(config, workdir, num_devices)
+        if ctx.is_main:
+            write_json(os.path.join(ctx.workdir, "config.json"), config.to_dict(), "config")
+        try:
+            MODES[config.mode](ctx, config)
+        finally:
+            ctx.log.close()
+        return {"results": context.results(ctx)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import optax
 
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import report
+from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import (
     PRETRAINED,
     Context,
@@ -30,12 +32,17 @@ from jackpots_jax.experiment.context import (
     results,
     save_weights,
 )
-from jackpots_jax.experiment.hooks import ChurnPerEpoch, EvaluateEveryEpochs, TrainLog
+from jackpots_jax.experiment.hooks import (
+    ChurnPerEpoch,
+    EvaluateEveryEpochs,
+    ScheduleGuard,
+    TrainLog,
+)
 from jackpots_jax.experiment.loop import train_loop
 from jackpots_jax.io.export import export_jackpot
 from jackpots_jax.masks import init_scores, mask_overlap
 from jackpots_jax.restriction import schedules
-from jackpots_jax.sparsity import layer_budgets, sparsity_report
+from jackpots_jax.sparsity import layer_budgets, prunable_leaves, sparsity_report
 from jackpots_jax.step import (
     bn_stats_step,
     create_search_state,
@@ -120,8 +127,14 @@ class TrainRecipe:
     augment: bool
 
 
-def pretrain(ctx: Context, recipe: TrainRecipe, *, seed: int) -> dict[str, PyTree]:
-    """Dense training from scratch; returns the variables and saves them as the pre-trained."""
+def pretrain(
+    ctx: Context, recipe: TrainRecipe, *, seed: int, allow_schedule_change: bool = False
+) -> dict[str, PyTree]:
+    """Dense training from scratch; returns the variables and saves them as the pre-trained.
+
+    Resumes from `<workdir>/pretrain/checkpoints`; one made under another schedule (epochs,
+    learning rate, ...) is refused unless `allow_schedule_change`.
+    """
     steps_per_epoch = ctx.data.steps_per_epoch(recipe.batch_size)
     total_steps = recipe.epochs * steps_per_epoch
     lr = optax.cosine_decay_schedule(recipe.learning_rate, max(total_steps, 1))
@@ -157,6 +170,7 @@ def pretrain(ctx: Context, recipe: TrainRecipe, *, seed: int) -> dict[str, PyTre
             total_steps,
             lambda s: evaluate(ctx, s.params, s.batch_stats, None),
         ),
+        ScheduleGuard(_schedule(ctx, "pretrain", recipe, seed), allow_schedule_change),
     ]
     with ctx.checkpointer("pretrain", {}) as ckpt:
         state = train_loop(
@@ -213,10 +227,43 @@ class SearchRecipe:
     augment: bool
     rank_by: str
     rate: RateRecipe
+    allow_empty_layers: bool = False
+
+    def check_dense(self, params: PyTree) -> None:
+        """Every pattern of `dense` must name a kernel of `params`: a typo would prune it."""
+        kernels = [n for n, k in named_leaves(prunable_leaves(params, dense=())) if k]
+        unmatched = [p for p in self.dense or () if not any(re.search(p, n) for n in kernels)]
+        if unmatched:
+            raise ConfigError(
+                f"config field `search.dense` is {tuple(self.dense)!r}, but "
+                f"{', '.join(map(repr, unmatched))} matches none of the model's kernels, so it "
+                "holds nothing dense (a typo?); the patterns are regular expressions searched in "
+                f"these kernel paths: {', '.join(kernels)}"
+            )
 
     def budget(self, params: PyTree, default_dense: Sequence[str]) -> PyTree:
+        """The pruned count per leaf; `ConfigError` for a `dense` pattern that matches no kernel,
+        and (unless `allow_empty_layers`) for a sparsity at which a masked layer keeps nothing."""
+        self.check_dense(params)
         dense = default_dense if self.dense is None else self.dense
-        return layer_budgets(params, self.sparsity, self.rule, dense=tuple(dense))
+        budget = layer_budgets(params, self.sparsity, self.rule, dense=tuple(dense))
+        sizes = dict(named_leaves(params))
+        empty = [
+            (name, int(np.size(sizes[name])))
+            for name, pruned in named_leaves(budget)
+            if pruned is not None and int(pruned) >= np.size(sizes[name])
+        ]
+        if empty and not self.allow_empty_layers:
+            listed = ", ".join(f"{name} (0 of {size} kept)" for name, size in empty[:10])
+            more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+            raise ConfigError(
+                f"config field `search.sparsity` is {self.sparsity!r}: with the {self.rule!r} "
+                f"rule, {len(empty)} masked layer(s) would keep no weight at all: {listed}{more}. "
+                "Nothing would pass through them. Lower `search.sparsity`, hold those layers "
+                "dense (`search.dense`), or set `--config.search.allow_empty_layers=True` if this "
+                "is what you want"
+            )
+        return budget
 
     def steps(self, steps_per_epoch: int) -> tuple[int, int]:
         """`(total_steps, steps_per_epoch)`; `max_steps` caps both."""
@@ -239,6 +286,30 @@ class SearchRecipe:
         )
 
 
+# What decides the masks, not the schedule: a change of these is refused by the checkpoint's
+# identity (the budget), and allowing one would not make sense.
+_NOT_SCHEDULE = ("sparsity", "rule", "dense", "allow_empty_layers")
+
+
+def _schedule(ctx: Context, phase: str, recipe: Any, seed: int) -> dict[str, Any]:
+    """The config fields that decide a phase's steps, learning rates and batches."""
+
+    def flat(prefix: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, value in fields.items():
+            if isinstance(value, Mapping):
+                out.update(flat(f"{prefix}.{name}", value))
+            elif name not in _NOT_SCHEDULE:
+                out[f"{prefix}.{name}"] = value
+        return out
+
+    return {
+        **flat(phase, dataclasses.asdict(recipe)),
+        "seed": seed,
+        "dataset.num_train": ctx.data.num_train or 0,
+    }
+
+
 def _budget_identity(budget: PyTree) -> dict[str, Any]:
     return {"budget": {n: int(b) for n, b in named_leaves(budget) if b is not None}}
 
@@ -251,11 +322,13 @@ def search(
     *,
     seed: int,
     fingerprint: str,
+    allow_schedule_change: bool = False,
 ) -> tuple[Any, PyTree]:
     """The jackpot search from frozen `params`; returns the final `SearchState` and its budget.
 
     Resumes from `<workdir>/search/checkpoints` when a checkpoint of the same run is there; one of
-    other weights (`fingerprint`), budget or model is refused.
+    other weights (`fingerprint`), budget or model is refused, and so is one made under another
+    schedule (epochs, learning rate, ...) unless `allow_schedule_change`.
     """
     budget = recipe.budget(params, ctx.network.spec.dense)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
@@ -295,6 +368,7 @@ def search(
             total_steps,
             lambda s: evaluate(ctx, params, s.batch_stats, s.masks),
         ),
+        ScheduleGuard(_schedule(ctx, "search", recipe, seed), allow_schedule_change),
     ]
     with ctx.checkpointer("search", _budget_identity(budget), fingerprint) as ckpt:
         state = train_loop(
@@ -328,12 +402,15 @@ def restored_search(
             scores, tx, batch_stats=batch_stats, rng=jax.random.key_data(jax.random.key(0))
         )
     )
-    with ctx.checkpointer("search", _budget_identity(budget), fingerprint) as ckpt:
-        restored = ckpt.restore(target)
+    directory = os.path.join(ctx.workdir, "search", "checkpoints")
+    restored = None
+    if os.path.isdir(directory):  # not created by looking for it
+        with ctx.checkpointer("search", _budget_identity(budget), fingerprint) as ckpt:
+            restored = ckpt.restore(target)
     if restored is None:
         raise FileNotFoundError(
-            f"no search checkpoint in {os.path.join(ctx.workdir, 'search', 'checkpoints')}: "
-            "run `--config.mode=search` first"
+            f"no search checkpoint in {directory}: run `--config.mode=search` first (with the same "
+            "--workdir)"
         )
     return restored[0], budget
 
@@ -407,10 +484,25 @@ def write_report(
         records=records,
         config=config,
         notes=[
-            "Overlap: IoU of the kept weights of the jackpot and of magnitude pruning at the same "
-            "budget; 'b_in_a' is the share of the magnitude mask's kept weights the jackpot keeps.",
+            "Weights unchanged: the jackpot uses the pre-trained conv and dense weights and the "
+            "batch-norm scale and bias exactly as they were (only masked); the batch-norm running "
+            "statistics (mean, variance) are re-estimated during the search, as in the reference "
+            "code. `export/masks.npz` with `export/batch_stats.npz` and the pre-trained weights "
+            "reproduce the jackpot's accuracy (`--config.mode=evaluate "
+            "--config.weights.masks=<workdir>/export/masks.npz`); so does "
+            "`export/jackpot.safetensors` alone.",
+            "Overlap: IoU is the intersection over union of the weights kept by the jackpot and "
+            "by magnitude pruning at the same budget; 'share of magnitude kept by jackpot' is the "
+            "share of the magnitude mask's kept weights that the jackpot keeps too.",
         ],
+        baselines=_baselines(results(ctx)),
     )
+
+
+def _baselines(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The final accuracies the curves are drawn against: dense and one-shot pruning."""
+    names = ("dense", "magnitude pruning", "magnitude pruning + BN re-estimation")
+    return {r["model"]: r for r in rows if r.get("model") in names}
 
 
 def masks_sparsity(masks: PyTree, params: PyTree) -> float:

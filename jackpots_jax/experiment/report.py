@@ -37,6 +37,13 @@ from jackpots_jax.sparsity import format_sparsity_table
 # How many layers a churn plot names in its legend; the rest are drawn as one "other layers" band.
 MAX_LEGEND_LAYERS = 10
 
+CHURN_DEFINITION = (
+    "Churn: the mask entries that flipped (kept to pruned, or pruned to kept) at each step, summed "
+    "over the steps of the epoch. One kept weight swapped for another flips two entries, so "
+    "'churn (% of kept)' is twice the swaps per kept weight: 170% means 0.85 swaps per kept "
+    "weight in that epoch (a weight that leaves and comes back counts each time)."
+)
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading metrics.
@@ -240,8 +247,9 @@ def _churn_records(records: Iterable[Mapping]) -> list[Mapping]:
 def churn_table(records: Iterable[Mapping[str, Any]]) -> str:
     """A Markdown table of the mask churn of every search epoch.
 
-    Churn counts flipped mask entries, so swapping one kept weight for another counts 2; as a share
-    of the kept weights it can therefore reach 200%.
+    Churn counts flipped mask entries, summed over the epoch's steps (`CHURN_DEFINITION`): swapping
+    one kept weight for another counts 2, and a weight swapped several times counts each time, so
+    as a share of the kept weights it can exceed 100%.
 
     Args:
       records: metric records (e.g. from `read_metrics`); only `kind == "churn"` ones are used. When
@@ -293,15 +301,23 @@ def _series(records: Iterable[Mapping], phase: str, kind: str, field: str):
     return [r["epoch"] for r in rows], [r[field] for r in rows]
 
 
-def plot_curves(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> str:
-    """Loss and accuracy against epoch, train and eval, one colour per phase, as a PNG.
+def plot_curves(
+    records: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """Loss and accuracy against epoch, train and eval, one row of panels per phase, as a PNG.
 
-    Train records are drawn as thin lines, eval records as dashed lines with markers. A step logged
-    twice (a resumed run) is drawn once, from its later record.
+    Each phase (pre-training, the search) has its own row and its own epoch axis: they do not run
+    together. Train records are drawn as thin lines, eval records as dashed lines with markers. A
+    step logged twice (a resumed run) is drawn once, from its later record. `baselines` (final
+    results such as the dense model and one-shot pruning) are drawn as horizontal lines on the
+    search's panels (on the last phase's when there is no search).
 
     Args:
       records: metric records; `kind` "train" and "eval" ones with an `epoch` and a `step` are used.
       path: where to write the PNG (its folder is created).
+      baselines: `{label: {"accuracy": ..., "loss": ...}}` (e.g. rows of `results.json`).
 
     Returns:
       `path` as a string.
@@ -313,27 +329,35 @@ def plot_curves(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -
     if not records:
         raise ValueError('plot_curves found no record with kind "train" or "eval" and an epoch')
     phases = list(dict.fromkeys(r.get("phase") for r in records))
-    fig, axes = _figure(11, 4, 1, 2)
-    loss_ax, acc_ax = axes[0]
-    for i, phase in enumerate(phases):
-        colour = f"C{i}"
+    with_baselines = "search" if "search" in phases else phases[-1]
+    fig, axes = _figure(11, 3.6 * len(phases), len(phases), 2)
+    for row, phase in enumerate(phases):
+        loss_ax, acc_ax = axes[row]
         for kind, style in (
-            ("train", {"lw": 1, "alpha": 0.8}),
-            ("eval", {"ls": "--", "marker": "o"}),
+            ("train", {"lw": 1, "alpha": 0.8, "color": "C0"}),
+            ("eval", {"ls": "--", "marker": "o", "color": "C1"}),
         ):
-            label = f"{phase} {kind}"
             x, y = _series(records, phase, kind, "loss")
             if x:
-                loss_ax.plot(x, y, color=colour, label=label, ms=4, **style)
+                loss_ax.plot(x, y, label=kind, ms=4, **style)
             x, y = _series(records, phase, kind, "accuracy")
             if x:
-                acc_ax.plot(x, [100 * v for v in y], color=colour, label=label, ms=4, **style)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
+                acc_ax.plot(x, [100 * v for v in y], label=kind, ms=4, **style)
+        if phase == with_baselines:
+            for i, (label, result) in enumerate((baselines or {}).items()):
+                colour = f"C{i + 2}"
+                if result.get("accuracy") is not None:
+                    acc = 100 * result["accuracy"]
+                    acc_ax.axhline(acc, color=colour, lw=1, ls=":", label=f"{label}: {acc:.2f}%")
+                if result.get("loss") is not None:
+                    loss = result["loss"]
+                    loss_ax.axhline(loss, color=colour, lw=1, ls=":", label=f"{label}: {loss:.4f}")
+        loss_ax.set(xlabel=f"{phase} epoch", ylabel="loss", title=f"{phase}: loss")
+        acc_ax.set(xlabel=f"{phase} epoch", ylabel="accuracy (%)", title=f"{phase}: accuracy")
+        for ax in (loss_ax, acc_ax):
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -356,17 +380,22 @@ def plot_sparsity(report: Mapping[str, Any], path: str | os.PathLike) -> str:
         raise ValueError("plot_sparsity: the sparsity report has no layer")
     names = list(layers)
     values = [100 * layers[n]["sparsity"] for n in names]
-    colours = ["C0" if layers[n].get("masked", True) else "C7" for n in names]
-    fig, axes = _figure(8, 1.5 + 0.25 * len(names))
+    masked = [layers[n].get("masked", True) for n in names]
+    colours = ["C0" if m else "C7" for m in masked]
+    fig, axes = _figure(8, 1.5 + 0.3 * len(names))
     ax = axes[0][0]
-    ax.barh(range(len(names)), values, color=colours)
-    ax.set_yticks(
-        range(len(names)), [n if layers[n].get("masked", True) else f"{n} (dense)" for n in names]
-    )
+    bars = ax.barh(range(len(names)), values, color=colours)
+    # Every bar says its value; a layer held dense (an empty bar) says so.
+    pairs = list(zip(names, values, masked, strict=True))
+    labels = [f"{v:.2f}%" if m else f"{v:.2f}% (held dense)" for _, v, m in pairs]
+    ax.bar_label(bars, labels, padding=3, fontsize="small")
+    ax.set_yticks(range(len(names)), [n if m else f"{n} (dense)" for n, _, m in pairs])
     ax.invert_yaxis()
     total = 100 * report["budgeted"]["sparsity"]
     ax.axvline(total, color="C3", ls="--", label=f"masked layers: {total:.2f}%")
-    ax.set(xlabel="sparsity (%)", xlim=(0, 100), title="sparsity per layer")
+    # Room on the right for the labels of the bars near 100%.
+    ax.set(xlabel="sparsity (%)", xlim=(0, 118), title="sparsity per layer")
+    ax.set_xticks(range(0, 101, 20))
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
     return _save(fig, path)
@@ -443,6 +472,7 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
     overlap_names: tuple[str, str] = ("jackpot", "magnitude"),
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Writes `<workdir>/report.md` and its PNGs in `<workdir>/plots/`.
 
@@ -461,6 +491,7 @@ def write_report(
       config: the run's config (a mapping, or anything with `to_dict()` like a `ConfigDict`).
       notes: free-text remarks, one bullet each.
       overlap_names: what the overlap table calls its `a` and `b` masks.
+      baselines: final results drawn as horizontal lines in the curves (`plot_curves`).
 
     Returns:
       The path of `report.md` as a string.
@@ -485,11 +516,14 @@ def write_report(
         )
     has_churn = bool(_churn_records(records))
     if has_churn:
-        sections.append("## Mask churn per search epoch\n\n" + churn_table(records))
+        sections.append(
+            f"## Mask churn per search epoch\n\n{CHURN_DEFINITION}\n\n{churn_table(records)}"
+        )
 
     plots = []
     if any(r.get("kind") in ("train", "eval") and "epoch" in r for r in records):
-        plots.append(("Loss and accuracy", plot_curves(records, workdir / "plots" / "curves.png")))
+        curves = plot_curves(records, workdir / "plots" / "curves.png", baselines)
+        plots.append(("Loss and accuracy", curves))
     if sparsity and sparsity.get("layers"):
         plots.append(
             ("Sparsity per layer", plot_sparsity(sparsity, workdir / "plots" / "sparsity.png"))

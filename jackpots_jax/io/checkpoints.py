@@ -20,6 +20,11 @@ instead, so that resuming with other weights is refused.
 cannot be read or whose bytes do not match their checksums (a file truncated or garbled after it was
 written): it logs why and restores the previous good one.
 
+A save that fails (the disk is full, the folder became read-only) leaves nothing of itself: orbax's
+temporary folder of that step is removed and `CheckpointWriteError` says why and which complete
+checkpoint is the newest. Temporary folders of a process killed while saving are removed when the
+next `Checkpointer` opens the folder, before it returns.
+
 Example:
   >>> ckpt = Checkpointer(workdir / "checkpoints", identity={"model": "resnet20", ...},
   ...                     save_every_steps=1000, fingerprint=fingerprint(params))
@@ -33,8 +38,11 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +64,9 @@ PyTree = Any
 # 2: states hold no frozen params; the identity carries their fingerprint.
 FORMAT_VERSION = 2
 QUARANTINE = "corrupt"  # subfolder that receives checkpoints found unreadable
+UNFINISHED = ".orbax-checkpoint-tmp"  # in the name of orbax's folder of a save in progress
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_barriers = itertools.count()  # orbax's barriers must each have a name of their own
 _STATE, _EXTRA, _META = "state", "extra", "meta"
 FINGERPRINT = "fingerprint"  # the identity field that holds the frozen values' fingerprint
 WEIGHTS_DIFFER = (
@@ -78,6 +89,43 @@ class CheckpointCorruptError(RuntimeError):
             f"no readable checkpoint in {directory} (delete the directory to start afresh):\n"
             + detail
         )
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); nothing of it is left on disk.
+
+    An `OSError` with the `errno` of the cause (`ENOSPC` when the disk is full, also when the
+    writer reported it only in its message) and the folder as `filename`.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _errno(err: BaseException) -> int | None:
+    """The errno behind `err` or its causes; tensorstore reports one only in its message."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err.errno
+        text = str(err)
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            return errno.ENOSPC
+        if "Disk quota exceeded" in text:
+            return errno.EDQUOT
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _wait_for_orbax_threads(timeout: float = 120.0) -> None:
+    """Waits for orbax's writer threads (its futures; their class lives in orbax) to end."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith(
+            "orbax."
+        ):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _reason(what: str, err: BaseException) -> str:
@@ -278,9 +326,12 @@ class Checkpointer:
             # `save` returns only once the checkpoint is finalised (written to a temporary folder,
             # then renamed): a process killed at any moment leaves every listed step whole.
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
+            # Done here instead (`_remove_unfinished`): orbax does it in a background thread that a
+            # process ending soon after (an error found before any step) leaves printing tracebacks.
+            cleanup_tmp_directories=False,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._remove_unfinished()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -340,8 +391,29 @@ class Checkpointer:
                 _META: ocp.args.JsonSave(meta),
             }
         )
-        saved = self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+        try:
+            saved = self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+        except Exception as err:
+            # The other items of the step may still be in writing when the first one fails.
+            _wait_for_orbax_threads()
+            # No barrier: the other processes may not have failed, and would never reach it.
+            self._remove_unfinished(sync=False)
+            self._manager.reload()
+            code = _errno(err)
+            newest = self._manager.latest_step()
+            kept = (
+                f"the newest complete checkpoint is step {newest}"
+                if newest is not None
+                else "there is no complete checkpoint"
+            )
+            what = "no space left on device" if code in _DISK_FULL else _reason("error", err)
+            raise CheckpointWriteError(
+                code or errno.EIO,
+                f"the checkpoint of step {step} could not be written in {self.directory} ({what}); "
+                f"nothing of it was left there, {kept}",
+                os.fspath(self.directory),
+            ) from err
         return bool(saved)
 
     def restore(self, target: PyTree) -> tuple[PyTree, dict, int] | None:
@@ -463,6 +535,19 @@ class Checkpointer:
         # a save that some processes skip and others make would hang.
         ocp.multihost.sync_global_processes(f"jackpots_quarantine_{'_'.join(map(str, steps))}")
         self._manager.reload()
+
+    def _remove_unfinished(self, sync: bool = True) -> None:
+        """Removes orbax's temporary folders: saves that failed or whose process was killed."""
+        if jax.process_index() == 0 and self.directory.exists():
+            for path in self.directory.iterdir():
+                if UNFINISHED in path.name:
+                    logging.info("removing an unfinished checkpoint: %s", path)
+                    try:
+                        path.rmtree() if path.is_dir() else path.unlink()
+                    except OSError as err:  # the next Checkpointer on the folder tries again
+                        logging.warning("could not remove %s: %s", path, err)
+        if sync and jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"jackpots_unfinished_{next(_barriers)}")
 
     def close(self) -> None:
         """Waits for pending work and releases the manager."""

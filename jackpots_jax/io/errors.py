@@ -1,4 +1,5 @@
-"""The one error for a file that does not fit what it is loaded into."""
+"""The errors of files: one that does not fit what it is loaded into, one that cannot be what it
+claims to be."""
 
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ class CheckpointMismatchError(ValueError):
         if hint:
             lines.append(f"  hint: {hint}")
         super().__init__("\n".join(lines))
+
+
+class FileContentError(ValueError):
+    """A file cannot be read as what it claims to be, or holds values that cannot be meant.
+
+    Raised by the readers of weights, masks and batch-norm statistics for an empty, truncated or
+    foreign file (not the format its suffix names), for non-finite pre-trained weights, and for a
+    mask that holds values other than 0 and 1. The message names the file, the entry, and what to
+    do about it.
+    """
 
 
 def _listing(title: str, items: list[str]) -> list[str]:

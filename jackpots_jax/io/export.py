@@ -1,10 +1,16 @@
 """What a finished search leaves behind: its masks, its masked weights and a JSON summary.
 
-`export_jackpot` writes three files into a folder, each under a temporary name renamed into place
+`export_jackpot` writes four files into a folder, each under a temporary name renamed into place
 (`io.files.atomic_path`), so a reader never sees a half-written one:
 
 - `masks.npz`: one bool array per masked leaf, keyed by its path (`'conv1/kernel'`); read back with
   `masks_from_npz`;
+- `batch_stats.npz`: the running batch-norm statistics the jackpot is evaluated with, one float32
+  array per leaf of `batch_stats`, keyed by its path (`'bn1/mean'`, `'bn1/var'`); read back with
+  `batch_stats_from_npz`. A search changes no weight, but it re-estimates these statistics (in
+  train mode, like the reference code): the pre-trained weights with `masks.npz` reproduce the
+  jackpot's accuracy only with these statistics, not with the pre-trained ones. (Empty for a
+  model without batch norm.)
 - `jackpot.safetensors`: `W * M`, the masks and the batch-norm statistics as a PyTorch-style state
   dict (`io.weights.export_state_dict`; `io.weights.import_checkpoint` reads it back);
 - `jackpot.json`: model, config, the pruned count per layer (`budget`), the sparsity of the masks
@@ -15,11 +21,13 @@ Example:
   ...                        model_name="fmnist_cnn", budget=budget, config=config,
   ...                        metrics={"accuracy": 0.92})
   >>> masks = masks_from_npz(paths["masks"], budget)
+  >>> stats = batch_stats_from_npz(paths["batch_stats"], variables["batch_stats"])
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,13 +36,15 @@ import numpy as np
 
 from jackpots_jax._tree import is_none, named_leaves, path_str
 from jackpots_jax.io import weights
-from jackpots_jax.io.errors import CheckpointMismatchError
+from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 from jackpots_jax.io.files import atomic_path, json_round_trip, write_json
 from jackpots_jax.sparsity import sparsity_report
 
 PyTree = Any
 
-FORMAT_VERSION = 1
+# 2: `batch_stats.npz` next to `masks.npz`.
+FORMAT_VERSION = 2
+BATCH_STATS = "batch_stats.npz"
 
 
 def _masked_leaves(tree: PyTree) -> dict[str, Any]:
@@ -71,7 +81,7 @@ def export_jackpot(
       **model_kwargs: model options passed to `models.create` (e.g. `width`).
 
     Returns:
-      `{'masks': path, 'safetensors': path, 'json': path}`.
+      `{'masks': path, 'batch_stats': path, 'safetensors': path, 'json': path}`.
 
     Raises:
       ValueError: `masks` holds no mask.
@@ -95,11 +105,17 @@ def export_jackpot(
     summary = json_round_trip(summary, "config/metrics")
     paths = {
         "masks": os.path.join(directory, "masks.npz"),
+        "batch_stats": os.path.join(directory, BATCH_STATS),
         "safetensors": os.path.join(directory, "jackpot.safetensors"),
         "json": os.path.join(directory, "jackpot.json"),
     }
+    flat_stats = {
+        name: np.asarray(x, np.float32) for name, x in named_leaves(variables["batch_stats"])
+    }
     with atomic_path(paths["masks"]) as tmp, open(tmp, "wb") as f:
         np.savez(f, **flat_masks)  # a file object: np.savez appends no suffix
+    with atomic_path(paths["batch_stats"]) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **flat_stats)
     weights.export_state_dict(
         variables, masks, model_name, paths["safetensors"], scores=scores, **model_kwargs
     )
@@ -123,9 +139,22 @@ def masks_from_npz(path: str | os.PathLike, like: PyTree, *, exact: bool = True)
 
     Raises:
       CheckpointMismatchError: the file's keys or shapes do not fit `like` (all listed).
+      FileContentError: the file is not a readable `.npz`, or a mask holds values other than 0
+        and 1 (a 0.5 would otherwise be read as True).
     """
-    with np.load(os.fspath(path)) as data:
-        stored = {k: data[k] for k in data.files}
+    stored = _read_npz(path, "masks")
+    not_binary = [
+        (k, v[(v != 0) & (v != 1)].flat[0].item())
+        for k, v in stored.items()
+        if v.dtype != bool and np.any((v != 0) & (v != 1))
+    ]
+    if not_binary:
+        listed = ", ".join(f"{k} (e.g. {v!r})" for k, v in not_binary[:5])
+        raise FileContentError(
+            f"masks file {os.fspath(path)} holds values other than 0 and 1 at {listed}: a mask "
+            "says which weights are kept (1) and which are pruned (0); threshold your values "
+            "into a bool array first"
+        )
     wanted = _masked_leaves(like)
     missing = [k for k in wanted if k not in stored] if exact else []
     unexpected = [k for k in stored if k not in wanted]
@@ -147,3 +176,58 @@ def masks_from_npz(path: str | os.PathLike, like: PyTree, *, exact: bool = True)
         return None if x is None or name not in stored else stored[name].astype(bool)
 
     return jax.tree_util.tree_map_with_path(leaf, like, is_leaf=is_none)
+
+
+def batch_stats_from_npz(path: str | os.PathLike, like: PyTree) -> PyTree:
+    """Reads a `batch_stats.npz` (`export_jackpot`'s) back into the structure of `like`.
+
+    Args:
+      path: the file: one array per leaf of the model's `batch_stats`, keyed by its path.
+      like: the model's `batch_stats` (arrays or `ShapeDtypeStruct`s); the file must hold every
+        leaf of it, with its shape, and nothing else.
+
+    Returns:
+      `like`'s structure with the file's float32 arrays.
+
+    Raises:
+      CheckpointMismatchError: the file's keys or shapes do not fit `like` (all listed).
+      FileContentError: the file is not a readable `.npz`, or holds NaN or infinite values.
+    """
+    stored = _read_npz(path, "batch-norm statistics")
+    wanted = dict(named_leaves(like))
+    mismatched = [
+        (k, tuple(stored[k].shape), tuple(np.shape(v)))
+        for k, v in wanted.items()
+        if k in stored and np.shape(v) != stored[k].shape
+    ]
+    missing = [k for k in wanted if k not in stored]
+    unexpected = [k for k in stored if k not in wanted]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(
+            f"batch-norm statistics file {os.fspath(path)} does not match the model's batch_stats",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
+    bad = [k for k, v in stored.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise FileContentError(
+            f"batch-norm statistics file {os.fspath(path)} holds NaN or infinite values at "
+            f"{', '.join(bad[:5])}"
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: stored[path_str(p)].astype(np.float32), like
+    )
+
+
+def _read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} file at {path!r}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise FileContentError(
+            f"{what} file {path!r} is not a readable .npz ({' '.join(str(err).split())[:200]})"
+        ) from None

@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +48,7 @@ import jax
 import numpy as np
 
 from jackpots_jax import models
-from jackpots_jax.io.errors import CheckpointMismatchError
+from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 from jackpots_jax.io.files import atomic_path
 
 PyTree = Any
@@ -79,6 +81,8 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
 
     Raises:
       FileNotFoundError: no file at `path`.
+      PermissionError: the file may not be read.
+      FileContentError: the file is empty, truncated or not in the format its suffix names.
       ValueError: an unknown suffix, or a PyTorch file that holds no state dict.
       ImportError: a PyTorch file while PyTorch is not installed.
     """
@@ -86,15 +90,29 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     suffix = _suffix(path)
+    # Opened here first: the readers below report an unreadable file as a missing one, or not at
+    # all (safetensors says "No such file or directory" for a file it may not open).
+    with open(path, "rb"):
+        pass
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return {k: _to_numpy(v) for k, v in load_file(path).items()}
+        try:
+            return {k: _to_numpy(v) for k, v in load_file(path).items()}
+        except SafetensorError as err:
+            raise _unreadable(path, "safetensors", err) from None
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise _unreadable(path, "npz", err) from None
     torch = _import_torch(f"reading {path!r}")
-    obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise _unreadable(path, "PyTorch", err) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
@@ -103,6 +121,17 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
             "dict with a 'state_dict' entry)"
         )
     return {k: _to_numpy(v) for k, v in obj.items()}
+
+
+def _unreadable(path: str, fmt: str, err: BaseException) -> FileContentError:
+    size = os.path.getsize(path)
+    what = "it is empty" if size == 0 else f"{size} bytes: truncated, or another format"
+    reason = " ".join(str(err).split())
+    return FileContentError(
+        f"{path!r} is not a readable {fmt} file ({what}; the reader says: "
+        f"{reason if len(reason) <= 200 else reason[:197] + '...'}); write it again, or use "
+        "another file"
+    )
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -334,7 +363,7 @@ def to_flax(
         if f"{name}.b_mask" in state:
             raw = state[f"{name}.b_mask"]
             if not np.isin(raw, (0, 1)).all():
-                raise ValueError(f"{name}.b_mask must hold only 0 and 1 (a binary mask)")
+                raise FileContentError(f"{name}.b_mask must hold only 0 and 1 (a binary mask)")
             masks[layer.path] = to_kernel(raw).astype(bool)
     for layer in layout.layers:
         if layer.kind != "bn":
