@@ -51,7 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
         `batch_size`, `learning_rate`, `momentum`, `weight_decay`, `label_smoothing`, `augment`,
         `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`),
         `selection` (the exact selection of the masks: `auto` picks by backend and mesh,
-        `batched` for accelerators and sharded state, `bracketed` for CPUs; the same masks).
+        `batched` for accelerators and sharded state, `bracketed` for CPUs; the same masks),
+        `pattern` (`unstructured`, `N:M` such as `2:4`, `block:B` such as `block:8`, or
+        `channel`; see `jackpots_jax.patterns`), `indivisible` (`error` or `dense`: a masked
+        leaf the pattern does not fit, e.g. a first conv with 1 input channel under 2:4, is an
+        error naming it, or held dense). An N:M pattern fixes the sparsity of every masked leaf
+        at 1 - N/M: `sparsity` must say so (`2:4` needs `sparsity=0.5`), it is never overridden
+        silently; block and channel patterns round each leaf's count down to whole tiles.
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
       eval: `batch_size`, `every_epochs`.
       checkpoint: `every_steps`, `keep`.
@@ -117,6 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.rate.value = 1.0
     c.search.rate.power = 1.0
     c.search.selection = "auto"
+    c.search.pattern = "unstructured"
+    c.search.indivisible = "error"
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -249,7 +257,31 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
         )
     parse_rules(c.parallel.rules)
     _choice("search.selection", s.selection, tuple(SELECTIONS))
+    _check_pattern(s)
     _int("log_every_steps", c.log_every_steps, 1)
+
+
+def _check_pattern(s: ml_collections.ConfigDict) -> None:
+    """`search.pattern` parses, and an N:M pattern agrees with `search.sparsity`."""
+    from fractions import Fraction
+
+    from jackpots_jax.patterns import INDIVISIBLE, PATTERNS, Pattern
+
+    _choice("search.indivisible", s.indivisible, INDIVISIBLE)
+    try:
+        pattern = Pattern.parse(s.pattern)
+    except (TypeError, ValueError) as e:
+        _fail("search.pattern", s.pattern, f"{', '.join(PATTERNS)} ({e})")
+    if pattern.kind == "n:m":
+        implied = Fraction(pattern.m - pattern.n, pattern.m)
+        # The library's tolerance (`layer_budgets`): 1:3 has no exact decimal to write.
+        if abs(Fraction(repr(float(s.sparsity))) - implied) > Fraction(1, 10**9):
+            raise ConfigError(
+                f"config field `search.sparsity` is {s.sparsity!r} but `search.pattern` "
+                f"{s.pattern!r} keeps {pattern.n} of every {pattern.m} weights, which is sparsity "
+                f"{float(implied):g}; allowed: --config.search.sparsity={float(implied):g} with "
+                "this pattern (an N:M pattern fixes the sparsity; it is never overridden silently)"
+            )
 
 
 def parse_rules(rules: Any) -> tuple[tuple[str, int | None], ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,8 +35,9 @@ from jackpots_jax.experiment.hooks import ChurnPerEpoch, EvaluateEveryEpochs, Tr
 from jackpots_jax.experiment.loop import train_loop
 from jackpots_jax.io.export import export_jackpot
 from jackpots_jax.masks import init_scores, mask_overlap
+from jackpots_jax.patterns import Pattern, is_structured
 from jackpots_jax.restriction import schedules
-from jackpots_jax.sparsity import layer_budgets, sparsity_report
+from jackpots_jax.sparsity import layer_budgets, prunable_leaves, sparsity_report
 from jackpots_jax.step import (
     bn_stats_step,
     create_search_state,
@@ -213,10 +215,36 @@ class SearchRecipe:
     augment: bool
     rank_by: str
     rate: RateRecipe
+    pattern: str = "unstructured"
+    indivisible: str = "error"
 
-    def budget(self, params: PyTree, default_dense: Sequence[str]) -> PyTree:
-        dense = default_dense if self.dense is None else self.dense
-        return layer_budgets(params, self.sparsity, self.rule, dense=tuple(dense))
+    def budget(
+        self,
+        params: PyTree,
+        default_dense: Sequence[str],
+        input_axes: Mapping[str, int] | None = None,
+    ) -> PyTree:
+        """The per-leaf budget under the pattern.
+
+        `input_axes`: the model's own (`ModelSpec.input_axes`), for kernels that are not
+        `HWIO`/`[in, out]`; only the entries that match a masked leaf are passed on (a user may
+        hold the attention dense), and only under a structured pattern, where they matter.
+        """
+        dense = tuple(default_dense if self.dense is None else self.dense)
+        pattern = Pattern.parse(self.pattern)
+        if not pattern.structured:
+            return layer_budgets(params, self.sparsity, self.rule, dense=dense)
+        names = [n for n, flag in named_leaves(prunable_leaves(params, dense)) if flag]
+        axes = {k: v for k, v in (input_axes or {}).items() if any(re.search(k, n) for n in names)}
+        return layer_budgets(
+            params,
+            self.sparsity,
+            self.rule,
+            dense=dense,
+            pattern=pattern,
+            input_axes=axes or None,
+            indivisible=self.indivisible,
+        )
 
     def steps(self, steps_per_epoch: int) -> tuple[int, int]:
         """`(total_steps, steps_per_epoch)`; `max_steps` caps both."""
@@ -239,8 +267,24 @@ class SearchRecipe:
         )
 
 
+def search_budget(ctx: Context, params: PyTree, recipe: SearchRecipe) -> PyTree:
+    """The recipe's budget over the model's leaves (its default dense leaves and input axes)."""
+    spec = ctx.network.spec
+    return recipe.budget(params, spec.dense, dict(spec.input_axes))
+
+
 def _budget_identity(budget: PyTree) -> dict[str, Any]:
-    return {"budget": {n: int(b) for n, b in named_leaves(budget) if b is not None}}
+    """What a checkpoint's budget says: pruned counts, and the pattern when it is structured.
+
+    An unstructured run records no pattern, so checkpoints written before patterns existed still
+    resume; a 2:4 checkpoint met by an unstructured run (or another pattern) differs in it.
+    """
+    entries = [(n, b) for n, b in named_leaves(budget) if b is not None]
+    identity: dict[str, Any] = {"budget": {n: int(b) for n, b in entries}}
+    patterns = sorted({str(b.pattern) for _, b in entries if is_structured(b)})
+    if patterns:
+        identity["pattern"] = ",".join(patterns)
+    return identity
 
 
 def search(
@@ -257,7 +301,7 @@ def search(
     Resumes from `<workdir>/search/checkpoints` when a checkpoint of the same run is there; one of
     other weights (`fingerprint`), budget or model is refused.
     """
-    budget = recipe.budget(params, ctx.network.spec.dense)
+    budget = search_budget(ctx, params, recipe)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     key_init, key_state = jax.random.split(jax.random.key(seed + 2))
     scores, _ = init_scores(
@@ -319,7 +363,7 @@ def restored_search(
       FileNotFoundError: there is no search checkpoint.
       CheckpointMismatchError: it belongs to another run (weights, budget, model, ...).
     """
-    budget = recipe.budget(params, ctx.network.spec.dense)
+    budget = search_budget(ctx, params, recipe)
     total_steps, _ = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     scores, _ = init_scores(params, budget, "magnitude", gap=recipe.gap, rank_by=recipe.rank_by)
     tx = _optimizer(ctx, recipe, budget, scores, max(total_steps, 1))
