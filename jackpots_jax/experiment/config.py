@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
         `<workdir>/pretrain/model.safetensors`), `random` (search on random weights on purpose:
         the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none).
       pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
-        0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`.
+        0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`, `optimizer`
+        (`sgd`, or `adamw` for the ViTs: `momentum` is its b1, weight decay on kernels only),
+        `warmup_epochs` (linear warm-up), `clip_norm` (global gradient norm; 0: no clipping).
       search: `sparsity`, `rule` (budget rule), `dense` (regular expressions of the leaves held
         dense; `None` for the model's default, its classifier `head`), `init` (score
         init), `gap` (magnitude init barrier), `epochs`, `max_steps` (0: epochs decide),
@@ -101,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.pretrain.weight_decay = 5e-4
     c.pretrain.label_smoothing = 0.0
     c.pretrain.augment = False
+    c.pretrain.optimizer = "sgd"
+    c.pretrain.warmup_epochs = 0
+    c.pretrain.clip_norm = 0.0
 
     c.search = ml_collections.ConfigDict()
     c.search.sparsity = 0.9
@@ -213,6 +218,9 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
         size = _int(f"{name}.batch_size", c[name].batch_size, 1)
         if size % num_devices:
             _fail(f"{name}.batch_size", size, f"a multiple of the {num_devices} device(s)")
+    _choice("pretrain.optimizer", c.pretrain.optimizer, ("sgd", "adamw"))
+    _int("pretrain.warmup_epochs", c.pretrain.warmup_epochs, 0)
+    _number("pretrain.clip_norm", c.pretrain.clip_norm, 0.0, math.inf)
     s = c.search
     _number("search.sparsity", s.sparsity, 0.0, 1.0, hi_open=True)
     _choice("search.rule", s.rule, tuple(r for r in RULES if r != "explicit"))

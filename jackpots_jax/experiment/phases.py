@@ -110,7 +110,8 @@ def reestimate_batch_stats(
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
-    """Dense training from scratch: SGD with momentum, cosine learning rate to 0."""
+    """Dense training from scratch: SGD with momentum (or AdamW, `momentum` its b1), cosine
+    learning rate to 0 after an optional linear warm-up."""
 
     epochs: int
     batch_size: int
@@ -120,17 +121,42 @@ class TrainRecipe:
     weight_decay: float
     label_smoothing: float
     augment: bool
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    clip_norm: float = 0.0
+
+    def transform(self, total_steps: int, steps_per_epoch: int):
+        """`(tx, learning_rate schedule)`: SGD (the CNNs' recipe) or AdamW (the ViTs'), linear
+        warm-up over `warmup_epochs`, cosine to 0, gradients clipped to `clip_norm` (0: not)."""
+        warmup = min(self.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+        if warmup:
+            lr = optax.warmup_cosine_decay_schedule(
+                0.0, self.learning_rate, warmup, max(total_steps, warmup + 1)
+            )
+        else:
+            lr = optax.cosine_decay_schedule(self.learning_rate, max(total_steps, 1))
+        if self.optimizer == "adamw":
+            # Weight decay on the kernels only, as the ViT recipes do (not on norms, biases,
+            # position embeddings or class tokens).
+            kernels = lambda params: jax.tree_util.tree_map_with_path(
+                lambda p, x: np.ndim(x) >= 2 and "pos_embedding" not in str(p), params
+            )
+            tx = optax.adamw(lr, b1=self.momentum, weight_decay=self.weight_decay, mask=kernels)
+        else:
+            tx = optax.chain(
+                optax.add_decayed_weights(self.weight_decay),
+                optax.sgd(lr, momentum=self.momentum or None, nesterov=self.nesterov),
+            )
+        if self.clip_norm:
+            tx = optax.chain(optax.clip_by_global_norm(self.clip_norm), tx)
+        return tx, lr
 
 
 def pretrain(ctx: Context, recipe: TrainRecipe, *, seed: int) -> dict[str, PyTree]:
     """Dense training from scratch; returns the variables and saves them as the pre-trained."""
     steps_per_epoch = ctx.data.steps_per_epoch(recipe.batch_size)
     total_steps = recipe.epochs * steps_per_epoch
-    lr = optax.cosine_decay_schedule(recipe.learning_rate, max(total_steps, 1))
-    tx = optax.chain(
-        optax.add_decayed_weights(recipe.weight_decay),
-        optax.sgd(lr, momentum=recipe.momentum or None, nesterov=recipe.nesterov),
-    )
+    tx, lr = recipe.transform(total_steps, steps_per_epoch)
     variables = random_variables(ctx, seed)
     state = ctx.devices.place_state(
         create_train_state(variables["params"], variables["batch_stats"], tx)
@@ -442,11 +468,19 @@ def write_report(
     masks, params = jax.device_get(masks), jax.device_get(params)
     overlap = None if magnitude_masks is None else mask_overlap(masks, magnitude_masks)
     records = report.read_metrics(ctx.log.path) if os.path.exists(ctx.log.path) else []
+    sparsity = sparsity_report(masks, params)
+    groups = None
+    if any(_BLOCK.match(name) for name in sparsity["layers"]):
+        groups = {
+            "block": report.sparsity_by_group(sparsity, _block_of),
+            "kind": report.sparsity_by_group(sparsity, _kind_of),
+        }
     return report.write_report(
         ctx.workdir,
         title=title,
         results=results(ctx),
-        sparsity=sparsity_report(masks, params),
+        sparsity=sparsity,
+        sparsity_groups=groups,
         overlap=overlap,
         records=records,
         config=config,
@@ -455,6 +489,23 @@ def write_report(
             "budget; 'b_in_a' is the share of the magnitude mask's kept weights the jackpot keeps.",
         ],
     )
+
+
+# Transformer layers (`blocks/<i>/attn/...`, `blocks/<i>/mlp/...`, as `models.vit` names them).
+_BLOCK = re.compile(r"^blocks/(\d+)/")
+
+
+def _block_of(name: str) -> str:
+    found = _BLOCK.match(name)
+    return f"block {found[1]}" if found else name.split("/")[0]
+
+
+def _kind_of(name: str) -> str:
+    if "/attn/" in name:
+        return "attention"
+    if "/mlp/" in name:
+        return "MLP"
+    return name.split("/")[0]
 
 
 def masks_sparsity(masks: PyTree, params: PyTree) -> float:
