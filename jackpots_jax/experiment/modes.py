@@ -187,6 +187,9 @@ def _prune(ctx: Context, config: Config, variables: PyTree) -> PyTree:
     sparsity = phases.masks_sparsity(masks, params)
     result = phases.evaluate(ctx, params, stats, masks)
     note = "no search" + _pattern_note(config)
+    if config.prune.reestimate_bn and not jax.tree.leaves(stats):
+        # LayerNorm (a ViT) normalises with each example's own statistics: nothing to re-estimate.
+        note += "; no BN re-estimation: the model has no running statistics"
     context.record_result(
         ctx, {"model": "magnitude pruning", "sparsity": sparsity, "note": note, **result}
     )
