@@ -1,10 +1,10 @@
 """End to end: the ViT (`configs/fmnist_vit.py:tiny`) through the command line.
 
-A 1-block, width-32 `vit_fmnist` pre-trained for a few steps on tiny Fashion-MNIST IDX files, then
-searched. Checks independent of the code under test: the exported masks prune, per leaf, exactly
-the counts of a numpy global-magnitude budget written here; a search killed after a checkpoint
-and restarted ends bit-identical; 4 CPU devices find the masks of 1; a CNN checkpoint given to
-the ViT is an exit 2 that says what it looks like.
+A 1-block, width-32 `vit_fmnist` with random weights (a timm safetensors file written here)
+searched on tiny Fashion-MNIST IDX files. Checks independent of the code under test: the exported
+masks prune, per leaf, exactly the counts of a numpy global-magnitude budget written here; a
+search killed after a checkpoint and restarted ends bit-identical; 4 CPU devices find the masks
+of 1; a CNN checkpoint given to the ViT is an exit 2 that says what it looks like.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from test_main import KILL_DRIVER, ROOT, check_ok, fmnist_source, results, run_main  # noqa: F401
@@ -53,18 +54,32 @@ def flat(tree, prefix=""):
     return out
 
 
+def write_weights(path) -> None:
+    """Random tiny-ViT weights as a timm state dict; the head is made non-zero (the ViT
+    initialises it to zero, which would leave the scores without gradient)."""
+    from jackpots_jax import models
+
+    params, stats = models.network("vit_fmnist", 10, **TINY).init(jax.random.key(0))
+    head = jax.random.normal(jax.random.key(1), params["head"]["kernel"].shape)
+    params["head"]["kernel"] = 0.5 * np.asarray(head)
+    weights.export_state_dict(
+        {"params": params, "batch_stats": stats}, None, "vit_fmnist", path, **TINY
+    )
+
+
 @pytest.fixture(scope="module")
 def vit_runs(tmp_path_factory, fmnist_source):  # noqa: F811
-    """Tiny pre-trained ViT weights, the search flags, and a jackpot run never stopped."""
+    """Tiny ViT weights (a timm file), the search flags, and a jackpot run never stopped."""
     root = tmp_path_factory.mktemp("vit")
+    (root / "pre").mkdir()
+    write_weights(root / "pre" / "model.safetensors")
     common = [
         f"--config.dataset.data_dir={root / 'tfds'}",
         f"--config.dataset.source_dir={fmnist_source}",
     ]
-    check_ok(run_main("fmnist_vit.py:tiny_pretrain", root / "pre", *common))
     search = [
         *common,
-        f"--config.weights.path={root / 'pre' / 'pretrain' / 'model.safetensors'}",
+        f"--config.weights.path={root / 'pre' / 'model.safetensors'}",
         "--config.search.epochs=2",  # 8 steps of 16 images
         "--config.checkpoint.every_steps=3",
         "--config.search.rate.schedule=cosine",
@@ -78,9 +93,9 @@ def vit_runs(tmp_path_factory, fmnist_source):  # noqa: F811
 def test_vit_jackpot_exact_counts_and_report(vit_runs):
     root, _ = vit_runs
     straight = root / "straight"
-    # The pre-trained file is a timm state dict (fused qkv), read back through `weights.path`.
+    # The weights file is a timm state dict (fused qkv), read back as `weights.path` reads it.
     variables, _, _ = weights.import_checkpoint(
-        root / "pre" / "pretrain" / "model.safetensors", "vit_fmnist", 10, **TINY
+        root / "pre" / "model.safetensors", "vit_fmnist", 10, **TINY
     )
     params = flat(variables["params"])
     expected = global_magnitude_counts(params, 0.9)
@@ -162,8 +177,6 @@ def test_vit_masks_on_four_devices_equal_one(tmp_path, vit_runs):
 
 
 def test_cnn_checkpoint_given_to_the_vit_is_a_clear_error(tmp_path, fmnist_source):  # noqa: F811
-    import jax
-
     from jackpots_jax import models
 
     params, stats = models.network("fmnist_cnn", 10).init(jax.random.key(0))
@@ -182,3 +195,85 @@ def test_cnn_checkpoint_given_to_the_vit_is_a_clear_error(tmp_path, fmnist_sourc
     assert "looks like a CNN checkpoint" in proc.stderr and "conv1.weight" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "work" / "search").exists()
+
+
+def test_adamw_pretrain_recipe_warms_up_and_decays_kernels_only():
+    """Worked by hand: 2 warm-up steps of 10 to 1e-3, then cosine to 0; with zero gradients
+    AdamW's only move is the decay `lr * wd * w`, applied to kernels, not to biases or the
+    position embedding; clipping is the outermost link."""
+    import jax.numpy as jnp
+
+    from jackpots_jax.experiment import phases
+
+    recipe = phases.TrainRecipe(
+        epochs=2,
+        batch_size=16,
+        learning_rate=1e-3,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=0.5,
+        label_smoothing=0.0,
+        augment=False,
+        optimizer="adamw",
+        warmup_epochs=1,
+        clip_norm=1.0,
+    )
+    tx, lr = recipe.transform(total_steps=10, steps_per_epoch=2)
+    assert [float(lr(t)) for t in (0, 1, 2)] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert float(lr(6)) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert float(lr(10)) == pytest.approx(0.0)
+    params = {
+        "k": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+        "pos_embedding": jnp.full((1, 2, 2), 2.0),
+    }
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(3):
+        updates, state = tx.update(zeros, state, params)
+    # Step 2's learning rate is 1e-3: the kernel moves by -1e-3 * 0.5 * 2 = -1e-3.
+    assert np.asarray(updates["k"]["kernel"]) == pytest.approx(np.full((2, 2), -1e-3))
+    assert not np.asarray(updates["k"]["bias"]).any()
+    assert not np.asarray(updates["pos_embedding"]).any()
+
+
+def test_vit_2of4_budget_groups_along_each_kernels_input_axis(tmp_path):
+    """The runner's 2:4 budget on the ViT (the spec's input axes): magnitude 2:4 masks keep 2 of
+    every 4 consecutive weights along the contracted axis, counted here with numpy (q/k/v
+    `[D, H, D/H]`: D, axis 0; out `[H, D/H, D]`: D/H, axis 1; MLP `[in, out]`: axis 0); the patch
+    embedding (1 input channel) is held dense; the export writes the N:M file."""
+    import jackpots_jax as jj
+    from jackpots_jax import models
+    from jackpots_jax.experiment import phases
+    from jackpots_jax.io.export import export_jackpot
+
+    net = models.network("vit_fmnist", 10, **TINY)
+    params, stats = net.init(jax.random.key(0))
+    recipe = phases.SearchRecipe(
+        *(0.5, "global_magnitude", None, "magnitude", 0.01, 1, 0, 16, 0.1, 0.9, 5e-4, 0.0),
+        augment=False,
+        rank_by="score",
+        rate=phases.RateRecipe("constant", 1.0, 1.0),
+        pattern="2:4",
+        indivisible="dense",
+    )
+    budget = recipe.budget(params, net.spec.dense, dict(net.spec.input_axes))
+    _, masks = jj.init_scores(params, budget, "magnitude")
+    flat_masks = {n: np.asarray(m) for n, m in jj._tree.named_leaves(masks) if m is not None}
+    assert sorted(flat_masks) == sorted(MASKED[1:])
+    axis = {"query": 0, "key": 0, "value": 0, "out": 1, "fc1": 0, "fc2": 0}
+    for name, mask in flat_masks.items():
+        moved = np.moveaxis(mask, axis[name.split("/")[-2]], -1)
+        groups = moved.reshape(*moved.shape[:-1], -1, 4).sum(-1)
+        assert (groups == 2).all(), name
+    paths = export_jackpot(
+        tmp_path,
+        variables={"params": params, "batch_stats": stats},
+        masks=masks,
+        model_name="vit_fmnist",
+        budget=budget,
+        config={},
+        metrics={},
+        **TINY,
+    )
+    assert json.loads(open(paths["json"]).read())["pattern"] == "2:4"
+    assert paths["nm"].endswith("jackpot_2of4.safetensors")
