@@ -17,6 +17,19 @@ The paper's claim this reproduces in miniature (Zhang et al., TPAMI 2023, Fig. 1
 nearly all of the dense accuracy, far above magnitude pruning without training.
 
 Variants: `configs/default.py:tiny` (a few steps on the first few hundred images, for tests).
+
+`configs/default.py:2of4`: the same job with 2:4 masks (NVIDIA's sparse tensor cores): dense vs
+one-shot magnitude 2:4 (with and without BN re-estimation) vs the jackpot 2:4, at the 50% sparsity
+that 2:4 fixes. `conv1` has 1 input channel, not a multiple of 4, and is held dense
+(`search.indivisible='dense'`); every other masked kernel keeps exactly 2 of every 4 weights along
+its input axis. The export also writes `jackpot_2of4.safetensors` (PyTorch `[out, in]` weights
+and masks for `torch.sparse.to_sparse_semi_structured`). Reuse the default job's pre-trained
+weights:
+
+    python -m jackpots_jax.main --config configs/default.py:2of4 --workdir workdir/default_2of4 \
+        --config.weights.path=workdir/default/pretrain/model.safetensors
+
+`configs/default.py:2of4_tiny`: the 2:4 job cut down as `tiny`, for tests.
 """
 
 from jackpots_jax.experiment.config import base_config
@@ -42,10 +55,16 @@ def get_config(arg: str | None = None):
 
     config.eval.batch_size = 1000
     config.checkpoint.every_steps = 200
-    if arg == "tiny":
+    if arg not in (None, "", "tiny", "2of4", "2of4_tiny"):
+        raise ValueError(
+            f"unknown variant {arg!r} of configs/default.py; allowed: 'tiny', '2of4', '2of4_tiny'"
+        )
+    if arg in ("2of4", "2of4_tiny"):
+        config.search.pattern = "2:4"
+        config.search.sparsity = 0.5  # what 2:4 keeps; a sparsity that disagrees is an error
+        config.search.indivisible = "dense"  # conv1: 1 input channel
+    if arg in ("tiny", "2of4_tiny"):
         _tiny(config)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/default.py; allowed: 'tiny'")
     return config
 
 

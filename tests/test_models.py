@@ -46,8 +46,39 @@ def kernels(params):
 NNX = ("fmnist_cnn_nnx",)
 
 
+VIT = ("vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_fmnist")
+
+
 def test_names_lists_every_model():
-    assert set(models.names()) == set(ALL) | set(NNX)
+    assert set(models.names()) == set(ALL) | set(NNX) | set(VIT)
+
+
+@pytest.mark.parametrize("name", VIT)
+def test_vit_specs_build_the_named_vit_with_its_options(name):
+    """The registry's ViTs: NNX, `vit.DENSE` held dense, shapes of `vit.CONFIGS` (checked on the
+    q kernel and the patch embedding), options replacing config fields, unknown ones refused."""
+    from jackpots_jax.models import vit
+
+    spec = models.spec(name)
+    c = vit.CONFIGS[name]
+    assert spec.kind == "nnx" and spec.dense == vit.DENSE and spec.converter == "vit"
+    assert spec.input_shape == (c.image_size, c.image_size, c.channels)
+    params = models.network(name, 7).abstract_variables()["params"]
+    assert params["blocks"][0]["attn"]["query"]["kernel"].shape == (
+        c.width,
+        c.num_heads,
+        c.width // c.num_heads,
+    )
+    assert params["embedding"]["kernel"].shape == (c.patch_size, c.patch_size, c.channels, c.width)
+    assert params["head"]["kernel"].shape == (c.width, 7)
+    small = models.network(name, 3, depth=1, width=32, num_heads=2, mlp_dim=48)
+    assert small.abstract_variables()["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].shape == (
+        32,
+        48,
+    )
+    assert set(small.abstract_variables()["params"]["blocks"]) == {0}
+    with pytest.raises(ValueError, match="takes no option"):
+        models.network(name, 3, heads=2)
 
 
 @pytest.mark.parametrize("name", ALL + NNX)

@@ -364,3 +364,23 @@ def test_write_report_leaves_out_missing_sections(tmp_path):
     assert "## Results" not in text and "## Mask churn" not in text and "churn.png" not in text
     assert "(plots/curves.png)" in text and os.listdir(tmp_path / "plots") == ["curves.png"]
     _no_temp_files(tmp_path)
+
+
+def test_sparsity_by_group_sums_masked_layers_by_hand():
+    """Two blocks, attention and MLP kernels, one held-dense kernel (left out): worked by hand."""
+    layers = {
+        "blocks/0/attn/q": {"size": 100, "kept": 10, "sparsity": 0.9, "masked": True},
+        "blocks/0/mlp/fc1": {"size": 200, "kept": 50, "sparsity": 0.75, "masked": True},
+        "blocks/1/attn/q": {"size": 100, "kept": 30, "sparsity": 0.7, "masked": True},
+        "head/kernel": {"size": 40, "kept": 40, "sparsity": 0.0, "masked": False},
+    }
+    by_block = report.sparsity_by_group({"layers": layers}, lambda n: n.split("/")[1])
+    assert by_block == {
+        "0": {"size": 300, "kept": 60, "layers": 2, "sparsity": 0.8},
+        "1": {"size": 100, "kept": 30, "layers": 1, "sparsity": pytest.approx(0.7)},
+    }
+    by_kind = report.sparsity_by_group({"layers": layers}, lambda n: n.split("/")[2])
+    assert by_kind["attn"] == {"size": 200, "kept": 40, "layers": 2, "sparsity": 0.8}
+    table = report.grouped_sparsity_table(by_kind, "kind")
+    assert table.splitlines()[2] == "| attn | 2 | 200 | 40 | 80.00% |"
+    assert table.splitlines()[3] == "| mlp | 1 | 200 | 50 | 75.00% |"

@@ -46,7 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
         `batch_stats`: the batch-norm statistics to evaluate with (a `batch_stats.npz`; '' for
         the one next to `masks` when there is one, else the weights file's own).
       pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
-        0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`.
+        0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`, `optimizer`
+        (`sgd`, or `adamw` for the ViTs: `momentum` is its b1, weight decay on kernels only),
+        `warmup_epochs` (linear warm-up), `clip_norm` (global gradient norm; 0: no clipping).
       search: `sparsity`, `rule` (budget rule), `dense` (regular expressions of the leaves held
         dense; `None` for the model's default, its classifier `head`), `init` (score
         init), `gap` (magnitude init barrier), `epochs`, `max_steps` (0: epochs decide),
@@ -55,7 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
         `selection` (the exact selection of the masks: `auto` picks by backend and mesh,
         `batched` for accelerators and sharded state, `bracketed` for CPUs; the same masks),
         `allow_empty_layers` (a sparsity at which a masked layer keeps no weight is an error
-        unless this is True).
+        unless this is True),
+        `pattern` (`unstructured`, `N:M` such as `2:4`, `block:B` such as `block:8`, or
+        `channel`; see `jackpots_jax.patterns`), `indivisible` (`error` or `dense`: a masked
+        leaf the pattern does not fit, e.g. a first conv with 1 input channel under 2:4, is an
+        error naming it, or held dense). An N:M pattern fixes the sparsity of every masked leaf
+        at 1 - N/M: `sparsity` must say so (`2:4` needs `sparsity=0.5`), it is never overridden
+        silently; block and channel patterns round each leaf's count down to whole tiles.
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
       eval: `batch_size`, `every_epochs`.
       checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
@@ -103,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.pretrain.weight_decay = 5e-4
     c.pretrain.label_smoothing = 0.0
     c.pretrain.augment = False
+    c.pretrain.optimizer = "sgd"
+    c.pretrain.warmup_epochs = 0
+    c.pretrain.clip_norm = 0.0
 
     c.search = ml_collections.ConfigDict()
     c.search.sparsity = 0.9
@@ -126,6 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.rate.power = 1.0
     c.search.selection = "auto"
     c.search.allow_empty_layers = False
+    c.search.pattern = "unstructured"
+    c.search.indivisible = "error"
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -215,6 +228,9 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
         size = _int(f"{name}.batch_size", c[name].batch_size, 1)
         if size % num_devices:
             _fail(f"{name}.batch_size", size, f"a multiple of the {num_devices} device(s)")
+    _choice("pretrain.optimizer", c.pretrain.optimizer, ("sgd", "adamw"))
+    _int("pretrain.warmup_epochs", c.pretrain.warmup_epochs, 0)
+    _number("pretrain.clip_norm", c.pretrain.clip_norm, 0.0, math.inf)
     s = c.search
     _number("search.sparsity", s.sparsity, 0.0, 1.0, hi_open=True)
     _choice("search.rule", s.rule, tuple(r for r in RULES if r != "explicit"))
@@ -259,7 +275,31 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
         )
     parse_rules(c.parallel.rules)
     _choice("search.selection", s.selection, tuple(SELECTIONS))
+    _check_pattern(s)
     _int("log_every_steps", c.log_every_steps, 1)
+
+
+def _check_pattern(s: ml_collections.ConfigDict) -> None:
+    """`search.pattern` parses, and an N:M pattern agrees with `search.sparsity`."""
+    from fractions import Fraction
+
+    from jackpots_jax.patterns import INDIVISIBLE, PATTERNS, Pattern
+
+    _choice("search.indivisible", s.indivisible, INDIVISIBLE)
+    try:
+        pattern = Pattern.parse(s.pattern)
+    except (TypeError, ValueError) as e:
+        _fail("search.pattern", s.pattern, f"{', '.join(PATTERNS)} ({e})")
+    if pattern.kind == "n:m":
+        implied = Fraction(pattern.m - pattern.n, pattern.m)
+        # The library's tolerance (`layer_budgets`): 1:3 has no exact decimal to write.
+        if abs(Fraction(repr(float(s.sparsity))) - implied) > Fraction(1, 10**9):
+            raise ConfigError(
+                f"config field `search.sparsity` is {s.sparsity!r} but `search.pattern` "
+                f"{s.pattern!r} keeps {pattern.n} of every {pattern.m} weights, which is sparsity "
+                f"{float(implied):g}; allowed: --config.search.sparsity={float(implied):g} with "
+                "this pattern (an N:M pattern fixes the sparsity; it is never overridden silently)"
+            )
 
 
 def parse_rules(rules: Any) -> tuple[tuple[str, int | None], ...]:

@@ -137,6 +137,33 @@ def _weights(ctx: Context, config: Config) -> tuple[dict[str, PyTree], PyTree | 
     return variables, masks, fingerprint(variables["params"])
 
 
+def _pattern_note(config: Config) -> str:
+    """`', pattern 2:4'` (and the leaves it leaves dense) for a structured search; else `''`."""
+    s = config.search
+    if not phases.Pattern.parse(s.pattern).structured:
+        return ""
+    held = ", leaves it does not fit held dense" if s.indivisible == "dense" else ""
+    return f", pattern {s.pattern}{held}"
+
+
+def _check_pattern_fits(ctx: Context, config: Config) -> None:
+    """A structured `search.pattern` fits every masked leaf of the model (from shapes alone).
+
+    Checked before any compute with the `uniform` rule on the model's abstract params: which
+    leaves a pattern fits depends on their shapes only, not on the rule or the weights.
+    """
+    recipe = dataclasses.replace(_search_recipe(config), rule="uniform")
+    if not phases.Pattern.parse(recipe.pattern).structured:
+        return
+    try:
+        phases.search_budget(ctx, ctx.network.abstract_variables()["params"], recipe)
+    except ValueError as e:
+        raise ConfigError(
+            f"config field `search.pattern` is {recipe.pattern!r} with `search.indivisible` "
+            f"{recipe.indivisible!r}: {e}"
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The modes.
 
@@ -188,12 +215,16 @@ def run_evaluate(ctx: Context, config: Config) -> None:
 def _prune(ctx: Context, config: Config, variables: PyTree) -> PyTree:
     """Magnitude pruning at the search budget, no search: evaluated with and without BN re-est."""
     params, stats = variables["params"], variables["batch_stats"]
-    budget = _search_recipe(config).budget(params, ctx.network.spec.dense)
+    budget = phases.search_budget(ctx, params, _search_recipe(config))
     _, masks = init_scores(params, budget, "magnitude")
     sparsity = phases.masks_sparsity(masks, params)
     result = phases.evaluate(ctx, params, stats, masks)
+    note = "no search" + _pattern_note(config)
+    if config.prune.reestimate_bn and not jax.tree.leaves(stats):
+        # LayerNorm (a ViT) normalises with each example's own statistics: nothing to re-estimate.
+        note += "; no BN re-estimation: the model has no running statistics"
     context.record_result(
-        ctx, {"model": "magnitude pruning", "sparsity": sparsity, "note": "no search", **result}
+        ctx, {"model": "magnitude pruning", "sparsity": sparsity, "note": note, **result}
     )
     if config.prune.reestimate_bn and jax.tree.leaves(stats):
         num_batches = config.prune.bn_batches
@@ -212,7 +243,8 @@ def _prune(ctx: Context, config: Config, variables: PyTree) -> PyTree:
             {
                 "model": "magnitude pruning + BN re-estimation",
                 "sparsity": sparsity,
-                "note": f"no search; BN statistics from {num_batches} batches",
+                "note": f"no search; BN statistics from {num_batches} batches"
+                + _pattern_note(config),
                 **result,
             },
         )
@@ -241,7 +273,8 @@ def _search(ctx: Context, config: Config, variables: PyTree, weights_fingerprint
     row = {
         "model": "jackpot (search)",
         "sparsity": phases.masks_sparsity(state.masks, params),
-        "note": f"{recipe.init} init, {recipe.rule} budget, {recipe.epochs} epochs",
+        "note": f"{recipe.init} init, {recipe.rule} budget, {recipe.epochs} epochs"
+        + _pattern_note(config),
         **result,
     }
     context.record_result(ctx, row)
@@ -317,7 +350,7 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             state.masks,
             jax.device_get(magnitude),
             title=f"Lottery jackpot: {ctx.model_name} on {config.dataset.name} at "
-            f"{100 * config.search.sparsity:g}% sparsity",
+            f"{100 * config.search.sparsity:g}% sparsity" + _pattern_note(config),
             config=config.to_dict(),
         )
         print(report.results_table(context.results(ctx)))
@@ -359,6 +392,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     config_lib.check(config, num_devices=num_devices, modes=tuple(MODES))
     with workdir_lib.claim(workdir, lock=jax.process_index() == 0) as workdir:
         ctx = _context(config, workdir, num_devices)
+        _check_pattern_fits(ctx, config)
         if ctx.is_main:
             write_json(os.path.join(ctx.workdir, "config.json"), config.to_dict(), "config")
         try:

@@ -41,6 +41,7 @@ from jackpots_jax.experiment.hooks import (
 from jackpots_jax.experiment.loop import train_loop
 from jackpots_jax.io.export import export_jackpot
 from jackpots_jax.masks import init_scores, mask_overlap
+from jackpots_jax.patterns import Pattern, is_structured
 from jackpots_jax.restriction import schedules
 from jackpots_jax.sparsity import layer_budgets, prunable_leaves, sparsity_report
 from jackpots_jax.step import (
@@ -115,7 +116,8 @@ def reestimate_batch_stats(
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
-    """Dense training from scratch: SGD with momentum, cosine learning rate to 0."""
+    """Dense training from scratch: SGD with momentum (or AdamW, `momentum` its b1), cosine
+    learning rate to 0 after an optional linear warm-up."""
 
     epochs: int
     batch_size: int
@@ -125,6 +127,35 @@ class TrainRecipe:
     weight_decay: float
     label_smoothing: float
     augment: bool
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    clip_norm: float = 0.0
+
+    def transform(self, total_steps: int, steps_per_epoch: int):
+        """`(tx, learning_rate schedule)`: SGD (the CNNs' recipe) or AdamW (the ViTs'), linear
+        warm-up over `warmup_epochs`, cosine to 0, gradients clipped to `clip_norm` (0: not)."""
+        warmup = min(self.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+        if warmup:
+            lr = optax.warmup_cosine_decay_schedule(
+                0.0, self.learning_rate, warmup, max(total_steps, warmup + 1)
+            )
+        else:
+            lr = optax.cosine_decay_schedule(self.learning_rate, max(total_steps, 1))
+        if self.optimizer == "adamw":
+            # Weight decay on the kernels only, as the ViT recipes do (not on norms, biases,
+            # position embeddings or class tokens).
+            kernels = lambda params: jax.tree_util.tree_map_with_path(
+                lambda p, x: np.ndim(x) >= 2 and "pos_embedding" not in str(p), params
+            )
+            tx = optax.adamw(lr, b1=self.momentum, weight_decay=self.weight_decay, mask=kernels)
+        else:
+            tx = optax.chain(
+                optax.add_decayed_weights(self.weight_decay),
+                optax.sgd(lr, momentum=self.momentum or None, nesterov=self.nesterov),
+            )
+        if self.clip_norm:
+            tx = optax.chain(optax.clip_by_global_norm(self.clip_norm), tx)
+        return tx, lr
 
 
 def pretrain(
@@ -137,11 +168,7 @@ def pretrain(
     """
     steps_per_epoch = ctx.data.steps_per_epoch(recipe.batch_size)
     total_steps = recipe.epochs * steps_per_epoch
-    lr = optax.cosine_decay_schedule(recipe.learning_rate, max(total_steps, 1))
-    tx = optax.chain(
-        optax.add_decayed_weights(recipe.weight_decay),
-        optax.sgd(lr, momentum=recipe.momentum or None, nesterov=recipe.nesterov),
-    )
+    tx, lr = recipe.transform(total_steps, steps_per_epoch)
     variables = random_variables(ctx, seed)
     state = ctx.devices.place_state(
         create_train_state(variables["params"], variables["batch_stats"], tx)
@@ -228,6 +255,8 @@ class SearchRecipe:
     rank_by: str
     rate: RateRecipe
     allow_empty_layers: bool = False
+    pattern: str = "unstructured"
+    indivisible: str = "error"
 
     def check_dense(self, params: PyTree) -> None:
         """Every pattern of `dense` must name a kernel of `params`: a typo would prune it."""
@@ -241,12 +270,39 @@ class SearchRecipe:
                 f"these kernel paths: {', '.join(kernels)}"
             )
 
-    def budget(self, params: PyTree, default_dense: Sequence[str]) -> PyTree:
-        """The pruned count per leaf; `ConfigError` for a `dense` pattern that matches no kernel,
-        and (unless `allow_empty_layers`) for a sparsity at which a masked layer keeps nothing."""
+    def budget(
+        self,
+        params: PyTree,
+        default_dense: Sequence[str],
+        input_axes: Mapping[str, int] | None = None,
+    ) -> PyTree:
+        """The pruned count per leaf under the pattern.
+
+        `ConfigError` for a `dense` pattern that matches no kernel, and (unless
+        `allow_empty_layers`) for a sparsity at which a masked layer keeps nothing.
+        `input_axes`: the model's own (`ModelSpec.input_axes`), for kernels that are not
+        `HWIO`/`[in, out]`; only the entries that match a masked leaf are passed on (a user may
+        hold the attention dense), and only under a structured pattern, where they matter.
+        """
         self.check_dense(params)
-        dense = default_dense if self.dense is None else self.dense
-        budget = layer_budgets(params, self.sparsity, self.rule, dense=tuple(dense))
+        dense = tuple(default_dense if self.dense is None else self.dense)
+        pattern = Pattern.parse(self.pattern)
+        if not pattern.structured:
+            budget = layer_budgets(params, self.sparsity, self.rule, dense=dense)
+        else:
+            names = [n for n, flag in named_leaves(prunable_leaves(params, dense)) if flag]
+            axes = {
+                k: v for k, v in (input_axes or {}).items() if any(re.search(k, n) for n in names)
+            }
+            budget = layer_budgets(
+                params,
+                self.sparsity,
+                self.rule,
+                dense=dense,
+                pattern=pattern,
+                input_axes=axes or None,
+                indivisible=self.indivisible,
+            )
         sizes = dict(named_leaves(params))
         empty = [
             (name, int(np.size(sizes[name])))
@@ -288,7 +344,7 @@ class SearchRecipe:
 
 # What decides the masks, not the schedule: a change of these is refused by the checkpoint's
 # identity (the budget), and allowing one would not make sense.
-_NOT_SCHEDULE = ("sparsity", "rule", "dense", "allow_empty_layers")
+_NOT_SCHEDULE = ("sparsity", "rule", "dense", "allow_empty_layers", "pattern", "indivisible")
 
 
 def _schedule(ctx: Context, phase: str, recipe: Any, seed: int) -> dict[str, Any]:
@@ -310,8 +366,24 @@ def _schedule(ctx: Context, phase: str, recipe: Any, seed: int) -> dict[str, Any
     }
 
 
+def search_budget(ctx: Context, params: PyTree, recipe: SearchRecipe) -> PyTree:
+    """The recipe's budget over the model's leaves (its default dense leaves and input axes)."""
+    spec = ctx.network.spec
+    return recipe.budget(params, spec.dense, dict(spec.input_axes))
+
+
 def _budget_identity(budget: PyTree) -> dict[str, Any]:
-    return {"budget": {n: int(b) for n, b in named_leaves(budget) if b is not None}}
+    """What a checkpoint's budget says: pruned counts, and the pattern when it is structured.
+
+    An unstructured run records no pattern, so checkpoints written before patterns existed still
+    resume; a 2:4 checkpoint met by an unstructured run (or another pattern) differs in it.
+    """
+    entries = [(n, b) for n, b in named_leaves(budget) if b is not None]
+    identity: dict[str, Any] = {"budget": {n: int(b) for n, b in entries}}
+    patterns = sorted({str(b.pattern) for _, b in entries if is_structured(b)})
+    if patterns:
+        identity["pattern"] = ",".join(patterns)
+    return identity
 
 
 def search(
@@ -330,7 +402,7 @@ def search(
     other weights (`fingerprint`), budget or model is refused, and so is one made under another
     schedule (epochs, learning rate, ...) unless `allow_schedule_change`.
     """
-    budget = recipe.budget(params, ctx.network.spec.dense)
+    budget = search_budget(ctx, params, recipe)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     key_init, key_state = jax.random.split(jax.random.key(seed + 2))
     scores, _ = init_scores(
@@ -393,7 +465,7 @@ def restored_search(
       FileNotFoundError: there is no search checkpoint.
       CheckpointMismatchError: it belongs to another run (weights, budget, model, ...).
     """
-    budget = recipe.budget(params, ctx.network.spec.dense)
+    budget = search_budget(ctx, params, recipe)
     total_steps, _ = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     scores, _ = init_scores(params, budget, "magnitude", gap=recipe.gap, rank_by=recipe.rank_by)
     tx = _optimizer(ctx, recipe, budget, scores, max(total_steps, 1))
@@ -475,11 +547,19 @@ def write_report(
     masks, params = jax.device_get(masks), jax.device_get(params)
     overlap = None if magnitude_masks is None else mask_overlap(masks, magnitude_masks)
     records = report.read_metrics(ctx.log.path) if os.path.exists(ctx.log.path) else []
+    sparsity = sparsity_report(masks, params)
+    groups = None
+    if any(_BLOCK.match(name) for name in sparsity["layers"]):
+        groups = {
+            "block": report.sparsity_by_group(sparsity, _block_of),
+            "kind": report.sparsity_by_group(sparsity, _kind_of),
+        }
     return report.write_report(
         ctx.workdir,
         title=title,
         results=results(ctx),
-        sparsity=sparsity_report(masks, params),
+        sparsity=sparsity,
+        sparsity_groups=groups,
         overlap=overlap,
         records=records,
         config=config,
@@ -503,6 +583,23 @@ def _baselines(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]
     """The final accuracies the curves are drawn against: dense and one-shot pruning."""
     names = ("dense", "magnitude pruning", "magnitude pruning + BN re-estimation")
     return {r["model"]: r for r in rows if r.get("model") in names}
+
+
+# Transformer layers (`blocks/<i>/attn/...`, `blocks/<i>/mlp/...`, as `models.vit` names them).
+_BLOCK = re.compile(r"^blocks/(\d+)/")
+
+
+def _block_of(name: str) -> str:
+    found = _BLOCK.match(name)
+    return f"block {found[1]}" if found else name.split("/")[0]
+
+
+def _kind_of(name: str) -> str:
+    if "/attn/" in name:
+        return "attention"
+    if "/mlp/" in name:
+        return "MLP"
+    return name.split("/")[0]
 
 
 def masks_sparsity(masks: PyTree, params: PyTree) -> float:

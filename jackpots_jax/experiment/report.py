@@ -457,6 +457,37 @@ def plot_churn(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) ->
 # The report.
 
 
+def sparsity_by_group(
+    report: Mapping[str, Any], group_of: Callable[[str], str]
+) -> dict[str, dict[str, Any]]:
+    """The masked layers of a `sparsity_report` summed by group (`group_of(layer path)`), in
+    first-seen order: `{group: {"size", "kept", "sparsity", "layers"}}`."""
+    _require(report, ["layers"], "the sparsity report", "sparsity_report")
+    groups: dict[str, dict[str, Any]] = {}
+    for name, r in report["layers"].items():
+        if not r.get("masked", True):
+            continue
+        g = groups.setdefault(group_of(name), {"size": 0, "kept": 0, "layers": 0})
+        g["size"] += int(r["size"])
+        g["kept"] += int(r["kept"])
+        g["layers"] += 1
+    for g in groups.values():
+        g["sparsity"] = 1 - g["kept"] / g["size"] if g["size"] else 0.0
+    return groups
+
+
+def grouped_sparsity_table(groups: Mapping[str, Mapping[str, Any]], label: str = "group") -> str:
+    """A Markdown table of `sparsity_by_group`: one row per group."""
+    return _markdown(
+        (label, "masked kernels", "weights", "kept", "sparsity"),
+        "lrrrr",
+        (
+            (name, g["layers"], g["size"], g["kept"], _percent(g["sparsity"]))
+            for name, g in groups.items()
+        ),
+    )
+
+
 def _config_text(config: Any) -> str:
     return json.dumps(jsonable(config, "config"), indent=2, sort_keys=True)
 
@@ -473,6 +504,7 @@ def write_report(
     notes: Sequence[str] = (),
     overlap_names: tuple[str, str] = ("jackpot", "magnitude"),
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    sparsity_groups: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> str:
     """Writes `<workdir>/report.md` and its PNGs in `<workdir>/plots/`.
 
@@ -492,6 +524,8 @@ def write_report(
       notes: free-text remarks, one bullet each.
       overlap_names: what the overlap table calls its `a` and `b` masks.
       baselines: final results drawn as horizontal lines in the curves (`plot_curves`).
+      sparsity_groups: `{label: sparsity_by_group(...)}`, one table each after the per-layer
+        table (e.g. a ViT's layers by block and by kind).
 
     Returns:
       The path of `report.md` as a string.
@@ -510,6 +544,8 @@ def write_report(
         sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
     if sparsity:
         sections.append("## Sparsity per layer\n\n" + format_sparsity_table(sparsity))
+    for label, groups in (sparsity_groups or {}).items():
+        sections.append(f"## Sparsity by {label}\n\n" + grouped_sparsity_table(groups, label))
     if overlap:
         sections.append(
             "## Overlap with the magnitude mask\n\n" + overlap_table(overlap, overlap_names)

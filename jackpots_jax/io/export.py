@@ -13,8 +13,16 @@
   model without batch norm.)
 - `jackpot.safetensors`: `W * M`, the masks and the batch-norm statistics as a PyTorch-style state
   dict (`io.weights.export_state_dict`; `io.weights.import_checkpoint` reads it back);
-- `jackpot.json`: model, config, the pruned count per layer (`budget`), the sparsity of the masks
-  (`sparsity_report`), the final metrics and the fingerprint of the pre-trained weights.
+- `jackpot.json`: model, config, the sparsity `pattern` of the budget (`unstructured`, `2:4`,
+  `block:8`, ...), the pruned count per layer (`budget`), the sparsity of the masks
+  (`sparsity_report`), the final metrics and the fingerprint of the pre-trained weights;
+- under an N:M pattern also `jackpot_<N>of<M>.safetensors`: the N:M layers as PyTorch `[out, in]`
+  weights `W * M` with their masks, the layout `torch.sparse.to_sparse_semi_structured` takes
+  (`io.nm_export.write_nm`; read back with `read_nm`).
+
+Scores are written into the state dict only where they have their kernel's shape: `block:B` and
+`channel` searches keep one score per tile, which no PyTorch layer has a place for (their masks,
+which are per weight, are written as always).
 
 Example:
   >>> paths = export_jackpot("workdir/export", variables=variables, masks=state.masks,
@@ -35,9 +43,10 @@ import jax
 import numpy as np
 
 from jackpots_jax._tree import is_none, named_leaves, path_str
-from jackpots_jax.io import weights
+from jackpots_jax.io import nm_export, weights
 from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 from jackpots_jax.io.files import atomic_path, json_round_trip, write_json
+from jackpots_jax.patterns import is_structured
 from jackpots_jax.sparsity import sparsity_report
 
 PyTree = Any
@@ -81,7 +90,8 @@ def export_jackpot(
       **model_kwargs: model options passed to `models.create` (e.g. `width`).
 
     Returns:
-      `{'masks': path, 'batch_stats': path, 'safetensors': path, 'json': path}`.
+      `{'masks': path, 'batch_stats': path, 'safetensors': path, 'json': path}`, and `'nm'`
+      (the N:M file) when the budget holds N:M entries.
 
     Raises:
       ValueError: `masks` holds no mask.
@@ -91,11 +101,14 @@ def export_jackpot(
     flat_masks = {name: np.asarray(m).astype(bool) for name, m in _masked_leaves(masks).items()}
     if not flat_masks:
         raise ValueError("`masks` holds no mask (every leaf is None): nothing to export")
+    entries = _masked_leaves(budget)
+    patterns = sorted({str(e.pattern) for e in entries.values() if is_structured(e)})
     summary = {
         "format": FORMAT_VERSION,
         "model": model_name,
         "model_kwargs": model_kwargs,
         "config": config,
+        "pattern": ",".join(patterns) or "unstructured",
         "budget": {name: int(count) for name, count in _masked_leaves(budget).items()},
         "sparsity": sparsity_report(masks, variables["params"]),
         "metrics": metrics,
@@ -116,11 +129,29 @@ def export_jackpot(
         np.savez(f, **flat_masks)  # a file object: np.savez appends no suffix
     with atomic_path(paths["batch_stats"]) as tmp, open(tmp, "wb") as f:
         np.savez(f, **flat_stats)
+    if scores is not None:
+        scores = _kernel_shaped(scores, variables["params"])
     weights.export_state_dict(
         variables, masks, model_name, paths["safetensors"], scores=scores, **model_kwargs
     )
+    nm = [e.pattern for e in entries.values() if is_structured(e) and e.kind == "n:m"]
+    if nm:
+        pattern = nm[0]
+        paths["nm"] = os.path.join(directory, f"jackpot_{pattern.n}of{pattern.m}.safetensors")
+        kernels, nm_masks, axes = nm_export.nm_layers(variables["params"], masks, budget)
+        nm_export.write_nm(paths["nm"], kernels, nm_masks, pattern=pattern, input_axes=axes)
     write_json(paths["json"], summary)
     return paths
+
+
+def _kernel_shaped(scores: PyTree, params: PyTree) -> PyTree:
+    """`scores` with `None` where a leaf is not its weight's shape (one score per tile)."""
+    return jax.tree.map(
+        lambda s, w: s if s is not None and np.shape(s) == np.shape(w) else None,
+        scores,
+        params,
+        is_leaf=is_none,
+    )
 
 
 def masks_from_npz(path: str | os.PathLike, like: PyTree, *, exact: bool = True) -> PyTree:

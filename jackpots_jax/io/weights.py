@@ -13,6 +13,10 @@ code's checkpoints (a plain `Linear` classifier, named `linear` in the usual CIF
 conv biases in front of a batch norm, as in the usual CIFAR VGG code, are folded exactly into the
 running mean).
 
+The ViTs (`ModelSpec.converter == 'vit'`) are not mapped here: `import_checkpoint` and
+`export_state_dict` hand them to `jackpots_jax.io.vit_weights` (timm safetensors, the `.npz` of
+vision_transformer and big_vision in; the timm layout out), so `weights.path` takes those files.
+
 Export: a searched jackpot as a PyTorch-style state dict with torchvision / reference key names.
 The scheme, read back by the import:
 
@@ -48,6 +52,7 @@ import jax
 import numpy as np
 
 from jackpots_jax import models
+from jackpots_jax._tree import named_leaves, path_str
 from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 from jackpots_jax.io.files import atomic_path
 
@@ -409,8 +414,37 @@ def import_checkpoint(
     Raises:
       CheckpointMismatchError: the file does not match the model (the keys are listed).
     """
+    if models.spec(model_name).converter == "vit":
+        return _vit_import(path, model_name, num_classes, allow_pickle, model_kwargs)
     state = load_state_dict(path, allow_pickle=allow_pickle)
     return to_flax(state, model_name, num_classes, **model_kwargs)
+
+
+def _vit_import(path, model_name, num_classes, allow_pickle, options):
+    """A ViT checkpoint (timm safetensors, vision_transformer / big_vision `.npz`, or an export
+    of this package) as the plain-dict variables of the registry's ViT (`io.vit_weights`)."""
+    from jackpots_jax.io import vit_weights
+    from jackpots_jax.models import vit
+
+    config = vit.get_config(model_name, **options)
+    state, scores, masks = vit_weights.import_checkpoint(
+        path, config, num_classes, allow_pickle=allow_pickle
+    )
+    params = jax.tree.map(np.asarray, _plain(state))
+
+    def like_params(tree):
+        if tree is None:
+            return None
+        found = {n: np.asarray(v) for n, v in named_leaves(tree) if v is not None}
+        return jax.tree_util.tree_map_with_path(lambda p, _: found.get(path_str(p)), params)
+
+    return {"params": params, "batch_stats": {}}, like_params(scores), like_params(masks)
+
+
+def _plain(state: Any) -> PyTree:
+    from flax import nnx
+
+    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
 
 
 def _conv_to_kernel(weight: np.ndarray) -> np.ndarray:
@@ -589,6 +623,12 @@ def export_state_dict(
       masks included; in PyTorch, `model.load_state_dict` takes it once the `.b_mask` / `.mask`
       entries are popped (or into the reference code's masked layers as they are).
     """
+    if models.spec(model_name).converter == "vit":
+        from jackpots_jax.io import vit_weights
+        from jackpots_jax.models import vit
+
+        config = vit.get_config(model_name, **model_kwargs)
+        return vit_weights.export_timm(variables["params"], config, path, masks, scores=scores)
     state = to_torch_state_dict(
         variables, masks, model_name, scores=scores, classifier=classifier, **model_kwargs
     )

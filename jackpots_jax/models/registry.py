@@ -11,10 +11,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jackpots_jax.models import layers, resnet, resnet_cifar, small, small_nnx, vgg
+from jackpots_jax.models import layers, resnet, resnet_cifar, small, small_nnx, vgg, vit
 from jackpots_jax.models.spec import ModelSpec, Network, linen_network, nnx_network
 
-_FAMILIES = (resnet_cifar, vgg, resnet, small, small_nnx)
+_FAMILIES = (resnet_cifar, vgg, resnet, small, small_nnx, vit)
 _SPECS: dict[str, ModelSpec] = {s.name: s for family in _FAMILIES for s in family.SPECS}
 
 

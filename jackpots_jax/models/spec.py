@@ -27,6 +27,7 @@ from jackpots_jax.step import linen_apply, nnx_apply
 
 PyTree = Any
 KINDS = ("linen", "nnx")
+CONVERTERS = ("torch", "vit")
 
 
 def _dotted(path: tuple[str, ...]) -> str:
@@ -84,6 +85,12 @@ class ModelSpec:
       classifier: the path of the classifier module in `params` (every model here: `head`).
       dense: regular expressions of the leaves a search keeps dense by default (`prunable_leaves`).
       torch: the PyTorch checkpoint layout, or `None` when weights cannot be imported/exported.
+      input_axes: `(regular expression, count)` pairs for kernels whose input axes are not all
+        but the last (Flax attention kernels): what a structured pattern (N:M groups, blocks)
+        runs along (`jj.layer_budgets(..., input_axes=)`).
+      converter: how checkpoints of the model are read and written (`jackpots_jax.io.weights`):
+        `'torch'` through `torch` (the CNNs' PyTorch layout) or `'vit'` (the ViT importers of
+        `io.vit_weights`: timm safetensors, vision_transformer and big_vision `.npz`).
     """
 
     name: str
@@ -94,10 +101,17 @@ class ModelSpec:
     classifier: str = "head"
     dense: tuple[str, ...] = ("head",)
     torch: TorchLayout | None = TorchLayout()
+    input_axes: tuple[tuple[str, int], ...] = ()
+    converter: str = "torch"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"model {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.converter not in CONVERTERS:
+            raise ValueError(
+                f"model {self.name!r}: converter must be one of {CONVERTERS}, got "
+                f"{self.converter!r}"
+            )
 
     @property
     def options(self) -> tuple[str, ...]:

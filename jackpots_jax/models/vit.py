@@ -383,3 +383,57 @@ def masked_paths(config: ViTConfig) -> tuple[str, ...]:
     for i in range(config.depth):
         paths += [f"blocks/{i}/{k}" for k in BLOCK_KERNELS]
     return tuple(paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry's specs (`models.create("vit_fmnist", 10)`, `--config.model.name=vit_b16`).
+
+# The input axes of the attention kernels, for structured patterns (N:M groups run along the last
+# of them): q/k/v `[D, H, D/H]` contract D, the output `[H, D/H, D]` contracts (H, D/H).
+INPUT_AXES = ((r"attn/(query|key|value)/kernel$", 1), (r"attn/out/kernel$", 2))
+
+
+def _spec(name: str):
+    from jackpots_jax.models.spec import ModelSpec
+
+    def build(
+        num_classes: int,
+        dtype: Any,
+        *,
+        rngs: nnx.Rngs,
+        width: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_dim: int | None = None,
+        patch_size: int | None = None,
+        pool: str | None = None,
+        gelu_approximate: bool | None = None,
+    ) -> ViT:
+        """The named ViT; the options (`--config.model.kwargs.depth=2`) replace its fields."""
+        overrides = dict(
+            width=width,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            patch_size=patch_size,
+            pool=pool,
+            gelu_approximate=gelu_approximate,
+        )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return create_vit(name, num_classes, dtype=dtype, rngs=rngs, **overrides)
+
+    c = CONFIGS[name]
+    return ModelSpec(
+        name=name,
+        build=build,
+        input_shape=(c.image_size, c.image_size, c.channels),
+        kind="nnx",
+        fixed_input_shape=True,
+        dense=DENSE,
+        torch=None,  # not the CNNs' layer map: checkpoints go through `io.vit_weights`
+        input_axes=INPUT_AXES,
+        converter="vit",
+    )
+
+
+SPECS = tuple(_spec(name) for name in names())
