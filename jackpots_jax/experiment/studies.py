@@ -24,7 +24,8 @@ share one cell, and a change of recipe never reuses a stale one. A cell is finis
 resumes the unfinished search from its newest checkpoint (a finished cell's checkpoints are
 deleted unless `studies.keep_checkpoints`). Process 0 then assembles
 `<workdir>/studies/results.json` from the cells' results and renders `report.md` and `plots/`
-from it (`experiment.study_report`).
+from it (`experiment.study_report`), after every seed and at the end, so a study cut short
+still has the report of its finished cells.
 
 Seeds: a cell of seed `s` searches with `phases.search(seed=s)` (score init `s + 2`, batches
 `s + 3`), re-estimates batch norm from batches `s + 7`, draws the criteria's batches from
@@ -35,6 +36,8 @@ The `studies` group of the config (see `configs/studies.py`, which writes every 
   run: the studies to run, any of `STUDIES`.
   seeds: the seeds of every cell (mean and spread are over them).
   keep_checkpoints: keep a finished search's checkpoints.
+  report_only: run nothing; write the report from the cells finished so far (e.g. while a long
+    study runs in another process).
   claim1: `sparsities`, `epochs`, `rule`: dense, magnitude pruning with and without batch-norm
     re-estimation, and the jackpot (magnitude init) at each sparsity.
   claim2: `sparsities`, `epochs`, `inits` (`'<init>/<rule>'`, e.g. `'kaiming/uniform'`; kaiming
@@ -105,6 +108,7 @@ class Plan:
     overlap: dict[str, Any]
     claim3: dict[str, Any]
     finetune: dict[str, Any]
+    report_only: bool = False
 
 
 def _fail(field: str, value: Any, allowed: str):
@@ -215,7 +219,17 @@ def read_plan(config: Config) -> Plan:
         "momentum": float(f.momentum),
         "weight_decay": float(f.weight_decay),
     }
-    return Plan(run, seeds, bool(c.keep_checkpoints), claim1, claim2, overlap, claim3, finetune)
+    return Plan(
+        run,
+        seeds,
+        bool(c.keep_checkpoints),
+        claim1,
+        claim2,
+        overlap,
+        claim3,
+        finetune,
+        report_only=bool(c.get("report_only", False)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +360,9 @@ class Studies:
             "num_eval": config.dataset.num_eval,
         }
         self.cells: list[dict] = []
+        # A dry pass only reads finished cells (a missing one is listed in `missing`).
+        self.dry = False
+        self.missing: list[str] = []
 
     # The cell mechanism.
 
@@ -358,6 +375,9 @@ class Studies:
             if result.get("identity") == identity:
                 self.cells.append(result)
                 return result
+        if self.dry:
+            self.missing.append(label)
+            return None
         logging.info("studies: cell %s", label)
         os.makedirs(directory, exist_ok=True)
         start, load = time.perf_counter(), os.getloadavg()[0]
@@ -512,8 +532,11 @@ class Studies:
     def _cell_dir(self, result: Mapping) -> str:
         return os.path.join(self.root, "cells", f"{result['label']}-{digest(result['identity'])}")
 
-    def overlap(self, sparsity: float, seed: int) -> dict:
+    def overlap(self, sparsity: float, seed: int) -> dict | None:
         recipe, searched = self.jackpot(sparsity, seed)
+        if searched is None:  # a dry pass before the jackpot was searched
+            self.missing.append(f"overlap-{_percent_label(sparsity)}-seed{seed}")
+            return None
         c = self.plan.overlap
         masks_path = os.path.join(self._cell_dir(searched), "export", "masks.npz")
 
@@ -557,8 +580,11 @@ class Studies:
         label = f"overlap-{_percent_label(sparsity)}-seed{seed}"
         return self.cell("overlap", label, identity, compute)
 
-    def finetune(self, sparsity: float, seed: int) -> dict:
+    def finetune(self, sparsity: float, seed: int) -> dict | None:
         recipe, searched = self.jackpot(sparsity, seed)
+        if searched is None:  # a dry pass before the jackpot was searched
+            self.missing.append(f"finetune-{_percent_label(sparsity)}-seed{seed}")
+            return None
         c = self.plan.finetune
         export = os.path.join(self._cell_dir(searched), "export", "jackpot.safetensors")
 
@@ -628,11 +654,21 @@ class Studies:
 
     # The studies, in the order they run.
 
-    def run(self) -> None:
+    def run(self, after_seed: Callable[[], None] = lambda: None) -> None:
         """Every cell, seed by seed: a study cut short has every study for its first seeds."""
         self.dense()
         for seed in self.plan.seeds:
             self.run_seed(seed)
+            after_seed()
+
+    def finished(self) -> tuple[list[dict], list[str]]:
+        """The results of the finished cells and the labels of the missing ones (nothing runs)."""
+        self.dry, self.cells, self.missing = True, [], []
+        try:
+            self.run()
+        finally:
+            self.dry = False
+        return self.cells, self.missing
 
     def run_seed(self, seed: int) -> None:
         p = self.plan
@@ -686,30 +722,40 @@ def run(ctx: Context, config: Config) -> dict:
         phases.pretrain(ctx, modes._train_recipe(config), seed=config.seed)
     variables, _, weights_fingerprint = modes._weights(ctx, config)
     studies = Studies(ctx, config, plan, variables, weights_fingerprint)
-    studies.run()
-    if not ctx.is_main:
-        return {}
-    budget = studies.budget(0.5, "uniform")
-    masked = {name for name, b in named_leaves(budget) if b is not None}
-    shapes = {n: tuple(np.shape(w)) for n, w in named_leaves(studies.params) if n in masked}
-    meta = {
-        "model": ctx.model_name,
-        "dataset": config.dataset.name,
-        "seeds": list(plan.seeds),
-        "search": {
-            k: v
-            for k, v in dataclasses.asdict(studies.base).items()
-            if k in ("batch_size", "learning_rate", "momentum", "weight_decay", "gap", "augment")
-        },
-        "pretrain_epochs": config.pretrain.epochs,
-        "bn_batches": config.prune.bn_batches,
-        "cpus": os.cpu_count(),
-        "wall_seconds": time.perf_counter() - started,
-        "command": "python -m jackpots_jax.main --config configs/studies.py "
-        f"--workdir {ctx.workdir}",
-    }
-    groups = layer_groups(ctx.network.spec, shapes)
-    results = study_report.assemble(dataclasses.asdict(plan), studies.cells, meta, groups)
-    path = study_report.write(studies.root, results)
-    print(f"\nstudies report: {path}")
-    return results
+
+    def report() -> dict:
+        """results.json, report.md and plots from every finished cell (process 0)."""
+        if not ctx.is_main:
+            return {}
+        cells, missing = studies.finished()
+        if not any(c["identity"]["kind"] == "dense" for c in cells):
+            return {}
+        budget = studies.budget(0.5, "uniform")
+        masked = {name for name, b in named_leaves(budget) if b is not None}
+        shapes = {n: tuple(np.shape(w)) for n, w in named_leaves(studies.params) if n in masked}
+        meta = {
+            "model": ctx.model_name,
+            "dataset": config.dataset.name,
+            "seeds": list(plan.seeds),
+            "search": {
+                k: v
+                for k, v in dataclasses.asdict(studies.base).items()
+                if k in ("batch_size", "learning_rate", "momentum", "weight_decay", "gap")
+            },
+            "pretrain_epochs": config.pretrain.epochs,
+            "bn_batches": config.prune.bn_batches,
+            "cpus": os.cpu_count(),
+            "wall_seconds": time.perf_counter() - started,
+            "missing_cells": missing,
+            "command": "python -m jackpots_jax.main --config configs/studies.py "
+            f"--workdir {ctx.workdir}",
+        }
+        groups = layer_groups(ctx.network.spec, shapes)
+        results = study_report.assemble(dataclasses.asdict(plan), cells, meta, groups)
+        path = study_report.write(studies.root, results)
+        print(f"\nstudies report: {path}" + (f" ({len(missing)} cells missing)" if missing else ""))
+        return results
+
+    if not plan.report_only:
+        studies.run(after_seed=report)
+    return report()

@@ -458,18 +458,26 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
+# The number of seeds planned: a statistic over fewer (a study cut short) says how many.
+_planned_seeds = 0
+
+
+def _n(s: Mapping[str, Any]) -> str:
+    return f" (n = {s['n']})" if s["n"] < _planned_seeds else ""
+
+
 def pm(s: Mapping[str, Any], fmt=pct) -> str:
-    """`mean ± std` of a statistic (`n/a` without values)."""
+    """`mean ± std` of a statistic (`n/a` without values; the count when seeds are missing)."""
     if not s or not s["n"]:
         return "n/a"
-    return f"{fmt(s['mean'])} ± {fmt(s['std'])}"
+    return f"{fmt(s['mean'])} ± {fmt(s['std'])}{_n(s)}"
 
 
 def points(s: Mapping[str, Any]) -> str:
     """A paired accuracy difference in points, signed, with its spread."""
     if not s or not s["n"]:
         return "n/a"
-    return f"{100 * s['mean']:+.2f} ± {100 * s['std']:.2f}"
+    return f"{100 * s['mean']:+.2f} ± {100 * s['std']:.2f}{_n(s)}"
 
 
 def num(x: float | None, digits: int = 2) -> str:
@@ -987,9 +995,19 @@ def _cost_md(r: Mapping) -> str:
 
 def render(results: Mapping[str, Any]) -> str:
     """The Markdown report of a results document (nothing else is read)."""
+    global _planned_seeds
     meta = results["meta"]
+    _planned_seeds = meta["n_seeds"]
     sections = [f"# Lottery jackpots: the paper's claims on {meta['model']} / {meta['dataset']}"]
     sections.append(_intro(results))
+    missing = meta.get("missing_cells") or []
+    if missing:
+        sections.append(
+            f"**Partial results.** {len(missing)} of {len(missing) + meta['cells']} cells have "
+            "not finished (listed in results.json, `meta.missing_cells`); a statistic over fewer "
+            "seeds than planned says how many (n). Run the command at the end again to finish "
+            "them: finished cells are not rerun."
+        )
     names = {
         "claim1": "Claim 1",
         "claim2": "Claim 2",
