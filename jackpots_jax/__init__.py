@@ -26,6 +26,7 @@ from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_bat
 from jackpots_jax.restriction import (
     ShortRestrictionState,
     current_masks,
+    first_order_check,
     refresh_masks,
     replace_masks,
     schedules,
@@ -69,6 +70,7 @@ __all__ = [
     "current_masks",
     "data_parallel",
     "eval_step",
+    "first_order_check",
     "format_sparsity_table",
     "init_scores",
     "layer_budgets",
