@@ -11,6 +11,10 @@ Example:
   >>> tx = jj.search_optimizer(budget, learning_rate=0.1, total_steps=total_steps)
   >>> state = jj.create_search_state(scores, tx, batch_stats=batch_stats)
   >>> state, metrics = jj.search_step(state, params, batch, apply_fn=jj.linen_apply(model), tx=tx)
+
+Structured sparsity (N:M, blocks, channels; see `jackpots_jax.patterns`): make the budget with a
+pattern and use the same calls:
+  >>> budget = jj.layer_budgets(params, 0.5, pattern="2:4")
 """
 
 from jackpots_jax.masks import (
@@ -23,6 +27,7 @@ from jackpots_jax.masks import (
     topk_masks,
 )
 from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_batch
+from jackpots_jax.patterns import PATTERNS, Pattern, Structured
 from jackpots_jax.restriction import (
     ShortRestrictionState,
     current_masks,
@@ -58,10 +63,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "INIT_METHODS",
+    "PATTERNS",
+    "Pattern",
     "RULES",
     "SearchState",
     "ShortRestrictionState",
     "TrainState",
+    "Structured",
     "apply_masks",
     "bn_stats_step",
     "budget_sizes",

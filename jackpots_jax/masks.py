@@ -8,18 +8,25 @@ Top-k never sorts: `jackpots_jax.select` finds every leaf's threshold for all le
 (accelerators) or per leaf by bisection (CPU), and resolves ties exactly, first in favour of the
 entries kept in `current`, then of the lower flat index, so the selected set is the one a stable
 descending sort would give.
+
+Structured patterns (`jackpots_jax.patterns`; budget entries that are `Structured`): N:M leaves
+keep the exact top-N of every group (pairwise ranks inside each group, the same tie rule);
+`block:B` and `channel` leaves have one score per tile, are selected by the same exact top-k on
+those scores, and their masks are broadcast back over the tiles. Masks are element masks (the
+kernel's shape) for every pattern.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpots_jax import select
+from jackpots_jax import patterns, select
 from jackpots_jax._tree import (
     PyTree,
     check_same_structure,
@@ -27,6 +34,14 @@ from jackpots_jax._tree import (
     map_budget,
     map_budget_with_path,
     named_leaves,
+)
+from jackpots_jax.patterns import (
+    Structured,
+    expand_tiles,
+    is_structured,
+    tile_of_shapes,
+    tile_sums,
+    unit_view,
 )
 
 # Re-exported for code that imported the selection from here (it moved to `select`).
@@ -50,6 +65,13 @@ def rank_values(scores: jax.Array, rank_by: str = "score") -> jax.Array:
 
 
 def _check_count(name: str, pruned: Any, size: int) -> int:
+    if is_structured(pruned):
+        if pruned.size != size:
+            raise ValueError(
+                f"budget entry for {name!r} was made for a kernel of {pruned.size} weights "
+                f"(shape {pruned.shape}), but the leaf has {size}"
+            )
+        return int(pruned)
     if isinstance(pruned, bool) or not isinstance(pruned, (int, np.integer)):
         raise TypeError(
             f"budget entry for {name!r} must be an int (weights pruned) or None, got {pruned!r}"
@@ -87,6 +109,27 @@ def leaf_layout(layout: select.Layout | None, budget: PyTree) -> select.Layout |
     return dataclasses.replace(layout, dims=dims)
 
 
+def slot_layout(
+    layout: select.Layout | None,
+    budget: PyTree,
+    slots: list[int],
+    shapes: list[tuple[int, ...]],
+) -> select.Layout | None:
+    """The layout of the leaves `slots` (of the budget's masked leaves) a selection is given.
+
+    A leaf whose selection runs on one score per tile keeps its dimension where the tiles split
+    evenly over the groups, else its entries are split flat.
+    """
+    layout = leaf_layout(layout, budget)
+    if layout is None or layout.dims is None:
+        return layout
+    dims = []
+    for slot, shape in zip(slots, shapes, strict=True):
+        d = layout.dims[slot]
+        dims.append(d if d is None or shape[d] % layout.groups == 0 else None)
+    return dataclasses.replace(layout, dims=tuple(dims))
+
+
 def topk_masks(
     scores: PyTree,
     budget: PyTree,
@@ -102,10 +145,18 @@ def topk_masks(
     flat index: the result equals the first `n_l - p_l` entries of a stable sort by
     (score descending, kept in `current` first, index ascending). jit-able; the budget is static.
 
+    Under a structured pattern (`Structured` budget entries): an N:M leaf keeps the first N of
+    every group of M by that order (M consecutive entries along the input axis); a `block:B` or
+    `channel` leaf has one score per tile (`entry.score_shape`), keeps the top `entry.keep_units`
+    tiles by that order (tiles indexed in the flat order of the score array) and its mask is
+    broadcast over the tiles.
+
     Args:
       scores: a pytree with the budget's structure (arrays at masked leaves; anything elsewhere).
-      budget: pruned counts from `layer_budgets` (Python ints, `None` where not masked).
-      current: optional masks (same structure) that win ties.
+      budget: pruned counts from `layer_budgets` (Python ints or `Structured`, `None` where not
+        masked).
+      current: optional masks (same structure) that win ties (element masks; for tiled leaves
+        unit masks of the score shape are accepted too).
       rank_by: `'score'` (signed; the reference code) or `'abs'` (edge-popup).
       selection: `'auto'` (by backend), `'batched'` (all leaves at once in a fixed number of
         passes; the accelerator path) or `'bracketed'` (per-leaf bisection; the CPU path). All
@@ -126,22 +177,65 @@ def topk_masks(
         raise ValueError(f"unknown `rank_by` {rank_by!r}; allowed: {', '.join(RANK_BY)}")
     select.resolve(selection)
     trees = (scores,) if current is None else (scores, current)
-    values, keep, shapes, prefer = [], [], [], []
-    for name, pruned, s, *c in budget_leaves(budget, *trees):
-        size = int(np.prod(np.shape(s)))
-        keep.append(size - _check_count(name, pruned, size))
-        values.append(rank_values(jnp.asarray(s), rank_by))
+    leaves = budget_leaves(budget, *trees)
+    out: list[Any] = [None] * len(leaves)
+    # Unstructured and tiled leaves share one exact selection (on one score per tile); N:M
+    # leaves rank inside their groups.
+    slots, values, keep, shapes, prefer = [], [], [], [], []
+    for slot, (name, pruned, s, *c) in enumerate(leaves):
+        s = rank_values(jnp.asarray(s), rank_by)
+        if is_structured(pruned):
+            check_scores(name, pruned, s.shape)
+            if pruned.kind == "n:m":
+                cur = _element_mask(name, pruned, c[0]) if c else None
+                out[slot] = patterns.nm_topk(s, pruned, cur)
+                continue
+            keep.append(pruned.keep_units)
+            if c:
+                prefer.append(unit_view(c[0], pruned))
+        else:
+            size = int(np.prod(np.shape(s)))
+            keep.append(size - _check_count(name, pruned, size))
+            if c:
+                prefer.append(c[0])
+        slots.append(slot)
+        values.append(s)
         shapes.append(np.shape(s))
-        if c:
-            prefer.append(c[0])
     chosen = select.topk(
         values,
         keep,
         prefer if current is not None else None,
         selection=selection,
-        layout=leaf_layout(layout, budget),
+        layout=slot_layout(layout, budget, slots, shapes),
     )
-    return rebuild(budget, [m.reshape(shape) for m, shape in zip(chosen, shapes, strict=True)])
+    for slot, m, shape in zip(slots, chosen, shapes, strict=True):
+        out[slot] = _to_elements(leaves[slot][1], m.reshape(shape))
+    return rebuild(budget, out)
+
+
+def check_scores(name: str, entry: Structured, shape: tuple[int, ...]) -> None:
+    """Raises a ValueError naming the leaf when its scores do not have `entry.score_shape`."""
+    if tuple(shape) != entry.score_shape:
+        what = "one per weight" if entry.unit == 1 else f"one per tile of {entry.tile}"
+        raise ValueError(
+            f"scores for {name!r} have shape {tuple(shape)}; pattern {entry.pattern} on a kernel "
+            f"of shape {entry.shape} scores {what}: expected shape {entry.score_shape}"
+        )
+
+
+def _element_mask(name: str, entry: Structured, mask: Any) -> jax.Array:
+    if np.shape(mask) != entry.shape:
+        raise ValueError(
+            f"the mask for {name!r} has shape {np.shape(mask)}; the kernel has {entry.shape}"
+        )
+    return jnp.asarray(mask, bool)
+
+
+def _to_elements(entry: Any, units: jax.Array) -> jax.Array:
+    """A unit-level mask of a tiled leaf broadcast over its tiles; other masks pass through."""
+    if is_structured(entry) and entry.unit > 1:
+        return expand_tiles(units, entry.tile)
+    return units
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +267,12 @@ def init_scores(
     The masks are always `topk_masks(scores, budget, rank_by=rank_by)`, so `short_restriction`
     derives the same masks from the scores in its `init`.
 
+    Under a structured pattern the same methods apply per unit: for N:M leaves `magnitude` is
+    one-shot magnitude N:M pruning (the top-N |w| of every group, ties to the lower index: the
+    usual N:M baseline); `block:B`/`channel` leaves get one score per tile (`entry.score_shape`)
+    and `magnitude`/`weight_magnitude` rank the tiles by their summed |w|; `kaiming` draws with
+    the kernel's fan-in.
+
     Args:
       params: the pre-trained parameter pytree.
       budget: from `layer_budgets(params, ...)`.
@@ -194,12 +294,22 @@ def init_scores(
     check_budget_matches(budget, params)
 
     if method in ("magnitude", "weight_magnitude"):
-        magnitudes = map_budget(lambda p, w: jnp.abs(jnp.asarray(w, dtype)), budget, params)
+
+        def magnitude(p, w):
+            a = jnp.abs(jnp.asarray(w, dtype))
+            # Tiles are ranked by their summed |w|.
+            return tile_sums(a, p.tile) if _tiled(p) else a
+
+        magnitudes = map_budget(magnitude, budget, params)
         masks = topk_masks(magnitudes, budget)
         if method == "weight_magnitude":
             return magnitudes, masks
         scores = map_budget(
-            lambda p, m: jnp.where(m, jnp.asarray(1.0, dtype), jnp.asarray(1.0 - gap, dtype)),
+            lambda p, m: jnp.where(
+                unit_view(m, p) if _tiled(p) else m,
+                jnp.asarray(1.0, dtype),
+                jnp.asarray(1.0 - gap, dtype),
+            ),
             budget,
             masks,
         )
@@ -210,9 +320,13 @@ def init_scores(
 
     def draw(name, p, w):
         shape = np.shape(w)
+        if is_structured(p):
+            fan_in = int(np.prod(p.shape[: p.input_axes]))
+            shape = p.score_shape
+        else:
+            fan_in = int(np.prod(shape[:-1]))  # HWIO / (in, out) kernels
         if method == "random":
             return jax.random.uniform(keys[name], shape, dtype)
-        fan_in = int(np.prod(shape[:-1]))  # HWIO / (in, out) kernels
         bound = 1.0 / np.sqrt(fan_in)
         return jax.random.uniform(keys[name], shape, dtype, -bound, bound)
 
@@ -220,11 +334,20 @@ def init_scores(
     return scores, topk_masks(scores, budget, rank_by=rank_by)
 
 
+def _tiled(entry: Any) -> bool:
+    return is_structured(entry) and entry.unit > 1
+
+
 def check_budget_matches(budget: PyTree, params: PyTree) -> None:
     """Raises a ValueError naming the leaf when a budget was made for another params tree."""
 
     def check(name, p, w):
         _check_count(name, p, int(np.prod(np.shape(w))))
+        if is_structured(p) and tuple(np.shape(w)) != p.shape:
+            raise ValueError(
+                f"budget entry for {name!r} was made for a kernel of shape {p.shape} (pattern "
+                f"{p.pattern}), but the leaf has shape {tuple(np.shape(w))}"
+            )
 
     map_budget_with_path(check, budget, params)
 
@@ -261,6 +384,24 @@ def _check_shape(m, w):
         raise ValueError(f"a mask of shape {np.shape(m)} does not fit a weight of {np.shape(w)}")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _straight_through_tiles(w, s, m, tile):
+    return w * m.astype(w.dtype)
+
+
+def _straight_through_tiles_fwd(w, s, m, tile):
+    return _straight_through_tiles(w, s, m, tile), (w, m, jnp.zeros((), s.dtype))
+
+
+def _straight_through_tiles_bwd(tile, res, g):
+    w, m, s_like = res
+    # One score per tile: dL/dS_tile = sum over the tile of dL/d(W*M) * W.
+    return g * m.astype(g.dtype), tile_sums(g * w, tile).astype(s_like.dtype), None
+
+
+_straight_through_tiles.defvjp(_straight_through_tiles_fwd, _straight_through_tiles_bwd)
+
+
 @jax.custom_vjp
 def _straight_through(w, s, m):
     return w * m.astype(w.dtype)
@@ -286,10 +427,14 @@ def masked_weights(params: PyTree, scores: PyTree, masks: PyTree) -> PyTree:
     with no abs, normalisation or clipping, as in the paper's reference code. Differentiate with
     respect to `scores` only; the masks are data (they come from the scores by `topk_masks`).
 
+    Scores with one entry per tile (`block:B` and `channel` patterns: a score leaf of the kernel's
+    rank whose every axis divides the kernel's) get the sum over their tile:
+    `dL/dS_tile = sum_{i in tile} dL/d(W*M)_i W_i`. The tile is read from the shapes.
+
     Args:
       params: the frozen parameter pytree.
       scores: the scores, with the structure of `masks` (or of `params`).
-      masks: bool masks, `None` at unmasked leaves.
+      masks: bool element masks (the kernels' shapes), `None` at unmasked leaves.
 
     Returns:
       The effective weights, a pytree with the structure of `params`.
@@ -299,9 +444,10 @@ def masked_weights(params: PyTree, scores: PyTree, masks: PyTree) -> PyTree:
         if m is None:
             return w
         _check_shape(m, w)
-        if np.shape(s) != np.shape(w):
-            raise ValueError(f"a score of shape {np.shape(s)} does not fit a weight {np.shape(w)}")
-        return _straight_through(w, s, jnp.asarray(m, bool))
+        if np.shape(s) == np.shape(w):
+            return _straight_through(w, s, jnp.asarray(m, bool))
+        tile = tile_of_shapes(np.shape(w), np.shape(s))
+        return _straight_through_tiles(w, s, jnp.asarray(m, bool), tile)
 
     try:
         return jax.tree.map(visit, masks, params, scores, is_leaf=is_none)

@@ -1,10 +1,19 @@
-"""Data-parallel runners of one per-device step: `jax.shard_map` over a mesh (default), `jax.pmap`.
+"""Meshes, shardings and runners: data parallelism (`'data'`) and sharded state (`'fsdp'`).
 
-A step is written once, per device, with collectives over the axis name `'data'` (see `step.py`).
-`data_parallel(step_fn, ...)` returns a callable `(*replicated, batch) -> outputs`: the leading
-arguments (the state, or `params, batch_stats, masks` for evaluation) are replicated on every
-device, the batch is split along its leading axis, and every output is replicated (the step makes
-it so with `pmean`/`psum`).
+A mesh has two axes: `'data'` splits the batch, `'fsdp'` splits the state. With `fsdp == 1`
+(the default) every device holds the whole model, scores, optimiser state and masks, and a step
+written once per device (see `step.py`) runs data-parallel: `data_parallel(step_fn, ...)` returns
+a callable `(*replicated, batch) -> outputs` over `jax.shard_map` (default) or `jax.pmap`, whose
+steps average gradients and batch statistics with collectives over `'data'`.
+
+With `fsdp > 1` the frozen params, the scores, the optimiser state and the masks are sharded over
+`'fsdp'`, each leaf along one dimension (`fsdp_dims`: the largest divisible by the axis size, or
+a rule by path), so each device holds `1 / fsdp` of them; the batch is split over both axes.
+`sharded(step_fn, ...)` jits the same step with these shardings and XLA partitions it (GSPMD):
+the forward gathers each layer's weights where it needs them, gradients are reduce-scattered, and
+the exact selection of the masks runs on each device's shard of every leaf with only its
+histograms all-reduced (`selection_layout`). Batch statistics are computed over the global batch
+and replicated. pmap and shard_map run data parallelism only.
 
 Several hosts: every process calls `initialize_distributed()` first (before any other JAX call),
 builds the same mesh over the global devices (`make_mesh()`), reads only its own rows of every
@@ -16,12 +25,22 @@ Example:
   >>> run = data_parallel(search_step, mesh=mesh, donate_argnums=0, apply_fn=apply_fn, tx=tx)
   >>> params = replicate(params, mesh)  # the frozen weights, placed once
   >>> state, metrics = run(state, params, shard_batch(local_batch, mesh))
+
+  Sharded (FSDP) state over 8 devices, 4 shards of every leaf:
+  >>> mesh = make_mesh(fsdp=4)
+  >>> tx = search_optimizer(budget, total_steps=n, layout=selection_layout(scores, mesh))
+  >>> state = place(create_search_state(scores, tx, batch_stats=stats), mesh)
+  >>> params = place(params, mesh)
+  >>> run = sharded(search_step, mesh=mesh, donate_argnums=0, apply_fn=apply_fn, tx=tx)
+  >>> state, metrics = run(state, params, shard_batch(local_batch, mesh))
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,9 +50,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jackpots_jax import select
+from jackpots_jax._tree import is_none, path_str
+
 PyTree = Any
-AXIS = "data"
-BACKENDS = ("shard_map", "pmap")
+AXIS = "data"  # the batch axis of every mesh
+FSDP = "fsdp"  # the state axis
+AXES = (AXIS, FSDP)
+BACKENDS = ("shard_map", "pmap", "jit")
+# A rule: (regular expression searched in a leaf's path, the dimension to shard or None).
+Rule = tuple[str, int | None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,18 +187,31 @@ def initialize_distributed(
 # Meshes and batches.
 
 
-def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Mesh:
-    """A 1-D mesh with axis `'data'` over `num_devices` of `devices` (all global devices).
+def make_mesh(
+    num_devices: int | None = None, devices: list | None = None, *, fsdp: int = 1
+) -> Mesh:
+    """A mesh `('data', 'fsdp')` of shape `(num_devices // fsdp, fsdp)` over the devices given.
 
-    With several processes and no `devices`, each process contributes the same number of its
-    own devices (`num_devices // jax.process_count()`, the first ones), in process order, so
-    that every process holds a contiguous part of the batch.
+    Args:
+      num_devices: how many devices (all of `devices` by default).
+      devices: the devices (all global devices by default). With several processes and no
+        `devices`, each process contributes the same number of its own devices
+        (`num_devices // jax.process_count()`, the first ones), in process order, so that every
+        process holds a contiguous part of the batch.
+      fsdp: the size of the `'fsdp'` axis, over which the state is sharded (1: every device holds
+        all of it, data parallelism only). Must divide `num_devices`.
+
+    Raises:
+      ValueError: a device count out of range, or one that `fsdp` (or the processes) do not
+        divide.
     """
     explicit = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"`num_devices` must be in 1..{len(devices)}, got {num_devices!r}")
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
+        raise ValueError(f"`fsdp` must be a positive divisor of the {n} devices, got {fsdp!r}")
     processes = jax.process_count()
     if not explicit and processes > 1 and n < len(devices):
         if n % processes:
@@ -184,19 +223,28 @@ def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Me
         for p in range(processes):
             chosen += [d for d in devices if d.process_index == p][:per_process]
         devices = chosen
-    return jax.make_mesh(
-        (n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
-    )
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((n // fsdp, fsdp), AXES, axis_types=(auto, auto), devices=devices[:n])
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+    """The size of a mesh axis (1 for an axis the mesh does not have)."""
+    return int(dict(mesh.shape).get(axis, 1))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split along their leading dimension over every axis of the mesh."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
-    """Global arrays split over `'data'` from this process's share of the batch.
+    """Global arrays split over the mesh (`'data'` and `'fsdp'`) from this process's rows.
 
     On one host `batch` is the whole batch; on several hosts each passes its own rows and the
     global batch is their concatenation in process order (the order of `make_mesh`'s devices).
     The leading dimension must divide evenly over this process's devices of the mesh.
     """
-    sharding = NamedSharding(mesh, P(AXIS))
+    sharding = batch_sharding(mesh)
     local = len(_local_devices(mesh))
 
     def one(x):
@@ -227,6 +275,160 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(one, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded state ('fsdp').
+
+
+def _rule_dim(name: str, shape: tuple[int, ...], size: int, rules: Sequence[Rule]) -> int | None:
+    for pattern, dim in rules:
+        if re.search(pattern, name):
+            if dim is None:
+                return None
+            if not -len(shape) <= dim < len(shape) or shape[dim] % size:
+                raise ValueError(
+                    f"sharding rule {pattern!r} puts leaf {name!r} of shape {shape} on dimension "
+                    f"{dim}, which does not split into {size} equal parts over '{FSDP}'"
+                )
+            return dim % len(shape)
+    # The largest dimension that divides evenly (the first of equals); none: replicated.
+    dims = [d for d in range(len(shape)) if shape[d] % size == 0 and shape[d] >= size]
+    return max(dims, key=lambda d: (shape[d], -d)) if dims else None
+
+
+def fsdp_dims(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = ()) -> PyTree:
+    """Per leaf, the dimension sharded over `'fsdp'`, or `None` (replicated).
+
+    The largest dimension that the axis size divides (the first of equal ones); `None` where no
+    dimension does, for scalars, and everywhere when the mesh's `'fsdp'` axis has size 1. A rule
+    `(pattern, dim)` whose regular expression is found (`re.search`) in a leaf's path (written
+    `'conv1/kernel'`, optimiser states included: `'0/trace/conv1/kernel'`) overrides that: the
+    first matching rule gives the dimension (or `None`: replicated).
+
+    Raises:
+      ValueError: a rule names a dimension the axis size does not divide (the leaf is named).
+    """
+    size = axis_size(mesh, FSDP)
+
+    def one(path, leaf):
+        if leaf is None:
+            return None
+        shape = tuple(np.shape(leaf))
+        if size == 1 or not shape:
+            return None
+        return _rule_dim(path_str(path), shape, size, rules)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_none)
+
+
+def fsdp_shardings(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = ()) -> PyTree:
+    """`NamedSharding`s of every leaf: over `'fsdp'` along `fsdp_dims`, else replicated."""
+
+    def one(leaf, dim):
+        if leaf is None:
+            return None
+        spec = [None] * np.ndim(leaf)
+        if dim is not None:
+            spec[dim] = FSDP
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree.map(one, tree, fsdp_dims(tree, mesh, rules), is_leaf=is_none)
+
+
+def place(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = (), shardings: PyTree = None) -> PyTree:
+    """`tree` as global arrays laid out over the mesh: `fsdp_shardings` (or `shardings` given).
+
+    Each device receives only its shard; on several hosts every process passes the same values
+    and sends each of its devices their part (nothing is gathered anywhere).
+    """
+    shardings = fsdp_shardings(tree, mesh, rules) if shardings is None else shardings
+
+    def one(x, sharding):
+        if x is None:
+            return None
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings, is_leaf=is_none)
+
+
+def selection_layout(
+    scores: PyTree, mesh: Mesh, rules: Sequence[Rule] = ()
+) -> select.Layout | None:
+    """Where the batched exact selection processes each leaf of scores sharded by `place`.
+
+    Pass it to `short_restriction` / `search_optimizer` (`layout=`): the selection then packs each
+    device's shard of every leaf into its own group and all-reduces only its histograms, instead
+    of gathering whole leaves. `None` when the mesh does not shard the state.
+    """
+    size = axis_size(mesh, FSDP)
+    if size == 1:
+        return None
+    return select.Layout(fsdp_dims(scores, mesh, rules), size, NamedSharding(mesh, P(FSDP)))
+
+
+def state_bytes(tree: PyTree) -> dict[str, int]:
+    """Bytes of `tree` held by each addressable device (keyed by device id), shards summed."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            out[key] = out.get(key, 0) + math.prod(shard.data.shape) * shard.data.dtype.itemsize
+    return out
+
+
+def sharded(
+    step_fn: Callable[..., Any],
+    *,
+    mesh: Mesh,
+    donate_argnums: int | tuple[int, ...] = (),
+    **static: Any,
+) -> Callable[..., Any]:
+    """Runs a step under `jit` on arguments laid out over the mesh (`place`, `shard_batch`).
+
+    The step is the same per-device function as for `data_parallel`, called without an axis
+    name: it computes over the global batch and XLA partitions it from its arguments' shardings
+    (GSPMD). The first output keeps the first argument's shardings when it has the same
+    structure (the state of a training or search step stays sharded); every other output is
+    replicated.
+
+    Args:
+      step_fn: `step_fn(*args, axis_name=None, **static)`.
+      mesh: the mesh the arguments are laid out over.
+      donate_argnums: the arguments whose buffers the step may reuse (the state: `0`).
+      **static: keyword arguments bound into `step_fn` (`apply_fn`, `tx`, ...).
+
+    Returns:
+      A callable `(*args) -> outputs`.
+    """
+    fn = partial(step_fn, axis_name=None, **static)
+    replicated = NamedSharding(mesh, P())
+    compiled: dict[Any, Callable] = {}
+
+    def run(*args):
+        shardings = jax.tree.map(lambda x: getattr(x, "sharding", replicated), args[0])
+        key = (len(args), jax.tree.structure(args[0]))
+        if key not in compiled:
+            out = jax.eval_shape(fn, *args)
+            first = out[0] if isinstance(out, tuple) else None
+            if first is not None and jax.tree.structure(first) == jax.tree.structure(args[0]):
+                rest = jax.tree.map(lambda _: replicated, out[1:])
+                out_shardings = (shardings, *rest)
+            else:
+                out_shardings = jax.tree.map(lambda _: replicated, out)
+            compiled[key] = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums)
+        return _block_on_cpu(compiled[key](*args))
+
+    return run
 
 
 def _local_devices(mesh: Mesh) -> list:
@@ -295,11 +497,20 @@ def data_parallel(
       A callable `(*replicated, batch) -> outputs` with replicated (unsharded) outputs. The batch's
       leading dimension is split evenly over the devices.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend not in ("shard_map", "pmap"):
+        raise ValueError(
+            f"unknown data-parallel backend {backend!r}; allowed: 'shard_map', 'pmap' (sharded "
+            "state runs under `sharded`)"
+        )
     mesh = make_mesh() if mesh is None else mesh
-    if tuple(mesh.axis_names) != (AXIS,):
-        raise ValueError(f"the mesh must be 1-D with axis {AXIS!r}, got {mesh.axis_names}")
+    if AXIS not in mesh.axis_names or set(mesh.axis_names) - set(AXES):
+        raise ValueError(f"the mesh must have axis {AXIS!r} (and {FSDP!r}), got {mesh.axis_names}")
+    if axis_size(mesh, FSDP) > 1:
+        raise ValueError(
+            f"{backend} runs data parallelism only, but the mesh shards the state over "
+            f"'{FSDP}' ({axis_size(mesh, FSDP)} devices): use `sharded` (the 'jit' backend) for "
+            f"fsdp > 1"
+        )
     fn = partial(step_fn, axis_name=AXIS, **static)
     n = mesh.devices.size
     compiled: dict[int, Callable] = {}

@@ -6,6 +6,10 @@ layer's top `n_l - p_l`) and as many removals (kept entries that now rank outsid
 `ceil(r_t c)` swaps are made: the highest-scored revivals come in, the lowest-scored removals go
 out, so every layer keeps exactly `n_l - p_l` weights. With `r_t = 1` the refresh is exactly
 `topk_masks(new_scores, budget, current=old_masks)`.
+
+Structured patterns (see `refresh_masks`) keep their structure at every step: tiles swap whole,
+N:M swaps stay inside their groups. The masks the restriction owns are element masks (the
+kernels' shapes) for every pattern.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jackpots_jax import select
+from jackpots_jax import patterns, select
 from jackpots_jax._tree import PyTree, map_budget
 from jackpots_jax.masks import (
     RANK_BY,
     _check_count,
+    _element_mask,
+    _to_elements,
     budget_leaves,
-    leaf_layout,
+    check_scores,
     rank_values,
     rebuild,
+    slot_layout,
     topk_masks,
 )
+from jackpots_jax.patterns import is_structured, unit_view
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -113,9 +121,17 @@ def refresh_masks(
 ) -> PyTree:
     """New masks from new scores, making only `ceil(rate * c)` of the `c` proposed swaps per layer.
 
+    Under structured patterns: a `block:B`/`channel` leaf refreshes its tiles exactly like an
+    unstructured leaf refreshes its weights (one score per tile; `c` counts tiles). An N:M leaf
+    counts `c` over all its groups and makes `ceil(rate * c)` swaps, each inside one group: the
+    layer's highest-scored revivals come in and every group sends out as many of its
+    lowest-scored removals, so every group keeps exactly N (`patterns.nm_refresh`, which says why
+    the count is per layer and not per group).
+
     Args:
       scores: the updated scores (budget structure).
-      masks: the current masks; every layer must keep exactly its budget.
+      masks: the current (element) masks; every layer must keep exactly its budget (and every
+        N:M group N).
       budget: pruned counts from `layer_budgets`.
       rate: the share of proposed swaps to make, in [0, 1] (may be traced).
       rank_by: `'score'` (signed) or `'abs'`.
@@ -134,17 +150,44 @@ def refresh_masks(
         return topk_masks(
             scores, budget, current=masks, rank_by=rank_by, selection=selection, layout=layout
         )
-    values, old, keep, shapes = [], [], [], []
-    for name, pruned, s, m in budget_leaves(budget, scores, masks):
-        size = int(np.prod(np.shape(s)))
-        keep.append(size - _check_count(name, pruned, size))
-        values.append(rank_values(jnp.asarray(s), rank_by))
-        old.append(m)
+    leaves = budget_leaves(budget, scores, masks)
+    out: list[Any] = [None] * len(leaves)
+    slots, values, old, keep, shapes = [], [], [], [], []
+    nm_slots, nm_values, nm_old, nm_entries = [], [], [], []
+    for slot, (name, pruned, s, m) in enumerate(leaves):
+        s = rank_values(jnp.asarray(s), rank_by)
+        if is_structured(pruned):
+            check_scores(name, pruned, s.shape)
+            if pruned.kind == "n:m":
+                nm_slots.append(slot)
+                nm_values.append(s)
+                nm_old.append(_element_mask(name, pruned, m))
+                nm_entries.append(pruned)
+                continue
+            # Tiled leaves: the same refresh on one score per tile, counted in tiles.
+            keep.append(pruned.keep_units)
+            old.append(unit_view(m, pruned))
+        else:
+            size = int(np.prod(np.shape(s)))
+            keep.append(size - _check_count(name, pruned, size))
+            old.append(m)
+        slots.append(slot)
+        values.append(s)
         shapes.append(np.shape(s))
     new = select.refresh(
-        values, old, keep, rate, selection=selection, layout=leaf_layout(layout, budget)
+        values,
+        old,
+        keep,
+        rate,
+        selection=selection,
+        layout=slot_layout(layout, budget, slots, shapes),
     )
-    return rebuild(budget, [m.reshape(shape) for m, shape in zip(new, shapes, strict=True)])
+    for slot, m, shape in zip(slots, new, shapes, strict=True):
+        out[slot] = _to_elements(leaves[slot][1], m.reshape(shape))
+    refreshed = patterns.nm_refresh(nm_values, nm_old, nm_entries, rate, selection=selection)
+    for slot, m in zip(nm_slots, refreshed, strict=True):
+        out[slot] = m
+    return rebuild(budget, out)
 
 
 def short_restriction(

@@ -869,3 +869,65 @@ def refresh(
             for x, m, n in zip(leaves, old, keep, strict=True)
         ]
     return _refresh_batched(leaves, old, keep, rate, digit_bits, layout)
+
+
+def top_eligible(
+    values: Sequence[jax.Array],
+    eligible: Sequence[jax.Array],
+    count: Sequence[jax.Array | int],
+    *,
+    selection: str = "auto",
+    digit_bits: int = DIGIT_BITS,
+) -> list[jax.Array]:
+    """Per leaf, the `count[l]` highest-valued entries among `eligible[l]` (ties: lower index).
+
+    The come-in half of a restricted refresh with a count known only at run time (the N:M
+    refresh, which pairs the removals group by group itself). `count[l]` may be traced; it is
+    clamped to the number of eligible entries.
+
+    Args:
+      values: float arrays per leaf.
+      eligible: bool arrays per leaf (of the leaf's shape).
+      count: int32 scalars per leaf.
+      selection, digit_bits: as in `topk` (same result).
+
+    Returns:
+      Flat bool masks per leaf, each within `eligible[l]`.
+    """
+    if not values:
+        return []
+    leaves = [x.ravel() for x in _float_values(values)]
+    elig = [jnp.ravel(jnp.asarray(e, bool)) for e in eligible]
+    counts = [jnp.asarray(c, jnp.int32) for c in count]
+    if resolve(selection) == "bracketed":
+        return [
+            _top_eligible_bracketed(ordered_keys(x), e, c)
+            for x, e, c in zip(leaves, elig, counts, strict=True)
+        ]
+    packing, _ = _packing(leaves, None)
+    row_leaf = packing.row_leaf()
+    index, real = packing.indices(row_leaf)
+    bits = packing.index_bits
+    low_first = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
+    chosen = _select_batched(
+        packing,
+        row_leaf,
+        ordered_keys(packing.pack(leaves)),
+        low_first,
+        bits,
+        real & packing.pack(elig, False),
+        None,
+        jnp.stack(counts).reshape(-1, 1),
+        digit_bits,
+    )
+    return packing.unpack(chosen)
+
+
+def _top_eligible_bracketed(keys: jax.Array, eligible: jax.Array, count: jax.Array) -> jax.Array:
+    """`top_eligible` of one flat leaf: a bisection, skipped when every candidate is taken."""
+
+    def some():
+        threshold = kth_key(keys, count, eligible=eligible)
+        return select_at(keys, count, threshold, eligible=eligible)
+
+    return lax.cond(count >= _count(eligible), lambda: eligible, some)

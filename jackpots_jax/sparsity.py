@@ -5,6 +5,11 @@ of weights pruned, `p_l`) at every masked leaf and `None` at every other leaf. B
 Python integers, computed once on the host before the search: they are static for `jit` and never
 change during a search (swaps happen inside a layer).
 
+Under a structured pattern (`pattern='2:4'`, `'block:4'`, `'channel'`; see
+`jackpots_jax.patterns`) a masked leaf's entry is a `Structured` (frozen, static, a pytree leaf)
+that carries the pattern, the kernel's shape and its input axes next to the pruned count;
+`int(entry)` is that count.
+
 Sparsity is the fraction of weights *removed*; density the fraction kept.
 """
 
@@ -21,6 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jackpots_jax._tree import PyTree, is_none, map_budget_with_path, named_leaves, path_str
+from jackpots_jax.patterns import (
+    INDIVISIBLE,
+    Pattern,
+    Structured,
+    default_input_axes,
+    divisibility_problem,
+    is_structured,
+    pattern_tile,
+)
 
 DEFAULT_DENSE = ("head",)
 RULES = ("global_magnitude", "uniform", "erk", "explicit")
@@ -191,11 +205,14 @@ def _explicit(named: list[tuple[str, Any]], sparsities: Mapping[str, float]) -> 
 
 def layer_budgets(
     params: PyTree,
-    sparsity: float | Mapping[str, float],
+    sparsity: float | Mapping[str, float] | None,
     rule: str = "global_magnitude",
     *,
     prunable: PyTree | None = None,
     dense: str | Sequence[str] | None = DEFAULT_DENSE,
+    pattern: str | Pattern = "unstructured",
+    input_axes: Mapping[str, int] | None = None,
+    indivisible: str = "error",
 ) -> PyTree:
     """The number of weights each prunable leaf loses.
 
@@ -212,20 +229,44 @@ def layer_budgets(
     Sparsities are read as the decimals they print as (0.9 is 9/10), so counts never depend on
     binary rounding.
 
+    Patterns (`jackpots_jax.patterns`):
+
+    * `'unstructured'` (default): plain `int` entries, as above.
+    * `'N:M'` (e.g. `'2:4'`): every masked leaf prunes exactly `n_l (M - N) / M` (N of every
+      group of M kept), whatever the rule; `sparsity` may be `None` or must equal `1 - N/M`.
+    * `'block:B'`, `'channel'`: the rule's count `p_l` rounded down to whole tiles
+      (`floor(p_l / b) b` for tiles of b weights; for `uniform` that is `floor(s n_l / b)` tiles).
+      Which tiles are pruned is for `init_scores`/`topk_masks` to decide.
+
+    Structured entries are `Structured(pruned, pattern, shape, input_axes)` with `int(entry)` the
+    pruned count. A leaf the pattern does not fit (an input axis that is not a multiple of M, or
+    of B) is an error naming it, or held dense with `indivisible='dense'` (then it is left out of
+    the rule too, like a leaf held dense by `dense`).
+
     Args:
       params: the pre-trained parameter pytree (concrete arrays: budgets are computed on the host).
-      sparsity: the fraction of weights removed, in [0, 1); or a mapping path -> sparsity.
+      sparsity: the fraction of weights removed, in [0, 1); or a mapping path -> sparsity; `None`
+        only with an N:M pattern (which implies it).
       rule: one of `RULES`.
       prunable: a pytree of bools from `prunable_leaves`; by default computed with `dense`.
       dense: patterns of leaves held dense when `prunable` is not given.
+      pattern: `'unstructured'`, `'N:M'`, `'block:B'` or `'channel'` (or a `Pattern`).
+      input_axes: regular expression (searched in the leaf's path) -> how many leading axes of the
+        kernel are its input axes, for kernels that are not `HWIO`/`[in, out]` (whose default is
+        every axis but the last): e.g. `{'attn/(query|key|value)': 1, 'attn/out': 2}` for Flax
+        attention kernels `[D, heads, head_dim]` / `[heads, head_dim, D]`. The first pattern that
+        matches wins; each must match a masked leaf.
+      indivisible: `'error'` or `'dense'`: what to do with a leaf the pattern does not fit.
 
     Returns:
-      A pytree with the structure of `params`: `int` pruned counts at the prunable leaves, `None`
-      at every other leaf.
+      A pytree with the structure of `params`: `int` pruned counts (or `Structured` entries) at the
+      masked leaves, `None` at every other leaf.
 
     Example:
       >>> budget = layer_budgets(params, sparsity=0.9, rule="uniform")
+      >>> budget_24 = layer_budgets(params, 0.5, pattern="2:4")
     """
+    pat = Pattern.parse(pattern)
     if isinstance(sparsity, Mapping):
         if rule not in ("explicit", "global_magnitude"):
             raise ValueError(f"a sparsity mapping needs rule='explicit', got rule={rule!r}")
@@ -237,9 +278,30 @@ def layer_budgets(
             f"rule='explicit' needs `sparsity` to map each prunable path to a sparsity, got "
             f"{sparsity!r}"
         )
+    if pat.kind == "n:m":
+        _check_nm_sparsity(sparsity, pat)
+    elif sparsity is None and pat.structured:
+        raise ValueError(
+            f"`sparsity` is None: only an N:M pattern implies the sparsity; pattern {pat} needs a "
+            "number in [0, 1)"
+        )
+    if indivisible not in INDIVISIBLE:
+        raise ValueError(
+            f"unknown `indivisible` {indivisible!r}; allowed: {', '.join(INDIVISIBLE)}"
+        )
+    if input_axes is not None and not pat.structured:
+        raise ValueError(
+            "`input_axes` only matters for a structured `pattern` (N:M, block:B, channel); "
+            "pattern is 'unstructured'"
+        )
     prunable = _resolve_prunable(params, prunable, dense)
+    axes: dict[str, int] = {}
+    if pat.structured:
+        prunable, axes = _fit_pattern(params, prunable, pat, input_axes, indivisible)
     named = _prunable_named(params, prunable)
-    if rule == "explicit":
+    if pat.kind == "n:m":
+        counts = {name: int(np.prod(leaf.shape)) // pat.m * (pat.m - pat.n) for name, leaf in named}
+    elif rule == "explicit":
         counts = _explicit(named, sparsity)
     else:
         s = _exact_fraction(sparsity, "sparsity")
@@ -248,9 +310,92 @@ def layer_budgets(
         )
 
     def visit(path, leaf, flag):
-        return counts[path_str(path)] if flag else None
+        if not flag:
+            return None
+        name = path_str(path)
+        if not pat.structured:
+            return counts[name]
+        shape = tuple(int(d) for d in leaf.shape)
+        unit = int(np.prod(pattern_tile(pat, shape, axes[name])))
+        return Structured(counts[name] // unit * unit, pat, shape, axes[name])
 
     return jax.tree_util.tree_map_with_path(visit, params, prunable)
+
+
+def _check_nm_sparsity(sparsity: Any, pat: Pattern) -> None:
+    """An N:M pattern implies sparsity (M - N) / M; a `sparsity` that says otherwise is an error."""
+    implied = Fraction(pat.m - pat.n, pat.m)
+    if sparsity is None:
+        return
+    if isinstance(sparsity, Mapping):
+        raise ValueError(
+            f"pattern {pat} prunes {float(implied):g} of every masked leaf; a per-layer "
+            "`sparsity` mapping cannot apply (hold layers dense with `dense` instead)"
+        )
+    s = _exact_fraction(sparsity, "sparsity")
+    if abs(s - implied) > Fraction(1, 10**9):
+        raise ValueError(
+            f"`sparsity`={sparsity!r} disagrees with pattern {pat}, which keeps {pat.n} of every "
+            f"{pat.m} weights (sparsity {float(implied):g}); pass sparsity={float(implied):g} or "
+            "None"
+        )
+
+
+def _fit_pattern(
+    params: PyTree,
+    prunable: PyTree,
+    pat: Pattern,
+    input_axes: Mapping[str, int] | None,
+    indivisible: str,
+) -> tuple[PyTree, dict[str, int]]:
+    """The prunable leaves the pattern fits (others held dense or an error) and their input axes."""
+    rules = []
+    for key, value in (input_axes or {}).items():
+        try:
+            regex = re.compile(key)
+        except re.error as e:
+            raise ValueError(
+                f"`input_axes` holds an invalid regular expression {key!r}: {e}"
+            ) from None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`input_axes[{key!r}]` must be an int, got {value!r}")
+        rules.append((key, regex, int(value)))
+    used: set[str] = set()
+    axes: dict[str, int] = {}
+
+    def visit(path, leaf, flag):
+        if not flag:
+            return False
+        name = path_str(path)
+        shape = tuple(int(d) for d in leaf.shape)
+        k = default_input_axes(shape)
+        for key, regex, value in rules:
+            if regex.search(name):
+                k = value
+                used.add(key)
+                break
+        if not 1 <= k < len(shape):
+            raise ValueError(
+                f"`input_axes` gives {name!r} (shape {shape}) {k} input axes; allowed: "
+                f"1..{len(shape) - 1}"
+            )
+        problem = divisibility_problem(pat, shape, k)
+        if problem:
+            if indivisible == "dense":
+                return False
+            raise ValueError(
+                f"pattern {pat} does not fit {name!r} (shape {shape}, {k} input axes): {problem}; "
+                "hold it dense with indivisible='dense' (or a `dense` pattern), or set its input "
+                "axes with `input_axes`"
+            )
+        axes[name] = k
+        return True
+
+    fitted = jax.tree_util.tree_map_with_path(visit, params, prunable)
+    unused = [key for key, _, _ in rules if key not in used]
+    if unused:
+        raise ValueError(f"`input_axes` patterns {unused} match no masked leaf")
+    return fitted, axes
 
 
 def budget_sizes(budget: PyTree, params: PyTree) -> PyTree:
@@ -272,7 +417,8 @@ def sparsity_report(masks: PyTree, params: PyTree) -> dict[str, Any]:
     """Per-layer and total sparsity of a set of masks (or of a budget).
 
     Args:
-      masks: a masks pytree (bool arrays at masked leaves, `None` elsewhere) or a budget (ints).
+      masks: a masks pytree (bool arrays at masked leaves, `None` elsewhere) or a budget (ints or
+        `Structured` entries).
       params: the parameter pytree the masks belong to.
 
     Returns:
@@ -295,7 +441,7 @@ def sparsity_report(masks: PyTree, params: PyTree) -> dict[str, Any]:
         size = int(np.prod(np.shape(w)))
         if m is None:
             kept = size
-        elif isinstance(m, (int, np.integer)):
+        elif isinstance(m, (int, np.integer)) or is_structured(m):
             kept = size - int(m)
         else:
             kept = int(np.count_nonzero(np.asarray(m)))

@@ -58,3 +58,63 @@ def first_order_pairs(values, old, proposed, grads):
         if g[i] < g[j]:  # g_i w_i - g_j w_j < 0
             new[i], new[j] = True, False
     return new
+
+
+def _groups(shape, axis, m):
+    """Flat indices of a leaf of `shape`, one row per group of `m` consecutive entries along
+    `axis`, members in axis order (which is flat-index order)."""
+    index = np.moveaxis(np.arange(int(np.prod(shape))).reshape(shape), axis, -1)
+    return index.reshape(-1, m)
+
+
+def nm_topk_mask(scores, n, m, axis, current=None):
+    """N:M: the first `n` of every group of `m` along `axis` by a stable sort of the group."""
+    s = np.asarray(scores, np.float64)
+    cur = np.zeros(s.shape, bool) if current is None else np.asarray(current, bool)
+    mask = np.zeros(s.size, bool)
+    for idx in _groups(s.shape, axis, m):
+        mask[idx] = topk_mask(s.ravel()[idx], n, cur.ravel()[idx])
+    return mask.reshape(s.shape)
+
+
+def nm_restricted_refresh(scores, old, n, m, axis, rate):
+    """The N:M restriction, per layer over groups, by brute force (see patterns.nm_refresh).
+
+    The group-wise top-n (ties to `old`) proposes c revivals in the layer; the ceil(rate c)
+    highest (ties: lower flat index) come in, and each group sends out as many of its lowest
+    removals (ties: higher index) as it took in.
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    old = np.asarray(old, bool)
+    shape = old.shape
+    old = old.ravel()
+    target = nm_topk_mask(s.reshape(shape), n, m, axis, old.reshape(shape)).ravel()
+    revive = np.flatnonzero(target & ~old)
+    remove = old & ~target
+    c = revive.size
+    k = c if rate >= 1 else math.ceil(Fraction(repr(float(rate))) * c)
+    nan = np.isnan(s)
+    finite = np.where(nan, 0.0, s)
+    come_in = np.zeros(s.size, bool)
+    come_in[revive[np.lexsort((revive, -finite[revive], ~nan[revive]))][:k]] = True
+    new = old | come_in
+    for idx in _groups(shape, axis, m):
+        out = idx[remove[idx]]
+        out = out[np.lexsort((-out, finite[out], nan[out]))][: int(come_in[idx].sum())]
+        new[out] = False
+    return new.reshape(shape), c, k
+
+
+def tile_sums(x, tile):
+    """Sums over tiles (float64)."""
+    x = np.asarray(x, np.float64)
+    split = [d for s, t in zip(x.shape, tile, strict=True) for d in (s // t, t)]
+    return x.reshape(split).sum(axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+def expand_tiles(u, tile):
+    """Every entry of `u` repeated over its tile."""
+    out = np.asarray(u)
+    for axis, t in enumerate(tile):
+        out = np.repeat(out, t, axis=axis)
+    return out

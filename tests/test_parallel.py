@@ -39,10 +39,13 @@ def assert_same(ref, got, rtol=1e-5):
 def test_make_mesh():
     assert jax.device_count() == 8
     mesh = make_mesh()
-    assert mesh.axis_names == ("data",) and mesh.devices.size == 8
-    assert make_mesh(2).devices.size == 2
-    with pytest.raises(ValueError):
+    assert mesh.axis_names == ("data", "fsdp") and mesh.devices.shape == (8, 1)
+    assert make_mesh(2).devices.shape == (2, 1)
+    assert make_mesh(8, fsdp=4).devices.shape == (2, 4)
+    with pytest.raises(ValueError, match="num_devices"):
         make_mesh(9)
+    with pytest.raises(ValueError, match="fsdp"):
+        make_mesh(8, fsdp=3)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +118,7 @@ def test_shard_batch_and_data_parallel_eval_counts_valid_only():
     full = {**batch, "mask": valid}
     ref = eval_step(run.params, state.batch_stats, state.masks, full, apply_fn=run.apply_fn)
     sharded = shard_batch(jax.tree.map(np.asarray, full), mesh)
-    assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
     for backend in ("shard_map", "pmap"):
         step = data_parallel(eval_step, mesh=mesh, backend=backend, apply_fn=run.apply_fn)
         out = step(

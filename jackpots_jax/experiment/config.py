@@ -49,11 +49,18 @@ def base_config() -> ml_collections.ConfigDict:
         dense; `None` for the model's default, its classifier `head`), `init` (score
         init), `gap` (magnitude init barrier), `epochs`, `max_steps` (0: epochs decide),
         `batch_size`, `learning_rate`, `momentum`, `weight_decay`, `label_smoothing`, `augment`,
-        `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`).
+        `rank_by`, `rate` (the short-restriction schedule: `schedule`, `value`, `power`),
+        `selection` (the exact selection of the masks: `auto` picks by backend and mesh,
+        `batched` for accelerators and sharded state, `bracketed` for CPUs; the same masks).
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
       eval: `batch_size`, `every_epochs`.
       checkpoint: `every_steps`, `keep`.
-      parallel: `backend` (`shard_map` or `pmap`), `num_devices` (0: all).
+      parallel: `backend` (`shard_map` or `pmap`: data parallelism; `jit`: XLA partitions the
+        step from the shardings of its arguments, needed for `fsdp` > 1), `num_devices` (0: all),
+        `fsdp` (devices each leaf of params, scores, optimiser state and masks is sharded over; 1:
+        every device holds all of it), `data` (the batch axis; 0: `num_devices / fsdp`), `rules`
+        (`'pattern=dim'` overrides of the dimension a leaf is sharded along, e.g.
+        `'head/kernel=none'`).
       log_every_steps: how often a metrics line is written.
     """
     c = ml_collections.ConfigDict()
@@ -109,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.rate.schedule = "constant"
     c.search.rate.value = 1.0
     c.search.rate.power = 1.0
+    c.search.selection = "auto"
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -125,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.backend = "shard_map"
     c.parallel.num_devices = 0
+    c.parallel.data = 0
+    c.parallel.fsdp = 1
+    c.parallel.rules = ()
 
     c.log_every_steps = 50
 
@@ -169,6 +180,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
     from jackpots_jax import data, models
     from jackpots_jax.masks import INIT_METHODS
     from jackpots_jax.parallel import BACKENDS
+    from jackpots_jax.select import SELECTIONS
     from jackpots_jax.sparsity import RULES
 
     c = config
@@ -217,7 +229,57 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
     _int("checkpoint.keep", c.checkpoint.keep, 1)
     _choice("parallel.backend", c.parallel.backend, tuple(BACKENDS))
     _int("parallel.num_devices", c.parallel.num_devices, 0)
+    fsdp = _int("parallel.fsdp", c.parallel.fsdp, 1)
+    data_size = _int("parallel.data", c.parallel.data, 0)
+    if num_devices % fsdp:
+        _fail("parallel.fsdp", fsdp, f"a divisor of the {num_devices} device(s) the job runs on")
+    if data_size and data_size * fsdp != num_devices:
+        _fail(
+            "parallel.data",
+            data_size,
+            f"0 (all devices not on 'fsdp') or {num_devices // fsdp}: parallel.data x "
+            f"parallel.fsdp must be the {num_devices} device(s) the job runs on",
+        )
+    if fsdp > 1 and c.parallel.backend != "jit":
+        _fail(
+            "parallel.backend",
+            c.parallel.backend,
+            f"'jit' when `parallel.fsdp` is {fsdp}: pmap and shard_map run data parallelism "
+            "only; sharded state runs under jit (--config.parallel.backend=jit)",
+        )
+    parse_rules(c.parallel.rules)
+    _choice("search.selection", s.selection, tuple(SELECTIONS))
     _int("log_every_steps", c.log_every_steps, 1)
+
+
+def parse_rules(rules: Any) -> tuple[tuple[str, int | None], ...]:
+    """`parallel.rules` (`'pattern=dim'` strings, dim an int or `none`) as (pattern, dim) pairs.
+
+    Raises:
+      ConfigError: a rule that is not `pattern=dim`, or a pattern that is not a regular expression.
+    """
+    if isinstance(rules, str):
+        rules = (rules,)
+    out = []
+    for rule in rules or ():
+        pattern, sep, dim = str(rule).rpartition("=")
+        ok = bool(sep and pattern)
+        if ok:
+            try:
+                re.compile(pattern)
+                value = None if dim.strip().lower() == "none" else int(dim)
+            except (re.error, ValueError):
+                ok = False
+        if not ok:
+            _fail(
+                "parallel.rules",
+                tuple(rules),
+                "'pattern=dim' entries: a regular expression searched in each leaf's path and "
+                "the dimension to shard over 'fsdp' (an int, or none to replicate), e.g. "
+                "'head/kernel=none'",
+            )
+        out.append((pattern, value))
+    return tuple(out)
 
 
 def cifar_recipe(dataset: str, model: str, arg: str | None):

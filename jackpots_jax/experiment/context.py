@@ -66,29 +66,71 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Devices:
-    """The mesh a run is data-parallel over, and the runner backend."""
+    """The mesh a run is laid out over, the runner backend, and how state is sharded.
+
+    With the `shard_map` and `pmap` backends the run is data-parallel: every device holds the
+    whole state. With `jit` the frozen weights and the state are laid out over the mesh's 'fsdp'
+    axis (`parallel.place`; by `rules`), batch statistics replicated, and XLA partitions each
+    step (`parallel.sharded`).
+    """
 
     mesh: jax.sharding.Mesh
     backend: str
+    rules: tuple = ()
+    selection: str = "auto"
+
+    @property
+    def fsdp(self) -> int:
+        return parallel.axis_size(self.mesh, parallel.FSDP)
+
+    @property
+    def search_selection(self) -> str:
+        """The exact selection of the search: the batched one where the scores are sharded."""
+        return "batched" if self.selection == "auto" and self.fsdp > 1 else self.selection
 
     def run(self, step_fn, *, donate_state: bool = False, **static):
-        """`step_fn` data-parallel (`parallel.data_parallel`); the state (argument 0) donated."""
+        """`step_fn` over the mesh (`parallel.sharded` or `data_parallel`); state donated."""
+        donate = (0,) if donate_state else ()
+        if self.backend == "jit":
+            return parallel.sharded(step_fn, mesh=self.mesh, donate_argnums=donate, **static)
         return parallel.data_parallel(
-            step_fn,
-            mesh=self.mesh,
-            backend=self.backend,
-            donate_argnums=(0,) if donate_state else (),
-            **static,
+            step_fn, mesh=self.mesh, backend=self.backend, donate_argnums=donate, **static
         )
 
     def shard(self, batch: PyTree) -> PyTree:
         return batch if self.backend == "pmap" else parallel.shard_batch(batch, self.mesh)
 
     def replicate(self, tree: PyTree) -> PyTree:
-        """`tree` placed once on every device of the mesh (frozen weights: not moved per step)."""
+        """`tree` whole on every device of the mesh, placed once (not moved per step)."""
         if self.backend == "pmap":
             return tree
         return parallel.replicate(tree, self.mesh)
+
+    def weights(self, tree: PyTree) -> PyTree:
+        """Params (or masks) laid out for the steps: sharded over 'fsdp' under `jit`."""
+        if self.backend != "jit":
+            return self.replicate(tree)
+        return parallel.place(tree, self.mesh, self.rules)
+
+    def place_state(self, state: Any) -> Any:
+        """A `SearchState` / `TrainState` laid out for the steps (sharded over 'fsdp' under jit).
+
+        Batch statistics, the step count and the PRNG key stay whole on every device.
+        """
+        if self.backend != "jit":
+            return state
+        shardings = parallel.fsdp_shardings(state, self.mesh, self.rules)
+        whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        fields = {"batch_stats": jax.tree.map(lambda _: whole, state.batch_stats), "step": whole}
+        if hasattr(state, "rng"):
+            fields["rng"] = whole
+        return parallel.place(state, self.mesh, shardings=shardings.replace(**fields))
+
+    def layout(self, scores: PyTree):
+        """Where the batched selection processes the scores' shards (`None`: not sharded)."""
+        if self.backend != "jit":
+            return None
+        return parallel.selection_layout(scores, self.mesh, self.rules)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,7 +90,7 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
         )
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    mesh = parallel.make_mesh(num_devices)
+    mesh = parallel.make_mesh(num_devices, fsdp=config.parallel.fsdp)
     return Context(
         workdir=workdir,
         network=network,
@@ -103,7 +103,12 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
             num_eval=c.num_eval or None,
             local_device_count=mesh.devices.size // jax.process_count(),
         ),
-        devices=context.Devices(mesh, config.parallel.backend),
+        devices=context.Devices(
+            mesh,
+            config.parallel.backend,
+            config_lib.parse_rules(config.parallel.rules),
+            config.search.selection,
+        ),
         log=MetricsLog(workdir, is_main),
         is_main=is_main,
         checkpoint_every_steps=config.checkpoint.every_steps,

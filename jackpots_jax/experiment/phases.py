@@ -66,8 +66,8 @@ def evaluate(
     The final epoch's figures are the ones reported; no epoch is picked by its test accuracy.
     """
     run = ctx.devices.run(eval_step, apply_fn=ctx.network.apply_fn)
-    params, batch_stats = ctx.devices.replicate((params, batch_stats))
-    masks = None if masks is None else ctx.devices.replicate(masks)
+    params, batch_stats = ctx.devices.weights(params), ctx.devices.replicate(batch_stats)
+    masks = None if masks is None else ctx.devices.weights(masks)
     total = None
     for batch in ctx.data.eval_batches(ctx.eval_batch_size):
         out = run(params, batch_stats, masks, ctx.devices.shard(batch))
@@ -94,7 +94,8 @@ def reestimate_batch_stats(
 ) -> PyTree:
     """Running BN statistics re-estimated in train mode over `num_batches` training batches."""
     run = ctx.devices.run(bn_stats_step, apply_fn=ctx.network.apply_fn)
-    params = ctx.devices.replicate(params)
+    params, batch_stats = ctx.devices.weights(params), ctx.devices.replicate(batch_stats)
+    masks = None if masks is None else ctx.devices.weights(masks)
     batches = ctx.data.train_batches(batch_size, seed + 7, augment=False)
     for _ in range(num_batches):
         batch_stats = run(params, batch_stats, masks, ctx.devices.shard(next(batches)))
@@ -129,7 +130,9 @@ def pretrain(ctx: Context, recipe: TrainRecipe, *, seed: int) -> dict[str, PyTre
         optax.sgd(lr, momentum=recipe.momentum or None, nesterov=recipe.nesterov),
     )
     variables = random_variables(ctx, seed)
-    state = create_train_state(variables["params"], variables["batch_stats"], tx)
+    state = ctx.devices.place_state(
+        create_train_state(variables["params"], variables["batch_stats"], tx)
+    )
     run = ctx.devices.run(
         train_step,
         donate_state=True,
@@ -220,7 +223,9 @@ class SearchRecipe:
         total = self.max_steps or self.epochs * steps_per_epoch
         return total, min(steps_per_epoch, total) if self.max_steps else steps_per_epoch
 
-    def optimizer(self, budget: PyTree, total_steps: int) -> optax.GradientTransformation:
+    def optimizer(
+        self, budget: PyTree, total_steps: int, *, selection: str = "auto", layout: Any = None
+    ) -> optax.GradientTransformation:
         return search_optimizer(
             budget,
             learning_rate=self.learning_rate,
@@ -229,6 +234,8 @@ class SearchRecipe:
             total_steps=total_steps,
             rate=self.rate.schedule_fn(total_steps),
             rank_by=self.rank_by,
+            selection=selection,
+            layout=layout,
         )
 
 
@@ -252,15 +259,16 @@ def search(
     """
     budget = recipe.budget(params, ctx.network.spec.dense)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
-    tx = recipe.optimizer(budget, total_steps)
     key_init, key_state = jax.random.split(jax.random.key(seed + 2))
     scores, _ = init_scores(
         params, budget, recipe.init, key_init, gap=recipe.gap, rank_by=recipe.rank_by
     )
+    tx = _optimizer(ctx, recipe, budget, scores, total_steps)
     state = create_search_state(
         scores, tx, batch_stats=batch_stats, rng=jax.random.key_data(key_state)
     )
-    params = ctx.devices.replicate(params)
+    state = ctx.devices.place_state(state)
+    params = ctx.devices.weights(params)
     run = ctx.devices.run(
         search_step,
         donate_state=True,
@@ -313,14 +321,12 @@ def restored_search(
     """
     budget = recipe.budget(params, ctx.network.spec.dense)
     total_steps, _ = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
-    tx = recipe.optimizer(budget, max(total_steps, 1))
     scores, _ = init_scores(params, budget, "magnitude", gap=recipe.gap, rank_by=recipe.rank_by)
-    target = jax.eval_shape(
-        lambda s, b: create_search_state(
-            s, tx, batch_stats=b, rng=jax.random.key_data(jax.random.key(0))
-        ),
-        scores,
-        batch_stats,
+    tx = _optimizer(ctx, recipe, budget, scores, max(total_steps, 1))
+    target = ctx.devices.place_state(
+        create_search_state(
+            scores, tx, batch_stats=batch_stats, rng=jax.random.key_data(jax.random.key(0))
+        )
     )
     with ctx.checkpointer("search", _budget_identity(budget), fingerprint) as ckpt:
         restored = ckpt.restore(target)
@@ -330,6 +336,16 @@ def restored_search(
             "run `--config.mode=search` first"
         )
     return restored[0], budget
+
+
+def _optimizer(ctx: Context, recipe: SearchRecipe, budget: PyTree, scores: PyTree, total: int):
+    """The search optimiser, its selection laid out over the devices the scores are on."""
+    return recipe.optimizer(
+        budget,
+        total,
+        selection=ctx.devices.search_selection,
+        layout=ctx.devices.layout(scores),
+    )
 
 
 def _masked(params: PyTree, budget: PyTree):

@@ -242,8 +242,10 @@ class StudyRecipe(phases.SearchRecipe):
 
     policy: str = "rate"
 
-    def optimizer(self, budget: PyTree, total_steps: int) -> optax.GradientTransformation:
-        tx = super().optimizer(budget, total_steps)
+    def optimizer(
+        self, budget: PyTree, total_steps: int, *, selection: str = "auto", layout: Any = None
+    ) -> optax.GradientTransformation:
+        tx = super().optimizer(budget, total_steps, selection=selection, layout=layout)
         if self.policy == "first_order":
             return first_order_check(tx, budget, rank_by=self.rank_by)
         return tx
@@ -597,8 +599,10 @@ class Studies:
                 optax.add_decayed_weights(c["weight_decay"]),
                 optax.sgd(lr, momentum=c["momentum"] or None),
             )
-            state = create_train_state(variables["params"], variables["batch_stats"], tx)
-            replicated = ctx.devices.replicate(masks)
+            state = ctx.devices.place_state(
+                create_train_state(variables["params"], variables["batch_stats"], tx)
+            )
+            placed = ctx.devices.weights(masks)
             run = ctx.devices.run(
                 masked_train_step, donate_state=True, apply_fn=ctx.network.apply_fn, tx=tx
             )
@@ -623,7 +627,7 @@ class Studies:
             with ctx.checkpointer("finetune", {"jackpot": digest(searched["identity"])}) as ckpt:
                 state = train_loop(
                     state,
-                    lambda state, batch: run(state, replicated, ctx.devices.shard(batch)),
+                    lambda state, batch: run(state, placed, ctx.devices.shard(batch)),
                     ctx.data.train_batches(recipe.batch_size, seed + 17, recipe.augment),
                     total_steps=total,
                     steps_per_epoch=steps_per_epoch,

@@ -8,7 +8,8 @@
 - `extra`: a JSON dict of the caller's (the data iterator's position, the metrics so far, ...);
 - `meta`: JSON that says what the checkpoint belongs to (`identity`, and the `fingerprint` of the
   frozen values the state is used with), the layout of the state
-  (path, shape and dtype of every leaf) and a CRC-32 of every leaf's bytes.
+  (path, shape and dtype of every leaf) and a checksum of every leaf's values (`_digest`: computed
+  where the shards are, so sharded state is checked without gathering it).
 
 A search state holds no frozen pre-trained weights: they never change, so rewriting them at every
 checkpoint would only cost time and disk. Their `fingerprint` goes into the checkpoint's identity
@@ -35,15 +36,16 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax import lax
 
 from jackpots_jax._tree import is_none, named_leaves
 from jackpots_jax.io.errors import ABSENT, CheckpointMismatchError
@@ -162,13 +164,45 @@ def _host_bytes(leaf: Any) -> np.ndarray | None:
     return np.ascontiguousarray(np.asarray(leaf))
 
 
-def _checksums(tree: PyTree) -> dict[str, int | None]:
-    out: dict[str, int | None] = {}
-    for path, leaf in _leaves(tree):
-        if leaf is not None:
-            data = _host_bytes(leaf)
-            out[path] = None if data is None else zlib.crc32(data.view(np.uint8).ravel())
-    return out
+def _words(leaf: jax.Array) -> jax.Array:
+    """The leaf's values as flat uint32 words (bools and narrow types widened, wide ones split)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    x = jnp.ravel(leaf)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size < 4:
+        return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * size}")).astype(jnp.uint32)
+    return jnp.ravel(lax.bitcast_convert_type(x, jnp.uint32))
+
+
+def _digest(leaf: jax.Array) -> jax.Array:
+    """A uint32 checksum of a leaf's values, the same however the leaf is sharded.
+
+    sum_i ((w_i xor (i * golden)) * (2i + 1)) mod 2^32 over its words w_i: any change of one
+    word changes the sum (by a nonzero multiple of an odd number), and as array ops over the
+    global array it runs where the shards are (partial sums, then an all-reduce), so sharded
+    leaves are checked without being gathered on one host.
+    """
+    words = _words(leaf)
+    index = lax.iota(jnp.uint32, words.shape[0])
+    mixed = words ^ (index * jnp.uint32(0x9E3779B9))
+    return jnp.sum(mixed * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+_digests = jax.jit(lambda leaves: [_digest(x) for x in leaves])
+
+
+def _checksums(tree: PyTree) -> dict[str, int]:
+    """`_digest` of every array leaf, by path (one jitted computation over the whole tree)."""
+    named = [
+        (path, leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+        for path, leaf in _leaves(tree)
+        if leaf is not None
+    ]
+    digests = jax.device_get(_digests([leaf for _, leaf in named]))
+    return {path: int(d) for (path, _), d in zip(named, digests, strict=True)}
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -297,7 +331,7 @@ class Checkpointer:
             "format": FORMAT_VERSION,
             "identity": self.identity,
             "layout": _layout(state),
-            "crc32": _checksums(state),
+            "checksums": _checksums(state),
         }
         args = ocp.args.Composite(
             **{
@@ -356,7 +390,7 @@ class Checkpointer:
             )[_META]
         except Exception as err:  # noqa: BLE001
             return None, _reason("metadata unreadable", err)
-        if not isinstance(meta, dict) or not {"identity", "layout", "crc32"} <= set(meta):
+        if not isinstance(meta, dict) or not {"identity", "layout", "checksums"} <= set(meta):
             return None, "metadata incomplete (not written by jackpots_jax.io.checkpoints)"
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointMismatchError(
@@ -379,8 +413,8 @@ class Checkpointer:
         sums = _checksums(state)
         bad = [
             path
-            for path, crc in meta["crc32"].items()
-            if crc is not None and sums.get(path) is not None and sums[path] != crc
+            for path, digest in meta["checksums"].items()
+            if sums.get(path) is not None and sums[path] != digest
         ]
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
