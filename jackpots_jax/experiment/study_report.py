@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jackpots_jax.io.files import atomic_path, write_json, write_text
+from jackpots_jax.io.files import atomic_path, read_json, write_json, write_text
 
 # A jackpot "performs as well as the dense model" within this many accuracy points.
 CLAIM1_TOLERANCE = 0.01
@@ -776,7 +776,9 @@ def _claim1_md(c: Mapping, meta: Mapping) -> str:
         f"![accuracy against sparsity]({PLOTS['claim1']})",
     ]
     blocks = [b for b in c["per_layer"] if b["groups"]]
-    for grouping in blocks[0]["groups"] if blocks else ():
+    # A fixed order: results.json stores its keys sorted, and the report is rendered from it.
+    groupings = [g for g in blocks[0]["groups"] if g != "layer"] if blocks else []
+    for grouping in ["layer", *sorted(groupings)] if blocks else ():
         first = blocks[0]["groups"][grouping]
         if grouping != "layer" and len(first) < 2:
             continue
@@ -1019,7 +1021,9 @@ def render(results: Mapping[str, Any]) -> str:
     if conclusions:
         sections.append(
             "## Conclusions (written from the numbers below)\n\n"
-            + "\n".join(f"- **{names[k]}.** {v}" for k, v in conclusions.items() if v)
+            + "\n".join(
+                f"- **{v}.** {conclusions[k]}" for k, v in names.items() if conclusions.get(k)
+            )
         )
     render_fns = {
         "claim1": _claim1_md,
@@ -1145,7 +1149,9 @@ def plot_claim3(c: Mapping, path) -> str:
 def write(directory: str | os.PathLike, results: Mapping[str, Any]) -> str:
     """Writes `results.json`, `report.md` and the plots into `directory`; returns the report."""
     directory = Path(directory)
-    write_json(directory / "results.json", results, "studies results")
+    # The report and plots are drawn from the file as written (keys sorted, floats as JSON holds
+    # them), so that `render(read_json(results.json))` is exactly report.md.
+    results = read_json(write_json(directory / "results.json", results, "studies results"))
     plotters = {
         "claim1": plot_claim1,
         "claim2": plot_claim2,
