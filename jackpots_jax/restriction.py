@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from jackpots_jax import patterns, select
-from jackpots_jax._tree import PyTree, map_budget
+from jackpots_jax._tree import PyTree, map_budget, named_leaves
 from jackpots_jax.masks import (
     RANK_BY,
     _check_count,
@@ -352,6 +352,14 @@ def first_order_check(
     """
     if rank_by not in RANK_BY:
         raise ValueError(f"unknown `rank_by` {rank_by!r}; allowed: {', '.join(RANK_BY)}")
+    # Its pairs are single weights of one leaf: a tile or an N:M group would need pairs of units
+    # (or inside groups), which this policy does not form.
+    for name, pruned in named_leaves(budget):
+        if is_structured(pruned):
+            raise ValueError(
+                f"first_order_check: the budget of {name!r} has pattern '{pruned.pattern}'; "
+                "allowed: unstructured budgets only (`layer_budgets(..., pattern='unstructured')`)"
+            )
 
     def update_fn(grads, state, params=None):
         if params is None:

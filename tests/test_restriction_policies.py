@@ -104,3 +104,7 @@ def test_errors():
     scores, _ = jj.init_scores(params, budget)
     with pytest.raises(ValueError, match="needs the current scores"):
         tx.update(scores, tx.init(scores))
+    # Pairs of single weights only: a structured budget is refused, naming the leaf and pattern.
+    nm = jj.layer_budgets(params, 0.5, rule="uniform", dense=(), pattern="2:4", indivisible="dense")
+    with pytest.raises(ValueError, match=r"'l0'.*'2:4'.*unstructured budgets only"):
+        first_order_check(jj.short_restriction(nm), nm)
