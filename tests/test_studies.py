@@ -24,6 +24,7 @@ from test_main import check_ok, fmnist_source, run_main  # noqa: F401 (a fixture
 import jackpots_jax as jj
 from jackpots_jax.experiment import criteria, study_report
 from jackpots_jax.experiment.config import ConfigError
+from jackpots_jax.experiment.context import Devices
 from jackpots_jax.experiment.studies import masked_train_step, read_plan, step_statistics
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +267,36 @@ def test_wanda_and_snip_scores_by_hand():
         assert int(np.sum(masks[layer]["kernel"])) == kept
     with pytest.raises(ValueError, match="Linen"):
         criteria.wanda_scores(object(), params, {}, [batch], budget)
+
+
+@pytest.mark.parametrize("backend, data, fsdp", [("shard_map", 2, 1), ("jit", 1, 2)])
+def test_criteria_over_the_runs_devices_match_one_device(backend, data, fsdp):
+    # The studies compute snip and wanda over the run's mesh (as its searches run); the sums over
+    # the batch's shards are the one-device figures, themselves checked by hand above.
+    model, params, budget, batch = _tiny()
+    apply_fn = jj.linen_apply(model)
+    mesh = jj.make_mesh(data * fsdp, fsdp=fsdp)
+    devices = Devices(mesh, backend)
+    for name in ("snip", "wanda"):
+        kwargs = dict(apply_fn=apply_fn, module=model, batches=[batch, batch])
+        one = getattr(criteria, f"{name}_scores")
+        args = (params, {}, [batch, batch], budget)
+        if name == "snip":
+            want = one(*args, apply_fn=apply_fn)
+            got = one(*args, apply_fn=apply_fn, devices=devices)
+        else:
+            want = one(model, *args)
+            got = one(model, *args, devices=devices)
+        for layer in ("conv", "fc"):
+            np.testing.assert_allclose(
+                np.asarray(got[layer]["kernel"]), want[layer]["kernel"], rtol=1e-5, atol=1e-7
+            )
+        np.testing.assert_array_equal(
+            criteria.criterion_masks(name, params, {}, budget, devices=devices, **kwargs)["fc"][
+                "kernel"
+            ],
+            criteria.criterion_masks(name, params, {}, budget, **kwargs)["fc"]["kernel"],
+        )
 
 
 def test_masked_fine_tuning_moves_only_the_kept_weights():

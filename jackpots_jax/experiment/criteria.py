@@ -19,6 +19,7 @@ of the two kept sets measures only *which* weights are kept.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jackpots_jax._tree import map_budget, map_budget_with_path
+from jackpots_jax.experiment.context import Devices
 from jackpots_jax.masks import topk_masks
 from jackpots_jax.step import cross_entropy
 
@@ -35,19 +37,42 @@ PyTree = Any
 CRITERIA = ("magnitude", "random", "snip", "wanda")
 
 
-def _loss_grads(apply_fn, params, batch_stats, batch):
+def loss_grads_step(params, batch_stats, batch, *, apply_fn, axis_name=None):
+    """The gradient of the mean training loss over the batch (averaged over `axis_name`)."""
+
     def loss(p):
         logits, _ = apply_fn(p, batch_stats, batch["image"], True)
         return jnp.mean(cross_entropy(logits, batch["label"]))
 
-    return jax.grad(loss)(params)
+    grads = jax.grad(loss)(params)
+    return grads if axis_name is None else jax.lax.pmean(grads, axis_name)
+
+
+def _runner(step_fn, devices, **static):
+    """`step_fn(tree, batch_stats, batch)` on one device, or over the run's `Devices`."""
+    if devices is None:
+        return jax.jit(functools.partial(step_fn, **static))
+    run = devices.run(step_fn, **static)
+    return lambda tree, stats, batch: run(
+        devices.weights(tree), devices.replicate(stats), devices.shard(batch)
+    )
 
 
 def snip_scores(
-    params: PyTree, batch_stats: PyTree, batches: Iterable[dict], budget: PyTree, *, apply_fn
+    params: PyTree,
+    batch_stats: PyTree,
+    batches: Iterable[dict],
+    budget: PyTree,
+    *,
+    apply_fn,
+    devices: Devices | None = None,
 ) -> PyTree:
-    """`|g * w|` at the budgeted leaves, `g` the loss gradient summed over `batches`."""
-    grad_fn = jax.jit(lambda p, s, b: _loss_grads(apply_fn, p, s, b))
+    """`|g * w|` at the budgeted leaves, `g` the loss gradient summed over `batches`.
+
+    With `devices` (a run's `Devices`) the gradients are computed over its mesh as the search's
+    are; without, on the default device.
+    """
+    grad_fn = _runner(loss_grads_step, devices, apply_fn=apply_fn)
     total = None
     for batch in batches:
         g = grad_fn(params, batch_stats, {"image": batch["image"], "label": batch["label"]})
@@ -55,6 +80,13 @@ def snip_scores(
     if total is None:
         raise ValueError("snip_scores needs at least one batch")
     return map_budget(lambda b, g, w: jnp.abs(g * w), budget, total, params)
+
+
+def input_norms_step(params, batch_stats, batch, *, module, axis_name=None):
+    """`input_channel_norms` of the batch (summed over `axis_name`)."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    norms = input_channel_norms(module, variables, batch["image"])
+    return norms if axis_name is None else jax.lax.psum(norms, axis_name)
 
 
 def input_channel_norms(module: nn.Module, variables: PyTree, images: jax.Array) -> dict:
@@ -79,20 +111,27 @@ def input_channel_norms(module: nn.Module, variables: PyTree, images: jax.Array)
 
 
 def wanda_scores(
-    module: Any, params: PyTree, batch_stats: PyTree, batches: Iterable[dict], budget: PyTree
+    module: Any,
+    params: PyTree,
+    batch_stats: PyTree,
+    batches: Iterable[dict],
+    budget: PyTree,
+    *,
+    devices: Devices | None = None,
 ) -> PyTree:
     """`|w| * ||x_in||` at the budgeted leaves (input channels on the kernel's second-to-last axis).
+
+    With `devices` the norms are computed over the run's mesh; without, on the default device.
 
     Raises:
       ValueError: the model is not a Linen module, or a budgeted kernel's input was not seen.
     """
     if not isinstance(module, nn.Module):
         raise ValueError("the wanda criterion reads layer inputs of Linen models only")
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    norm_fn = jax.jit(lambda v, x: input_channel_norms(module, v, x))
+    norm_fn = _runner(input_norms_step, devices, module=module)
     total = None
     for batch in batches:
-        n = norm_fn(variables, batch["image"])
+        n = norm_fn(params, batch_stats, {"image": batch["image"]})
         total = n if total is None else jax.tree.map(jnp.add, total, n)
 
     def score(name, b, w):
@@ -117,6 +156,7 @@ def criterion_masks(
     module: Any = None,
     batches: Iterable[dict] = (),
     key: jax.Array | None = None,
+    devices: Devices | None = None,
 ) -> PyTree:
     """The mask of criterion `name` at `budget`: per layer the top `n - p` of its scores.
 
@@ -128,6 +168,7 @@ def criterion_masks(
       module: the Linen module (`wanda`).
       batches: training batches `{'image', 'label'}` (`snip`, `wanda`).
       key: a PRNG key (`random`).
+      devices: the run's `Devices` (`snip`, `wanda` compute over its mesh), or `None`.
     """
     if name == "magnitude":
         scores = map_budget(lambda b, w: jnp.abs(jnp.asarray(w, jnp.float32)), budget, params)
@@ -139,9 +180,11 @@ def criterion_masks(
             lambda b, w: jax.random.uniform(next(keys), np.shape(w)), budget, params
         )
     elif name == "snip":
-        scores = snip_scores(params, batch_stats, batches, budget, apply_fn=apply_fn)
+        scores = snip_scores(
+            params, batch_stats, batches, budget, apply_fn=apply_fn, devices=devices
+        )
     elif name == "wanda":
-        scores = wanda_scores(module, params, batch_stats, batches, budget)
+        scores = wanda_scores(module, params, batch_stats, batches, budget, devices=devices)
     else:
         raise ValueError(f"unknown criterion {name!r}; allowed: {', '.join(CRITERIA)}")
     return jax.device_get(topk_masks(scores, budget))

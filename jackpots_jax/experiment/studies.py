@@ -559,6 +559,7 @@ class Studies:
                         module=ctx.network.module,
                         batches=taken,
                         key=jax.random.key(seed + 13),
+                        devices=ctx.devices,
                     )
                 except ValueError as e:  # wanda on a model it cannot read
                     logging.warning("overlap: criterion %s skipped: %s", name, e)
