@@ -16,9 +16,12 @@ and writes `<workdir>/studies/report.md`, `results.json` and `plots/` (`experime
 4. claim 3: rate 1, constant 0.5, cosine, polynomial (q = 2) and a first-order swap check at 95%;
 5. fine-tuning the 90/95/98% jackpots' weights for 2 epochs with the mask frozen.
 
-A stopped study resumes cell by cell with the same command. About 2.5 hours on 2 CPU cores
-(README, "Fidelity", for the measured time and load). Any field can be overridden, e.g. only
-claim 1 for another registered model with one seed (what a model's first study needs):
+A stopped study resumes cell by cell with the same command. Every cell compiles its steps again;
+`JAX_COMPILATION_CACHE_DIR=<dir>` in the environment lets the cells (and a resumed run) share the
+compiled programs, which saves about a third of a short cell's time on CPU. Estimated at about
+2.5 hours on 2 idle CPU cores; not yet run in full (README, "Fidelity": what was run, its time).
+Any field can be overridden, e.g. only claim 1 for another registered model with one seed (what a
+model's first study needs):
 
     python -m jackpots_jax.main --config configs/studies.py --workdir workdir/vit \
       --config.model.name=<name> --config.weights.path=<weights.safetensors> \
