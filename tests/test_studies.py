@@ -212,6 +212,37 @@ def test_statistics_and_spread():
     assert study_report.stat([0.5])["std"] == 0.0
 
 
+def test_claim2_verdicts_use_lower_bounds_only_where_they_decide():
+    stat = study_report.stat
+
+    def init(name, ratios, bounds):
+        return {
+            "init": name,
+            "epochs_to_target": {"epochs": stat([2.0, 2.0]), "of": 2},
+            "ratio": stat(ratios),
+            "ratio_lower_bounds": stat(bounds),
+            "final": stat([0.9, 0.9]),
+        }
+
+    block = {
+        "sparsity": 0.9,
+        "target": 0.9,
+        "inits": [
+            init("magnitude/global_magnitude", [1.0, 1.0], []),
+            init("a/uniform", [2.0], [2.5]),  # one seed measured below 3x: refuted
+            init("b/uniform", [], [2.5, 2.5]),  # never reached within 5 epochs: only > 2.5
+            init("c/uniform", [3.5], [3.0]),  # at least 3x in every seed
+        ],
+    }
+    text = study_report._claim2_text(
+        {"sparsities": [block], "target_share": 0.99, "epochs": 5, "paper_ratio": 3.0}
+    )
+    assert "does not hold here against a/uniform at 90%." in text
+    assert "It holds against c/uniform at 90%." in text
+    assert "Against b/uniform at 90% the search did not reach the target" in text
+    assert "neither confirm nor refute" in text
+
+
 class _Tiny(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
