@@ -59,7 +59,9 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -714,6 +716,13 @@ class Studies:
                 self.finetune(sparsity, seed)
 
 
+def _command(workdir: str) -> str:
+    """The command that reruns this study: the command line's own, overrides included."""
+    if sys.argv and os.path.basename(sys.argv[0]) == "main.py":
+        return shlex.join(["python", "-m", "jackpots_jax.main", *sys.argv[1:]])
+    return f"python -m jackpots_jax.main --config configs/studies.py --workdir {workdir}"
+
+
 def run(ctx: Context, config: Config) -> dict:
     """The `studies` mode: pre-trains if needed, runs every cell, writes results and report."""
     from jackpots_jax.experiment import modes
@@ -752,8 +761,7 @@ def run(ctx: Context, config: Config) -> dict:
             "cpus": os.cpu_count(),
             "wall_seconds": time.perf_counter() - started,
             "missing_cells": missing,
-            "command": "python -m jackpots_jax.main --config configs/studies.py "
-            f"--workdir {ctx.workdir}",
+            "command": _command(ctx.workdir),
         }
         groups = layer_groups(ctx.network.spec, shapes)
         results = study_report.assemble(dataclasses.asdict(plan), cells, meta, groups)
