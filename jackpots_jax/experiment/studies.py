@@ -719,7 +719,9 @@ class Studies:
 def _command(workdir: str) -> str:
     """The command that reruns this study: the command line's own, overrides included."""
     if sys.argv and os.path.basename(sys.argv[0]) == "main.py":
-        return shlex.join(["python", "-m", "jackpots_jax.main", *sys.argv[1:]])
+        # Without report_only: the command is the one that runs the cells.
+        args = [a for a in sys.argv[1:] if not a.startswith("--config.studies.report_only")]
+        return shlex.join(["python", "-m", "jackpots_jax.main", *args])
     return f"python -m jackpots_jax.main --config configs/studies.py --workdir {workdir}"
 
 
