@@ -31,6 +31,7 @@ from jackpots_jax.patterns import PATTERNS, Pattern, Structured
 from jackpots_jax.restriction import (
     ShortRestrictionState,
     current_masks,
+    first_order_check,
     refresh_masks,
     replace_masks,
     schedules,
@@ -77,6 +78,7 @@ __all__ = [
     "current_masks",
     "data_parallel",
     "eval_step",
+    "first_order_check",
     "format_sparsity_table",
     "init_scores",
     "layer_budgets",

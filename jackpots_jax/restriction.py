@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from jackpots_jax import patterns, select
-from jackpots_jax._tree import PyTree, map_budget
+from jackpots_jax._tree import PyTree, map_budget, named_leaves
 from jackpots_jax.masks import (
     RANK_BY,
     _check_count,
@@ -277,3 +277,107 @@ def replace_masks(opt_state: Any, masks: PyTree) -> Any:
         return getattr(key, "tuple_name", None) == ShortRestrictionState.__name__
 
     return optax.tree_utils.tree_set(opt_state, ours, masks=masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# A restriction policy beyond the rate: a first-order check of every swap.
+
+
+def first_order_pairs(
+    values: jax.Array, old: jax.Array, proposed: jax.Array, grads: jax.Array
+) -> jax.Array:
+    """Of the swaps from `old` to `proposed` (one flat leaf), those predicted to lower the loss.
+
+    The swaps are paired as the restriction orders them: the k-th revival (key descending, then
+    index ascending) with the k-th removal (key ascending, then index descending). Pair
+    `(i, j)` is made iff `grads[i] - grads[j] < 0`; every other pair is left as it was, so the
+    result keeps as many entries as `old`.
+
+    Args:
+      values: the ranked values of the new scores (flat floats).
+      old: the masks before the update (flat bools).
+      proposed: the masks the restriction made (flat bools, as many entries as `old`).
+      grads: the straight-through gradient of the scores, `g * w` (flat floats).
+
+    Returns:
+      The flat bool mask.
+    """
+    n = values.shape[0]
+    keys = select.ordered_keys(values)
+    index = jnp.arange(n, dtype=jnp.int32)
+    revive = proposed & ~old
+    remove = old & ~proposed
+    # jnp.lexsort sorts by its last key first: the candidates lead, in the restriction's order.
+    come_in = jnp.lexsort((index, ~keys, ~revive))
+    go_out = jnp.lexsort((-index, keys, ~remove))
+    # g_i w_i - g_j w_j < 0, compared without the subtraction (which could round to 0).
+    made = (jnp.arange(n) < jnp.sum(revive, dtype=jnp.int32)) & (grads[come_in] < grads[go_out])
+    turned_on = jnp.zeros(n, bool).at[come_in].set(made)
+    turned_off = jnp.zeros(n, bool).at[go_out].set(made)
+    return (old & ~turned_off) | turned_on
+
+
+def first_order_check(
+    tx: optax.GradientTransformation, budget: PyTree, rank_by: str = "score"
+) -> optax.GradientTransformation:
+    """A search optimiser whose swaps are made only where a first-order expansion says they help.
+
+    Wraps `tx`, a chain ending in `short_restriction` (e.g. `search_optimizer`). The restriction
+    proposes its swaps as usual (a scheduled share of those the top-k proposes); they come in
+    pairs, its k-th highest-scored revival `i` with its k-th lowest-scored removal `j` (ties as
+    in `refresh_masks`). With `g = dL/d(W*M)` on the step's batch, turning `m_i` on and `m_j` off
+    changes the loss by about
+
+        g_i w_i - g_j w_j,
+
+    and `g * w` is exactly the straight-through gradient of the scores that `update` receives
+    (before weight decay). A pair is made iff that prediction is negative; the other pairs are not
+    made, so every layer still keeps exactly its budget. The scores are updated as `tx` says.
+
+    The pairing sorts each leaf's candidates (two stable sorts per leaf and step): a policy to
+    study, not the accelerator-tuned refresh of `short_restriction`.
+
+    Args:
+      tx: the search optimiser, ending in `short_restriction` (its state owns the masks).
+      budget: pruned counts from `layer_budgets`.
+      rank_by: what the restriction ranks, `'score'` or `'abs'` (as given to it).
+
+    Returns:
+      An `optax.GradientTransformation` with the state of `tx` (`current_masks` reads it); call
+      `update(grads, state, scores)` with the gradients of the loss.
+
+    Example:
+      >>> tx = first_order_check(search_optimizer(budget, total_steps=1000), budget)
+      >>> state = create_search_state(scores, tx, batch_stats=batch_stats)
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"unknown `rank_by` {rank_by!r}; allowed: {', '.join(RANK_BY)}")
+    # Its pairs are single weights of one leaf: a tile or an N:M group would need pairs of units
+    # (or inside groups), which this policy does not form.
+    for name, pruned in named_leaves(budget):
+        if is_structured(pruned):
+            raise ValueError(
+                f"first_order_check: the budget of {name!r} has pattern '{pruned.pattern}'; "
+                "allowed: unstructured budgets only (`layer_budgets(..., pattern='unstructured')`)"
+            )
+
+    def update_fn(grads, state, params=None):
+        if params is None:
+            raise ValueError(
+                "first_order_check needs the current scores: call update(grads, state, scores)"
+            )
+        old = current_masks(state)
+        updates, state = tx.update(grads, state, params)
+
+        def check(p, s, u, m_old, m_new, g):
+            shape = jnp.shape(s)
+            values = rank_values(jnp.asarray(s + u.astype(s.dtype)), rank_by).ravel()
+            flat = first_order_pairs(
+                values, m_old.ravel(), m_new.ravel(), jnp.asarray(g, jnp.float32).ravel()
+            )
+            return flat.reshape(shape)
+
+        masks = map_budget(check, budget, params, updates, old, current_masks(state), grads)
+        return updates, replace_masks(state, masks)
+
+    return optax.GradientTransformation(tx.init, update_fn)

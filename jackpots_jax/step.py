@@ -184,6 +184,11 @@ def search_optimizer(
     momentum, nesterov=False)` -> `short_restriction(budget, rate)`: weight decay coupled to the
     gradient as in PyTorch's SGD, no warm-up, the learning rate decayed to 0 over the search.
 
+    With `rank_by='abs'` (edge-popup) the masks are a function of `|S|`, so the straight-through
+    gradient `dL/d(W*M) * W` is the gradient with respect to `|S|`, and the chain rule through
+    the absolute value makes it `sign(S) * dL/d(W*M) * W` (what edge-popup's code computes):
+    the chain starts with that multiplication. Without it a negative score moves the wrong way.
+
     Args:
       budget: pruned counts from `layer_budgets`.
       learning_rate: peak learning rate; decays to 0 with a cosine over `total_steps`.
@@ -199,7 +204,9 @@ def search_optimizer(
     Returns:
       An `optax.GradientTransformation`; call `update(grads, state, scores)`.
     """
+    links = [_through_abs()] if rank_by == "abs" else []
     return optax.chain(
+        *links,
         optax.add_decayed_weights(weight_decay),
         optax.sgd(
             optax.cosine_decay_schedule(learning_rate, total_steps),
@@ -214,6 +221,20 @@ def search_optimizer(
             layout=layout,
         ),
     )
+
+
+def _through_abs() -> optax.GradientTransformation:
+    """Multiplies the gradients by `sign(scores)`: the chain rule through `|S|`."""
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "ranking by |score| needs the scores: call update(grads, state, scores)"
+            )
+        signed = jax.tree.map(lambda g, s: g * jnp.sign(s).astype(g.dtype), updates, params)
+        return signed, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def create_search_state(

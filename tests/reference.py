@@ -42,6 +42,24 @@ def restricted_refresh(scores, old, keep, rate):
     return new.reshape(np.shape(scores)), c, n
 
 
+def first_order_pairs(values, old, proposed, grads):
+    """The first-order swap check by brute force: pair the k-th revival (score desc, index asc)
+    with the k-th removal (score asc, index desc); make the pair iff grads[i] - grads[j] < 0."""
+    s = np.asarray(values, np.float64).ravel()
+    old = np.asarray(old, bool).ravel()
+    proposed = np.asarray(proposed, bool).ravel()
+    g = np.asarray(grads, np.float64).ravel()
+    revive = np.flatnonzero(proposed & ~old)
+    remove = np.flatnonzero(old & ~proposed)
+    come_in = revive[np.lexsort((revive, -s[revive]))]
+    go_out = remove[np.lexsort((-remove, s[remove]))]
+    new = old.copy()
+    for i, j in zip(come_in, go_out, strict=True):
+        if g[i] < g[j]:  # g_i w_i - g_j w_j < 0
+            new[i], new[j] = True, False
+    return new
+
+
 def _groups(shape, axis, m):
     """Flat indices of a leaf of `shape`, one row per group of `m` consecutive entries along
     `axis`, members in axis order (which is flat-index order)."""

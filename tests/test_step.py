@@ -164,6 +164,32 @@ def test_score_gradient_equals_weight_gradient_times_w():
         assert np.count_nonzero(np.asarray(g)[~np.asarray(masks[path[0]][path[1]])]) > 0
 
 
+def test_ranking_by_abs_chains_the_gradient_through_the_absolute_value():
+    # Edge-popup ranks |S|: the straight-through gradient is dL/d|S|, so dL/dS = sign(S) * g * w
+    # (what its PyTorch code computes through `scores.abs()`); without the sign a negative score
+    # would move away from where the gradient sends |S|.
+    run = setup(bn=True)
+    state, params, batch = run.state, run.params, run.batch
+    plain = optax.chain(optax.sgd(1.0), jj.short_restriction(run.budget, rank_by="abs"))
+    st = create_search_state(state.scores, plain, batch_stats=state.batch_stats, rng=state.rng)
+    new, _ = jax.jit(partial(search_step, apply_fn=run.apply_fn, tx=plain))(st, params, batch)
+    grads = jax.tree.map(lambda a, b: a - b, st.scores, new.scores)  # g * w, same masks
+    masks = st.masks
+    tx = search_optimizer(
+        run.budget, learning_rate=1.0, momentum=0.0, weight_decay=0.0, total_steps=10, rank_by="abs"
+    )
+    st = create_search_state(state.scores, tx, batch_stats=state.batch_stats, rng=state.rng)
+    new, _ = jax.jit(partial(search_step, apply_fn=run.apply_fn, tx=tx))(st, params, batch)
+    for layer in ("conv1", "conv2"):
+        s = np.asarray(state.scores[layer]["kernel"])
+        assert (s < 0).any() and (s > 0).any()  # Kaiming scores of both signs
+        want = s - np.sign(s) * np.asarray(grads[layer]["kernel"])  # lr 1 at step 0
+        np.testing.assert_allclose(np.asarray(new.scores[layer]["kernel"]), want, rtol=1e-6)
+    # The masks are the top-k of |new scores|.
+    want = jj.topk_masks(new.scores, run.budget, current=masks, rank_by="abs")
+    jax.tree.map(np.testing.assert_array_equal, want, new.masks)
+
+
 def test_first_step_with_rate_one_is_topk_of_new_scores():
     run = setup(bn=True)
     state = run.state

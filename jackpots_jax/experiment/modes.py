@@ -19,6 +19,8 @@ Modes (`config.mode`):
 * `export`: the jackpot of the latest search checkpoint to `<workdir>/export`.
 * `jackpot` (the default job): pre-train when no pre-trained weights exist, evaluate the dense
   model, magnitude-prune, search, evaluate, and write `<workdir>/report.md` with plots.
+* `studies`: the paper's claims as a grid of searches over seeds (`experiment.studies`; the
+  `studies` group of `configs/studies.py`); writes `<workdir>/studies/report.md`.
 
 Every run appends metrics to `<workdir>/metrics.jsonl` (and TensorBoard) and the accuracies it
 measured to `<workdir>/results.json`. Before anything is computed, the work directory is checked
@@ -357,6 +359,12 @@ def run_jackpot(ctx: Context, config: Config) -> None:
         print(f"\nreport: {path}")
 
 
+def run_studies(ctx: Context, config: Config) -> None:
+    from jackpots_jax.experiment import studies  # it builds on this module's readers
+
+    studies.run(ctx, config)
+
+
 MODES: dict[str, Callable[[Context, Config], None]] = {
     "jackpot": run_jackpot,
     "pretrain": run_pretrain,
@@ -364,6 +372,7 @@ MODES: dict[str, Callable[[Context, Config], None]] = {
     "evaluate": run_evaluate,
     "prune": run_prune,
     "export": run_export,
+    "studies": run_studies,
 }
 
 

@@ -91,6 +91,9 @@ class ModelSpec:
       converter: how checkpoints of the model are read and written (`jackpots_jax.io.weights`):
         `'torch'` through `torch` (the CNNs' PyTorch layout) or `'vit'` (the ViT importers of
         `io.vit_weights`: timm safetensors, vision_transformer and big_vision `.npz`).
+      layer_groups: how reports group per-layer statistics: a leaf path -> `{grouping: group}`
+        (e.g. `{"block": "block 3", "kind": "attention"}` for a transformer's query kernel);
+        `None`: by kind of kernel only (`conv` or `dense`, see `layer_groups`).
     """
 
     name: str
@@ -103,6 +106,7 @@ class ModelSpec:
     torch: TorchLayout | None = TorchLayout()
     input_axes: tuple[tuple[str, int], ...] = ()
     converter: str = "torch"
+    layer_groups: Callable[[str], Mapping[str, str]] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -118,6 +122,21 @@ class ModelSpec:
         """The option names `build` takes besides the number of classes, dtype and rngs."""
         skip = ("num_classes", "dtype", "rngs")
         return tuple(p for p in inspect.signature(self.build).parameters if p not in skip)
+
+
+def layer_groups(spec: ModelSpec, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict]:
+    """Every grouping of the layers `shapes` (path -> kernel shape): `{grouping: {path: group}}`.
+
+    The model's own `layer_groups` when it declares them; `kind` (`conv` for 4-D kernels, `dense`
+    for 2-D ones, `other` otherwise) when it does not declare a `kind` grouping itself.
+    """
+    groups: dict[str, dict[str, str]] = {}
+    for path, shape in shapes.items():
+        declared = dict(spec.layer_groups(path)) if spec.layer_groups else {}
+        declared.setdefault("kind", {4: "conv", 2: "dense"}.get(len(shape), "other"))
+        for grouping, group in declared.items():
+            groups.setdefault(grouping, {})[path] = str(group)
+    return groups
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
