@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from jackpots_jax.io.files import atomic_path, read_json, write_json, write_text
+from jackpots_jax.experiment import report
+from jackpots_jax.io.files import read_json, write_json, write_text
 
 # A jackpot "performs as well as the dense model" within this many accuracy points.
 CLAIM1_TOLERANCE = 0.01
@@ -1055,22 +1056,8 @@ def render(results: Mapping[str, Any]) -> str:
 # Plots.
 
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, cols, squeeze=False)
-
-
-def _save(fig, path: str | os.PathLike) -> str:
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        fig.clear()
-    return os.fspath(path)
+# The run report's figure and PNG writer (matplotlib loaded only when a plot is drawn).
+_figure, _save = report._figure, report._save
 
 
 def _mean_std(stats: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
