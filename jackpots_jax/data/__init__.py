@@ -4,7 +4,8 @@ Every dataset is a tfds dataset in the array_record format, read without TensorF
 `tfds.builder_from_directory(...).as_data_source(split)` and fed through a grain pipeline. The
 offline default, `fashion_mnist`, is built here from the real Fashion-MNIST IDX files (see
 `fashion_mnist`); the others (`mnist`, `cifar10`, `cifar100`, `imagenet2012`, `imagenette`) are
-read from copies prepared with tfds (see `datasets` for what preparing each one needs).
+read from copies prepared with tfds (see `datasets` for what preparing each one needs). Text
+corpora for language models (tokenized, cached and packed into windows) are in `text`.
 
 Example:
   >>> from jackpots_jax import data
@@ -18,7 +19,7 @@ Example:
   ...   ...                       # plus "mask": bool [500], False on padding
 """
 
-from jackpots_jax.data import augment, fashion_mnist, idx
+from jackpots_jax.data import augment, fashion_mnist, idx, text
 from jackpots_jax.data.augment import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -79,5 +80,6 @@ __all__ = [
     "random_resized_crop_box",
     "resize_and_center_crop",
     "steps_per_epoch",
+    "text",
     "train_iterator",
 ]
