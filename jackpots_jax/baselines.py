@@ -263,30 +263,37 @@ def masks_from_scores(
         raise ValueError(f"unknown `comparison` {comparison!r}; allowed: {', '.join(COMPARISONS)}")
     rules = _axes_rules(input_axes)
     leaves = budget_leaves(budget, scores)
-    per_output: list[Any] = [None] * len(leaves)
-    layer_entries, layer_scores = [], []
-    for slot, (name, entry, s) in enumerate(leaves):
+    spec, values = [], []
+    for name, entry, s in leaves:
         s = jnp.asarray(s)
         _check_count(name, entry, s.size)
-        if is_structured(entry) and entry.unit > 1:
-            if comparison == "output":
-                raise ValueError(
-                    f"comparison='output' ranks single weights within an output; pattern "
-                    f"{entry.pattern} of {name!r} prunes whole tiles: use comparison='layer'"
-                )
+        if is_structured(entry) and entry.unit > 1 and comparison == "output":
+            raise ValueError(
+                f"comparison='output' ranks single weights within an output; pattern "
+                f"{entry.pattern} of {name!r} prunes whole tiles: use comparison='layer'"
+            )
+        per_output = comparison == "output" and not is_structured(entry)
+        spec.append((entry, _input_axes_of(name, s.shape, entry, rules) if per_output else None))
+        values.append(s)
+    return rebuild(budget, _select_leaves(tuple(values), tuple(spec)))
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _select_leaves(scores: tuple[jax.Array, ...], spec: tuple) -> list[jax.Array]:
+    """The masks of `masks_from_scores`, compiled once per budget (`spec`: per leaf its entry and
+    its input axes when it is compared within outputs)."""
+    out: list[Any] = [None] * len(spec)
+    layer_entries, layer_scores = [], []
+    for slot, (s, (entry, k)) in enumerate(zip(scores, spec, strict=True)):
+        if k is not None:
+            out[slot] = _output_topk(s, int(entry), k)
+            entry = None
+        elif is_structured(entry) and entry.unit > 1:
             s = tile_sums(s, entry.tile)
-        if comparison == "output" and not is_structured(entry):
-            k = _input_axes_of(name, s.shape, entry, rules)
-            per_output[slot] = _output_topk(s, int(entry), k)
-            layer_entries.append(None)
-        else:
-            layer_entries.append(entry)
+        layer_entries.append(entry)
         layer_scores.append(s)
-    layer = topk_masks(rebuild(budget, layer_scores), rebuild(budget, layer_entries))
-    chosen = budget_leaves(budget, layer)
-    return rebuild(
-        budget, [p if p is not None else m for p, (_, _, m) in zip(per_output, chosen, strict=True)]
-    )
+    layer = topk_masks(layer_scores, layer_entries)
+    return [m if o is None else o for o, m in zip(out, layer, strict=True)]
 
 
 def magnitude_masks(
