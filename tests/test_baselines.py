@@ -196,6 +196,23 @@ def test_wanda_and_magnitude_on_a_two_layer_mlp():
         assert masks["fc1"]["bias"] is None
 
 
+def test_wanda_on_kernels_with_several_input_axes():
+    rng = np.random.default_rng(6)
+    conv = rng.normal(size=(2, 2, 4, 3)).astype(np.float32)  # HWIO: fan_in 16, 3 outputs
+    attn_out = rng.normal(size=(2, 4, 5)).astype(np.float32)  # [heads, head_dim, D]: 2 input axes
+    params = {"conv": conv, "attn": {"out": attn_out}}
+    norms = {"conv": rng.uniform(size=(2, 2, 4)), "attn/out": rng.uniform(size=8)}
+    budget = {"conv": 25, "attn": {"out": 21}}
+    got = baselines.wanda_masks(params, budget, norms, input_axes={"attn/out": 2})
+    for w, n, pruned, m in (
+        (conv, norms["conv"], 25, got["conv"]),
+        (attn_out, norms["attn/out"], 21, got["attn"]["out"]),
+    ):
+        flat = w.reshape(-1, w.shape[-1])
+        want = ref_masks(np.abs(flat) * n.reshape(-1, 1), pruned, comparison="output")
+        np.testing.assert_array_equal(np.asarray(m).reshape(flat.shape), want)
+
+
 def test_wanda_under_block_pattern_and_errors():
     rng = np.random.default_rng(3)
     w = rng.normal(size=(8, 8)).astype(np.float32)
