@@ -50,6 +50,7 @@ from jackpots_jax import patterns, select
 from jackpots_jax._tree import PyTree, map_budget, map_budget_with_path
 from jackpots_jax.masks import _check_count, budget_leaves, rebuild, topk_masks
 from jackpots_jax.patterns import Pattern, is_structured, tile_sums
+from jackpots_jax.sparsity import _exact_fraction
 
 COMPARISONS = ("layer", "output")
 HIGHEST = lax.Precision.HIGHEST
@@ -495,7 +496,8 @@ def sparsegpt(
     Args:
       kernel: a Flax kernel (input axes first).
       gram: `X^T X` over its inputs, `[fan_in, fan_in]`, or the kernel's `CalibrationStats`.
-      sparsity: the fraction of weights removed (`floor(sparsity * size)`), or
+      sparsity: the fraction of weights removed (`floor(sparsity * size)`, the decimal as
+        written), or
       pruned: the number of weights removed (exact); N:M patterns imply it.
       pattern: `'unstructured'` or `'N:M'` (groups of M consecutive inputs).
       input_axes: how many leading axes are input axes (default: all but the last).
@@ -537,9 +539,8 @@ def sparsegpt(
         if (sparsity is None) == (pruned is None):
             raise ValueError("pass exactly one of `sparsity` and `pruned` (unstructured pattern)")
         if pruned is None:
-            if not 0 <= sparsity < 1:
-                raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}")
-            pruned = int(np.floor(sparsity * size))
+            # Read as the decimal it prints as, so the count never depends on binary rounding.
+            pruned = math.floor(_exact_fraction(sparsity, "sparsity") * size)
         pruned = _check_count("kernel", pruned, size)
         nm = None
     if isinstance(gram, CalibrationStats):

@@ -297,6 +297,8 @@ def test_sparsegpt_errors_name_the_problem():
         baselines.sparsegpt(kernel, gram[:4, :4], sparsity=0.5)
     with pytest.raises(ValueError, match="multiple of M=4"):
         baselines.sparsegpt(kernel, gram, pattern="2:4", blocksize=6)
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\)"):
+        baselines.sparsegpt(kernel, gram, sparsity=1.5)
     with pytest.raises(ValueError, match="exactly one of"):
         baselines.sparsegpt(kernel, gram)
     with pytest.raises(KeyError, match="no Gram matrices for masked leaf 'k'"):
