@@ -15,8 +15,21 @@ Example:
 Structured sparsity (N:M, blocks, channels; see `jackpots_jax.patterns`): make the budget with a
 pattern and use the same calls:
   >>> budget = jj.layer_budgets(params, 0.5, pattern="2:4")
+
+One-shot baselines at the same budgets (`jackpots_jax.baselines`): magnitude, Wanda, SparseGPT:
+  >>> stats = jj.update_stats(jj.init_stats({path: fan_in}), {path: inputs})
+  >>> masks, weights = jj.sparsegpt_masks(params, budget, stats)
 """
 
+from jackpots_jax.baselines import (
+    CalibrationStats,
+    init_stats,
+    magnitude_masks,
+    sparsegpt,
+    sparsegpt_masks,
+    update_stats,
+    wanda_masks,
+)
 from jackpots_jax.masks import (
     INIT_METHODS,
     apply_masks,
@@ -62,6 +75,7 @@ from jackpots_jax.step import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationStats",
     "INIT_METHODS",
     "PATTERNS",
     "Pattern",
@@ -81,7 +95,9 @@ __all__ = [
     "first_order_check",
     "format_sparsity_table",
     "init_scores",
+    "init_stats",
     "layer_budgets",
+    "magnitude_masks",
     "linen_apply",
     "make_mesh",
     "mask_churn",
@@ -96,8 +112,12 @@ __all__ = [
     "search_optimizer",
     "search_step",
     "shard_batch",
+    "sparsegpt",
+    "sparsegpt_masks",
     "short_restriction",
     "sparsity_report",
     "topk_masks",
     "train_step",
+    "update_stats",
+    "wanda_masks",
 ]
