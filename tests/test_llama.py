@@ -222,9 +222,9 @@ def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _write_gguf(path, hf_model, qtype=None, permute=True, raw_override=None):
+def _write_gguf(path, hf_model, qtype=None, permute=True, arch="llama"):
     c = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -301,6 +301,19 @@ def test_gguf_f32_equals_the_hf_model(tmp_path):
     _write_gguf(tmp_path / "flat.gguf", hf, permute=False)
     config, wrong, _ = llama_weights.import_checkpoint(tmp_path / "flat.gguf")
     assert np.abs(_ours(config, wrong, tokens) - ref).max() > 0.1
+
+
+def test_gguf_qwen2_is_read_without_permutation(tmp_path):
+    """llama.cpp runs `qwen2` files with rotate-half rotary embeddings: its converter leaves the
+    q/k rows (and their biases) in the Hugging Face order."""
+    hf = _hf_model("qwen2")
+    _write_gguf(tmp_path / "q.gguf", hf, permute=False, arch="qwen2")
+    config, params, _ = llama_weights.import_checkpoint(tmp_path / "q.gguf")
+    assert config.attention_bias and not config.tie_embeddings
+    tokens = _tokens()
+    np.testing.assert_allclose(
+        _ours(config, params, tokens), _hf_logits(hf, tokens), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("qname", ["Q8_0", "Q4_1", "Q4_0"])
