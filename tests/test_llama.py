@@ -540,6 +540,36 @@ def test_tokenizer_from_gguf_metadata_matches_a_plain_bpe(pre):
     assert other.fingerprint != tok.fingerprint
 
 
+def test_tokenizer_from_a_tokenizer_json(tmp_path):
+    from jackpots_jax.data.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(2)
+    merges = _train_merges(_random_text(rng, 2000), 80, False)
+    tokens = list(dict.fromkeys([*_byte_chars().values()] + [m.replace(" ", "") for m in merges]))
+    tokens += ["<s>", "</s>"]
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": [1] * (len(tokens) - 2) + [3, 3],
+    }
+    Tokenizer.from_gguf(meta)._tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}})
+    )
+    tok = Tokenizer.from_file(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (
+        len(tokens) - 2,
+        len(tokens) - 1,
+        len(tokens),
+    )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    text = _random_text(rng, 300)
+    assert tok.encode(text) == _reference_bpe(text, vocab, merges, digits=False)
+    with pytest.raises(ValueError, match="'<bos>' is not in the vocabulary"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json", bos_token="<bos>")
+
+
 def test_tokenizer_refuses_what_it_does_not_implement():
     from jackpots_jax.data.tokenizer import Tokenizer
 
