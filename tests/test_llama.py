@@ -388,6 +388,23 @@ def test_llama_family_runs_through_the_apply_function():
     assert groups == {"block": "block 0", "kind": "mlp"}
 
 
+def test_two_of_four_groups_run_along_each_kernels_input_axis():
+    from jackpots_jax.masks import init_scores
+    from jackpots_jax.sparsity import layer_budgets
+
+    model = llama.Llama(llama.LlamaConfig(64, 16, 24, 1, 4, 2), rngs=nnx.Rngs(0))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    spec = models.spec("llama")
+    budget = layer_budgets(params, None, pattern="2:4", dense=spec.dense)
+    _, masks = init_scores(params, budget)
+    found = {k: np.asarray(m) for k, m in named_leaves(masks) if m is not None}
+    assert sorted(found) == sorted(llama.masked_paths(model.config))
+    for name, mask in found.items():
+        d_in, d_out = mask.shape
+        # Per output unit, every 4 consecutive inputs keep exactly 2: what 2:4 hardware reads.
+        np.testing.assert_array_equal(mask.reshape(d_in // 4, 4, d_out).sum(1), 2, err_msg=name)
+
+
 def test_kernel_inputs_are_what_each_projection_sees():
     config = llama.LlamaConfig(64, 16, 24, 2, 4, 2, rms_norm_eps=1e-5)
     model = llama.Llama(config, rngs=nnx.Rngs(0))
