@@ -82,6 +82,15 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     workdir = os.path.abspath(os.fspath(workdir))
     c = config.dataset
     info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
+    for field, wanted, size, split in (
+        ("num_train", c.num_train, info.num_train, info.train_split),
+        ("num_eval", c.num_eval, info.num_eval, info.eval_split),
+    ):
+        if wanted > size:
+            raise ConfigError(
+                f"config field `dataset.{field}` is {wanted}, but split {split!r} of dataset "
+                f"{c.name!r} holds {size} examples; allowed: 0 (all of them) to {size}"
+            )
     try:
         network = models.network(
             config.model.name,
