@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
         `fsdp` (devices each leaf of params, scores, optimiser state and masks is sharded over; 1:
         every device holds all of it), `data` (the batch axis; 0: `num_devices / fsdp`), `rules`
         (`'pattern=dim'` overrides of the dimension a leaf is sharded along, e.g.
-        `'head/kernel=none'`).
+        `'head/kernel=none'`; on the command line `--config.parallel.rules=a=none,b=0`, commas
+        between rules; a rule that matches no leaf of the model is an error).
       log_every_steps: how often a metrics line is written.
     """
     c = ml_collections.ConfigDict()

@@ -13,7 +13,8 @@ Modes (`config.mode`):
 * `evaluate`: accuracy of weights (and masks: `weights.masks`, or those inside the weights file),
   with the batch-norm statistics of `weights.batch_stats`, by default the `batch_stats.npz` next
   to `weights.masks` (an exported jackpot's: the search re-estimated them); without one, the
-  weights file's own, and a warning says so.
+  weights file's own, and a warning says so. Masks that are not a whole jackpot of these weights
+  are refused (`_masks_to_evaluate`; docs/exit_codes.md).
 * `prune`: one-shot magnitude pruning at `search.sparsity`, no search; evaluated with the
   pre-trained batch-norm statistics and, with `prune.reestimate_bn`, with re-estimated ones.
 * `export`: the jackpot of the latest search checkpoint to `<workdir>/export`.
@@ -547,6 +548,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         _check_parallel_rules(ctx, config)
         if config.mode in SEARCHING:
             _check_search_fits(ctx, config)
+        if ctx.is_main:
+            # The files a run adds to, read once now: one cut outside this program is an error
+            # before any compute, not after it.
+            context.results(ctx)
+            if os.path.exists(ctx.log.path):
+                report.read_metrics(ctx.log.path)
         if ctx.is_main and not report_only:
             write_json(os.path.join(ctx.workdir, "config.json"), config.to_dict(), "config")
         try:
