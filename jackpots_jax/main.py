@@ -8,18 +8,23 @@ Errors a user can fix end the program with exit code 2 and one message naming th
 field or the path, and what to do), never a traceback: an unknown field, an impossible value, a
 config file that cannot be loaded, a missing dataset, missing or unreadable weights, masks or
 checkpoints that do not fit, a work directory that is not writable or is in use by another run
-(found before any compute), a disk that fills up. A non-finite loss ends it with exit code 3. Ctrl-C
-stops it after the current step, once that step is checkpointed, with exit code 130 and the command
-that resumes it. On several hosts, `jax.distributed.initialize()` runs first when the environment
-asks for it.
+(found before any compute), a disk that fills up, an environment variable of a multi-process run
+that cannot be read. A non-finite loss ends it with exit code 3. Ctrl-C stops it after the current
+step, once that step is checkpointed, with exit code 130 and the command that resumes it; SIGTERM
+(what Slurm, Kubernetes and `timeout` send before SIGKILL) does the same with exit code 143. On
+several hosts, `jax.distributed.initialize()` runs first when the environment asks for it.
+`--check_only` loads and checks the config (and the model options) and runs nothing: what the
+launchers do before they start a job elsewhere. docs/exit_codes.md lists every exit code.
 """
 
 from __future__ import annotations
 
+import ast
 import errno
 import logging as pylogging
 import os
 import shlex
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -29,10 +34,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path of a config file (configs/<name>.py[:arg]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_CHECK_ONLY = flags.DEFINE_bool(
+    "check_only", False, "Load and check the config, run nothing (exit 0 when it is sound)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 _ARGV: list[str] = []  # the command line as given, for the command that resumes a run
+_KWARGS = "--config.model.kwargs."
+_MODEL_OPTIONS: dict[str, str] = {}  # `--config.model.kwargs.<name>=<value>`, set after parsing
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -83,13 +93,80 @@ def _config_not_loaded(argv: list[str], error: BaseException) -> None:
     _usage_error(f"config file {path!r} could not be loaded: {type(cause).__name__}: {cause}")
 
 
+def _rewritten(argv: list[str]) -> list[str]:
+    """`argv` with what absl's parsing of the config cannot take set aside or rewritten.
+
+    * `--config.model.kwargs.<option>=<value>` (one model option; the model's options are known
+      only once the config names the model) is kept in `_MODEL_OPTIONS` and applied after parsing.
+    * `--config.parallel.rules=a=none,b=0` (rules separated by commas, as the docs write them) is
+      not a Python literal, which ml_collections wants for a tuple: it becomes one entry, which
+      `config.parse_rules` splits at its commas.
+    """
+    out = []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith(_KWARGS):
+            name, sep, value = arg[len(_KWARGS) :].partition("=")
+            if not sep:  # `--config.model.kwargs.depth 2`
+                value = next(args, "")
+            _MODEL_OPTIONS[name] = value
+            continue
+        if arg.startswith("--config.parallel.rules="):
+            value = arg.split("=", 1)[1]
+            try:
+                ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                arg = f"--config.parallel.rules={(value,)!r}"
+        out.append(arg)
+    return out
+
+
+def _apply_model_options(config) -> None:
+    """Sets `_MODEL_OPTIONS` into `config.model.kwargs`: declared options only, values as literals.
+
+    A value that is not a Python literal is taken as a string (`pool=cls`).
+    """
+    if not _MODEL_OPTIONS:
+        return
+    from jackpots_jax import models
+
+    try:
+        allowed = models.spec(config.model.name).options
+    except ValueError as e:
+        _usage_error(f"config field `model.name`: {e}")
+    unknown = [name for name in _MODEL_OPTIONS if name not in allowed]
+    if unknown:
+        _usage_error(
+            f"unknown model option(s) {', '.join(f'model.kwargs.{n}' for n in unknown)} of model "
+            f"{config.model.name!r}; allowed: {', '.join(allowed) or 'none (it takes no options)'}"
+        )
+    with config.model.kwargs.unlocked():
+        for name, text in _MODEL_OPTIONS.items():
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            config.model.kwargs[name] = value
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a config error (of a file or an override) as a one-line error.
 
     The config is locked: `--config.<field>` for a field that does not exist is refused by
-    ml_collections (with a suggestion), a value of the wrong type by absl.
+    ml_collections (with a suggestion), a value of the wrong type by absl. Model options
+    (`--config.model.kwargs.<option>=<value>`) are checked against the options the model declares.
     """
     _ARGV[:] = argv
+    _MODEL_OPTIONS.clear()
+    # ml_collections reads the overrides from sys.argv itself: it sees the rewritten one.
+    saved, sys.argv = sys.argv, _rewritten(argv)
+    try:
+        return _parse(sys.argv)
+    finally:
+        sys.argv = saved
+
+
+def _parse(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
     except OSError as e:
@@ -125,6 +202,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         _config_not_loaded(argv, e)
     except AttributeError:
         pass  # not a ConfigDict: `train_and_evaluate` says what is missing
+    else:
+        _apply_model_options(_CONFIG.value)
     return rest
 
 
@@ -132,15 +211,26 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from jackpots_jax.experiment.loop import Interrupted, Terminated, raise_terminated
+
+    # SIGTERM stops the run as Ctrl-C does (after the step, once it is saved) instead of killing it.
+    signal.signal(signal.SIGTERM, raise_terminated)
     from jackpots_jax import parallel
 
-    parallel.initialize_distributed()
+    try:
+        parallel.initialize_distributed()
+    except ValueError as e:  # JAX_NUM_PROCESSES=two, or JAX_PROCESS_ID without the others
+        return _stop(2, f"error: the environment of a multi-process run: {e}")
     from jackpots_jax.experiment.config import ConfigError
-    from jackpots_jax.experiment.loop import Interrupted, NonFiniteLossError
-    from jackpots_jax.experiment.modes import train_and_evaluate
+    from jackpots_jax.experiment.loop import NonFiniteLossError
+    from jackpots_jax.experiment.modes import check_config, train_and_evaluate
     from jackpots_jax.experiment.workdir import WorkdirError
     from jackpots_jax.io.checkpoints import CheckpointCorruptError
-    from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
+    from jackpots_jax.io.errors import (
+        CheckpointMismatchError,
+        FileContentError,
+        MissingDependencyError,
+    )
 
     usage_errors = (
         ConfigError,
@@ -149,12 +239,21 @@ def main(argv: list[str]) -> int:
         CheckpointMismatchError,
         CheckpointCorruptError,
         FileContentError,
+        MissingDependencyError,
         WorkdirError,
     )
     try:
+        if _CHECK_ONLY.value:
+            check_config(_CONFIG.value, None)
+            print(f"config {_config_argument(_ARGV)} is sound (nothing was run)")
+            return 0
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Interrupted as e:
-        return _stop(130, f"{e}. To resume from there, run the same command again:", resume=True)
+        code = 143 if e.signum == signal.SIGTERM else 130
+        return _stop(code, f"{e}. To resume from there, run the same command again:", resume=True)
+    except Terminated:
+        message = "stopped by SIGTERM; the newest checkpoints are kept. To resume, run:"
+        return _stop(143, message, resume=True)
     except KeyboardInterrupt:
         message = "stopped by Ctrl-C; the newest checkpoints are kept. To resume, run:"
         return _stop(130, message, resume=True)

@@ -5,6 +5,10 @@
 #       [--config.FIELD=VALUE ...]
 #
 # Steps (each printed before it runs; --dry-run prints them and runs nothing):
+#   0. check the config here (`python -m jackpots_jax.main --check_only`, with PYTHON, default
+#      .venv/bin/python or python3): an unknown field or variant, an impossible value, a config
+#      the workers would not receive (outside the repository, or not committed without
+#      --copy-tree) stops the script with exit code 2, in dry runs too;
 #   1. reuse the TPU VM NAME if `gcloud compute tpus tpu-vm describe` finds it, else create it
 #      (--accelerator-type, --version, --spot);
 #   2. copy this checkout to every worker (`git archive` of HEAD, or the working tree with
@@ -75,6 +79,24 @@ fi
 config_file="${config%%:*}"
 if [[ ! -f "$config_file" ]]; then
   echo "tpu_pod.sh: no config file $config_file (give it relative to the repository root)" >&2
+  exit 2
+fi
+# The workers get this checkout only: the config must be in it, at the same relative path, and
+# (without --copy-tree) committed as it is, since `git archive HEAD` is what they receive.
+if [[ "$config_file" == /* || "$(realpath -m "$config_file")" != "$PWD"/* ]]; then
+  echo "tpu_pod.sh: config $config_file is outside the repository; the workers get only the repository: copy it under configs/ and give it relative to the repository root" >&2
+  exit 2
+fi
+if [[ $copy_tree -eq 0 ]] && ! { git cat-file -e "HEAD:$config_file" 2>/dev/null \
+  && git diff --quiet HEAD -- "$config_file"; }; then
+  echo "tpu_pod.sh: config $config_file is not committed as it is (the workers get \`git archive HEAD\`): commit it, or pass --copy-tree" >&2
+  exit 2
+fi
+# The config is loaded and checked here, as the run will load it, before anything is started.
+check_python="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
+if ! PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cpu "$check_python" -m jackpots_jax.main \
+  --config "$config" --workdir unused --check_only "${extra[@]}" >/dev/null; then
+  echo "tpu_pod.sh: the config does not pass the check above (run with $check_python; set PYTHON to a Python with jackpots_jax's dependencies); nothing was started" >&2
   exit 2
 fi
 

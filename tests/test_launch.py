@@ -132,11 +132,14 @@ def _fake_gcloud(tmp_path, exists: bool) -> dict:
         f'if [[ "$4" == describe ]]; then exit {0 if exists else 1}; fi\n'
     )
     script.chmod(0o755)
-    return dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.environ["PATH"]]))
+    path = os.pathsep.join([str(bin_dir), os.environ["PATH"]])
+    # The script checks the config with PYTHON first: this one has the dependencies.
+    return dict(os.environ, PATH=path, PYTHON=sys.executable)
 
 
 TPU_ARGS = ["--name", "jj", "--zone", "us-central2-b", "--bucket", "gs://my-bucket/runs/a"]
-TPU_ARGS += ["configs/default.py", "--config.parallel.fsdp=4", "--config.search.sparsity=0.95"]
+TPU_ARGS += ["configs/default.py", "--config.parallel.fsdp=4", "--config.parallel.backend=jit"]
+TPU_ARGS += ["--config.search.sparsity=0.95"]
 
 
 def _lines(text):
@@ -170,7 +173,7 @@ def test_tpu_pod_dry_run_prints_every_command_and_runs_none(tmp_path):
     assert job.endswith(
         "--command 'cd ~/jackpots_jax && .venv/bin/python -m jackpots_jax.main --config "
         'configs/default.py --workdir "$HOME/gcs/my-bucket/runs/a" '
-        "--config.parallel.fsdp=4 --config.search.sparsity=0.95'"
+        "--config.parallel.fsdp=4 --config.parallel.backend=jit --config.search.sparsity=0.95'"
     )
 
 

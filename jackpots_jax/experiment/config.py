@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
         `<workdir>/pretrain/model.safetensors`), `random` (search on random weights on purpose:
         the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none);
         `batch_stats`: the batch-norm statistics to evaluate with (a `batch_stats.npz`; '' for
-        the one next to `masks` when there is one, else the weights file's own).
+        the one next to `masks` when there is one, else the weights file's own);
+        `allow_other_weights`: evaluate `masks` whose `jackpot.json` records the fingerprint of
+        other weights than `path` (a warning names both; without it, an error).
       pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
         0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`, `optimizer`
         (`sgd`, or `adamw` for the ViTs: `momentum` is its b1, weight decay on kernels only),
@@ -75,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
         `fsdp` (devices each leaf of params, scores, optimiser state and masks is sharded over; 1:
         every device holds all of it), `data` (the batch axis; 0: `num_devices / fsdp`), `rules`
         (`'pattern=dim'` overrides of the dimension a leaf is sharded along, e.g.
-        `'head/kernel=none'`).
+        `'head/kernel=none'`; on the command line `--config.parallel.rules=a=none,b=0`, commas
+        between rules; a rule that matches no leaf of the model is an error).
       log_every_steps: how often a metrics line is written.
     """
     c = ml_collections.ConfigDict()
@@ -101,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.weights.random = False
     c.weights.masks = ""
     c.weights.batch_stats = ""
+    c.weights.allow_other_weights = False
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.epochs = 8
@@ -192,12 +196,16 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[str, ...]) -> None:
+def check(
+    config: ml_collections.ConfigDict, *, num_devices: int | None, modes: tuple[str, ...]
+) -> None:
     """Raises `ConfigError` for an impossible value, before any compute.
 
     Args:
       config: the experiment config (from `base_config()`, so its fields and types are known).
-      num_devices: the devices the job runs on (global batches must split evenly over them).
+      num_devices: the devices the job runs on (global batches must split evenly over them);
+        `None` where they are not known (a launcher checking the config elsewhere): the checks
+        that need them are left out.
       modes: the modes the runner knows (`experiment.modes.MODES`).
     """
     from jackpots_jax import data, models
@@ -226,7 +234,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
         _number(f"{name}.label_smoothing", group.label_smoothing, 0.0, 1.0, hi_open=True)
     for name in ("pretrain", "search", "eval"):
         size = _int(f"{name}.batch_size", c[name].batch_size, 1)
-        if size % num_devices:
+        if num_devices and size % num_devices:
             _fail(f"{name}.batch_size", size, f"a multiple of the {num_devices} device(s)")
     _choice("pretrain.optimizer", c.pretrain.optimizer, ("sgd", "adamw"))
     _int("pretrain.warmup_epochs", c.pretrain.warmup_epochs, 0)
@@ -257,9 +265,9 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
     _int("parallel.num_devices", c.parallel.num_devices, 0)
     fsdp = _int("parallel.fsdp", c.parallel.fsdp, 1)
     data_size = _int("parallel.data", c.parallel.data, 0)
-    if num_devices % fsdp:
+    if num_devices and num_devices % fsdp:
         _fail("parallel.fsdp", fsdp, f"a divisor of the {num_devices} device(s) the job runs on")
-    if data_size and data_size * fsdp != num_devices:
+    if num_devices and data_size and data_size * fsdp != num_devices:
         _fail(
             "parallel.data",
             data_size,
@@ -281,29 +289,78 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, modes: tuple[s
 
 def _check_pattern(s: ml_collections.ConfigDict) -> None:
     """`search.pattern` parses, and an N:M pattern agrees with `search.sparsity`."""
-    from fractions import Fraction
-
     from jackpots_jax.patterns import INDIVISIBLE, PATTERNS, Pattern
 
     _choice("search.indivisible", s.indivisible, INDIVISIBLE)
     try:
-        pattern = Pattern.parse(s.pattern)
+        Pattern.parse(s.pattern)
     except (TypeError, ValueError) as e:
         _fail("search.pattern", s.pattern, f"{', '.join(PATTERNS)} ({e})")
-    if pattern.kind == "n:m":
-        implied = Fraction(pattern.m - pattern.n, pattern.m)
-        # The library's tolerance (`layer_budgets`): 1:3 has no exact decimal to write.
-        if abs(Fraction(repr(float(s.sparsity))) - implied) > Fraction(1, 10**9):
-            raise ConfigError(
-                f"config field `search.sparsity` is {s.sparsity!r} but `search.pattern` "
-                f"{s.pattern!r} keeps {pattern.n} of every {pattern.m} weights, which is sparsity "
-                f"{float(implied):g}; allowed: --config.search.sparsity={float(implied):g} with "
-                "this pattern (an N:M pattern fixes the sparsity; it is never overridden silently)"
-            )
+    pattern_sparsity(s.pattern, s.sparsity, "search.sparsity")
+
+
+def pattern_sparsity(pattern: str, sparsity: float, field: str = "search.sparsity") -> float:
+    """The sparsity a search runs at: `sparsity`, or the exact one an N:M `pattern` fixes.
+
+    An N:M pattern keeps N of every M weights, so its sparsity is `1 - N/M`; `sparsity` must say so,
+    to the precision this program prints it (`1:3` is sparsity 0.666667: that is accepted, and
+    the search runs at exactly 2/3).
+
+    Args:
+      pattern: `search.pattern` (already checked to parse).
+      sparsity: the sparsity asked for.
+      field: the config field `sparsity` comes from, named in the error.
+
+    Returns:
+      `1 - N/M` for an N:M pattern, else `sparsity` as a float.
+
+    Raises:
+      ConfigError: `sparsity` disagrees with an N:M pattern (the field is named).
+
+    Example:
+      >>> pattern_sparsity("1:3", 0.666667)
+      0.6666666666666667
+    """
+    from fractions import Fraction
+
+    from jackpots_jax.patterns import Pattern
+
+    parsed = Pattern.parse(pattern)
+    if parsed.kind != "n:m":
+        return float(sparsity)
+    implied = Fraction(parsed.m - parsed.n, parsed.m)
+    close = abs(Fraction(repr(float(sparsity))) - implied) <= Fraction(1, 10**9)
+    if not (close or f"{float(sparsity):g}" == f"{float(implied):g}"):
+        verb = "holds" if field.endswith("sparsities") else "is"
+        raise ConfigError(
+            f"config field `{field}` {verb} {sparsity!r} but `search.pattern` {pattern!r} keeps "
+            f"{parsed.n} of every {parsed.m} weights, which is sparsity {float(implied):g}; "
+            f"allowed: {float(implied):g} with this pattern (an N:M pattern fixes the sparsity; "
+            "it is never overridden silently)"
+        )
+    return float(implied)
+
+
+def _rule_pieces(rule: str) -> list[str]:
+    """One `parallel.rules` entry, split at its commas when every piece is a `pattern=dim` rule.
+
+    `'conv1/kernel=none,fc1/kernel=0'` is two rules; `'conv{1,2}/kernel=0'` is one (its pieces
+    are not rules).
+    """
+    pieces = rule.split(",")
+    if len(pieces) > 1 and all(_RULE.fullmatch(p.strip()) for p in pieces):
+        return [p.strip() for p in pieces]
+    return [rule]
+
+
+_RULE = re.compile(r"(.+)=\s*(none|None|-?\d+)\s*")
 
 
 def parse_rules(rules: Any) -> tuple[tuple[str, int | None], ...]:
     """`parallel.rules` (`'pattern=dim'` strings, dim an int or `none`) as (pattern, dim) pairs.
+
+    An entry may hold several rules separated by commas (`'conv1/kernel=none,fc1/kernel=0'`, as
+    the command line's `--config.parallel.rules=conv1/kernel=none,fc1/kernel=0` gives them).
 
     Raises:
       ConfigError: a rule that is not `pattern=dim`, or a pattern that is not a regular expression.
@@ -311,25 +368,75 @@ def parse_rules(rules: Any) -> tuple[tuple[str, int | None], ...]:
     if isinstance(rules, str):
         rules = (rules,)
     out = []
-    for rule in rules or ():
-        pattern, sep, dim = str(rule).rpartition("=")
-        ok = bool(sep and pattern)
-        if ok:
-            try:
-                re.compile(pattern)
-                value = None if dim.strip().lower() == "none" else int(dim)
-            except (re.error, ValueError):
-                ok = False
-        if not ok:
-            _fail(
-                "parallel.rules",
-                tuple(rules),
-                "'pattern=dim' entries: a regular expression searched in each leaf's path and "
-                "the dimension to shard over 'fsdp' (an int, or none to replicate), e.g. "
-                "'head/kernel=none'",
-            )
-        out.append((pattern, value))
+    for entry in rules or ():
+        for rule in _rule_pieces(str(entry)):
+            pattern, sep, dim = rule.rpartition("=")
+            ok = bool(sep and pattern)
+            if ok:
+                try:
+                    re.compile(pattern)
+                    value = None if dim.strip().lower() == "none" else int(dim)
+                except (re.error, ValueError):
+                    ok = False
+            if not ok:
+                _fail(
+                    "parallel.rules",
+                    tuple(rules),
+                    "'pattern=dim' entries: a regular expression searched in each leaf's path "
+                    "and the dimension to shard over 'fsdp' (an int, or none to replicate), e.g. "
+                    "'head/kernel=none'; several in one entry are separated by commas",
+                )
+            out.append((pattern, value))
     return tuple(out)
+
+
+def check_rules(rules: Any, params: Any, fsdp: int) -> None:
+    """Every `parallel.rules` entry matches a leaf of `params` and fits the leaves it matches.
+
+    Checked on the shapes alone (abstract params do), before any compute: a rule that matches
+    nothing is a typo that would leave the placement to the default silently, and a dimension a
+    matched leaf does not have, or that `fsdp` does not divide, would fail once the state is
+    placed.
+
+    Args:
+      rules: `parallel.rules`.
+      params: the model's params (arrays or `jax.ShapeDtypeStruct`s).
+      fsdp: the size of the `'fsdp'` axis (`parallel.fsdp`).
+
+    Raises:
+      ConfigError: naming the rule, the leaves and what is allowed.
+    """
+    from jackpots_jax._tree import named_leaves
+
+    shapes = {
+        name: tuple(leaf.shape) for name, leaf in named_leaves(params) if hasattr(leaf, "shape")
+    }
+    placed: set[str] = set()  # leaves an earlier rule decides (the first matching rule wins)
+    for pattern, dim in parse_rules(rules):
+        matched = {n: shape for n, shape in shapes.items() if re.search(pattern, n)}
+        decides = {n: shape for n, shape in matched.items() if n not in placed}
+        placed.update(matched)
+        if not matched:
+            raise ConfigError(
+                f"config field `parallel.rules` has {pattern!r}, which matches none of the "
+                f"model's leaves (a typo?); allowed: regular expressions searched in these "
+                f"paths: {', '.join(shapes)}"
+            )
+        if dim is None or fsdp == 1:
+            continue
+        for name, shape in decides.items():
+            if not -len(shape) <= dim < len(shape) or shape[dim] % fsdp:
+                raise ConfigError(
+                    f"config field `parallel.rules` has '{pattern}={dim}', which puts leaf "
+                    f"{name} of shape {shape} on dimension {dim}: "
+                    + (
+                        f"it has {len(shape)} dimension(s)"
+                        if not -len(shape) <= dim < len(shape)
+                        else f"{shape[dim]} does not split into {fsdp} equal parts"
+                    )
+                    + f"; allowed: a dimension in [{-len(shape)}, {len(shape)}) whose size "
+                    f"`parallel.fsdp`={fsdp} divides, or none (replicated)"
+                )
 
 
 def cifar_recipe(dataset: str, model: str, arg: str | None):

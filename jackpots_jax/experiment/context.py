@@ -23,7 +23,7 @@ from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.io import weights as weights_io
 from jackpots_jax.io.checkpoints import Checkpointer
 from jackpots_jax.io.errors import FileContentError
-from jackpots_jax.io.files import read_json, write_json
+from jackpots_jax.io.files import read_json_file, write_json
 
 PyTree = Any
 PRETRAINED = os.path.join("pretrain", "model.safetensors")
@@ -258,4 +258,12 @@ def record_result(ctx: Context, row: Mapping[str, Any]) -> None:
 def results(ctx: Context) -> list[dict[str, Any]]:
     """The rows of `<workdir>/results.json` (none yet: `[]`)."""
     path = os.path.join(ctx.workdir, "results.json")
-    return read_json(path) if os.path.exists(path) else []
+    if not os.path.exists(path):
+        return []
+    rows = read_json_file(path, "the results file")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+        raise FileContentError(
+            f"the results file {path} is not a list of result rows (each a JSON object with a "
+            "`model`): restore it, or move it away to start it afresh"
+        )
+    return rows

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import tqdm
+from absl import logging
 from tensorboardX import summary as tbx_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
@@ -89,12 +90,16 @@ class MetricsLog:
         self.enabled = enabled
         self._events: dict[str, _PhaseEvents] = {}
         self._purge: dict[str, int] = {}
+        self._tail_checked = False
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends `record` (a dict with `phase`, `kind`, `step`, ...) to both logs."""
         if not self.enabled:
             return
         record = jsonable(record, "record")
+        if not self._tail_checked:
+            self._drop_cut_tail()
+            self._tail_checked = True
         # The JSON line goes first: the events of a run killed in between are a subset of it.
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -104,6 +109,26 @@ class MetricsLog:
             kind = record.get("kind", "metrics")
             tags = {f"{kind}/{tag}": value for tag, value in scalars.items()}
             self._phase(phase).scalars(record.get("step", 0), tags)
+
+    def _drop_cut_tail(self) -> None:
+        """Removes a last line without its newline (a writer killed mid-line, a full disk).
+
+        Appending after it would join the next record to it, making one unreadable line.
+        """
+        try:
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if not data or data.endswith(b"\n"):
+                    return
+                cut = data.rfind(b"\n") + 1
+                logging.warning(
+                    "%s ends with a line cut short (%d bytes, no newline): it is dropped",
+                    self.path,
+                    len(data) - cut,
+                )
+                f.truncate(cut)
+        except FileNotFoundError:
+            pass
 
     def _phase(self, phase: str) -> _PhaseEvents:
         if phase not in self._events:

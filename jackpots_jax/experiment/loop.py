@@ -15,7 +15,10 @@ records, the progress bar, mask churn per epoch, evaluation) comes in as hooks.
 Ctrl-C (SIGINT) during the loop asks it to stop after the step it is in: that step is logged and
 checkpointed like a last one, and `Interrupted` (a `KeyboardInterrupt`) is raised. The run then
 resumes from exactly there, and ends as if it had never stopped. A second Ctrl-C stops at once (the
-usual `KeyboardInterrupt`; the run resumes from its newest checkpoint).
+usual `KeyboardInterrupt`; the run resumes from its newest checkpoint). SIGTERM (what Slurm,
+Kubernetes and `timeout` send before SIGKILL) does the same once the command line has installed
+`raise_terminated` as its handler: the loop stops after the step, a second one (or one outside the
+loop) raises `Terminated`.
 
 Example:
   >>> step_fn = lambda state, batch: run(state, params, shard(batch))
@@ -47,46 +50,68 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived outside the loop, or a second time in it: the run stops at once."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler (the command line's) that stops the program as Ctrl-C does."""
+    del signum, frame
+    raise Terminated()
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the loop between two steps; the step it stopped at is checkpointed.
+    """Ctrl-C (or SIGTERM) stopped the loop between two steps; the step it stopped at is saved.
 
     Attributes:
       step: the last step done.
       total_steps: the step count the loop was to reach.
       directory: the checkpoint folder (`None` for a loop without a checkpointer).
+      signum: the signal that asked to stop (`signal.SIGINT` for Ctrl-C, or `signal.SIGTERM`).
     """
 
-    def __init__(self, step: int, total_steps: int, directory: str | None):
+    def __init__(
+        self, step: int, total_steps: int, directory: str | None, signum: int = signal.SIGINT
+    ):
         self.step, self.total_steps, self.directory = step, total_steps, directory
+        self.signum = signum
         saved = (
             f"its checkpoint is saved in {directory}"
             if directory is not None
             else "nothing was saved (no checkpointer)"
         )
-        super().__init__(f"stopped by Ctrl-C after step {step} of {total_steps}; {saved}")
+        super().__init__(f"stopped by {_NAMES[signum]} after step {step} of {total_steps}; {saved}")
+
+
+_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# Per signal, the handler that stops at once: only while it is installed does the loop take over.
+_AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_terminated}
 
 
 class _StopRequests:
-    """From creation to `close()`: the first SIGINT only asks the loop to stop (`self()` is true).
+    """From creation to `close()`: the first SIGINT or SIGTERM only asks the loop to stop.
 
-    Left alone when this is not the main thread, or when someone else installed a SIGINT handler
-    (then that handler decides).
+    `self()` is then true, and `signum` says which signal asked. A signal is left alone when this
+    is not the main thread, or when its handler is not the one that stops at once (SIGINT's
+    default; SIGTERM's `raise_terminated`, which the command line installs): then that handler
+    decides.
     """
 
     def __init__(self):
-        self.requested = False
-        self.installed = (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        )
-        if self.installed:
-            signal.signal(signal.SIGINT, self._ask_to_stop)
+        self.requested, self.signum = False, None
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.installed = [
+            s for s, handler in _AT_ONCE.items() if main_thread and signal.getsignal(s) is handler
+        ]
+        for s in self.installed:
+            signal.signal(s, self._ask_to_stop)
 
     def _ask_to_stop(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one stops at once
+        self.requested, self.signum = True, signum
+        signal.signal(signum, _AT_ONCE[signum])  # the next one stops at once
+        name = _NAMES[signum]
         print(
-            "\nCtrl-C: stopping after this step, once it is saved (Ctrl-C again to stop at once)",
+            f"\n{name}: stopping after this step, once it is saved ({name} again to stop at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -95,8 +120,8 @@ class _StopRequests:
         return self.requested
 
     def close(self) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in self.installed:
+            signal.signal(s, _AT_ONCE[s])
 
 
 class Batches(Protocol):
@@ -232,7 +257,7 @@ def train_loop(
                 hook.after_step(step, state)
             if stopping:
                 directory = None if checkpointer is None else str(checkpointer.directory)
-                raise Interrupted(step, total_steps, directory)
+                raise Interrupted(step, total_steps, directory, stop_requested.signum)
     finally:
         stop_requested.close()
         for hook in hooks:

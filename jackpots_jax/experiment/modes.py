@@ -13,7 +13,8 @@ Modes (`config.mode`):
 * `evaluate`: accuracy of weights (and masks: `weights.masks`, or those inside the weights file),
   with the batch-norm statistics of `weights.batch_stats`, by default the `batch_stats.npz` next
   to `weights.masks` (an exported jackpot's: the search re-estimated them); without one, the
-  weights file's own, and a warning says so.
+  weights file's own, and a warning says so. Masks that are not a whole jackpot of these weights
+  are refused (`_masks_to_evaluate`; docs/exit_codes.md).
 * `prune`: one-shot magnitude pruning at `search.sparsity`, no search; evaluated with the
   pre-trained batch-norm statistics and, with `prune.reestimate_bn`, with re-estimated ones.
 * `export`: the jackpot of the latest search checkpoint to `<workdir>/export`.
@@ -36,9 +37,11 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from jackpots_jax import data, models, parallel
+from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import config as config_lib
 from jackpots_jax.experiment import context, phases, report
 from jackpots_jax.experiment import workdir as workdir_lib
@@ -46,9 +49,11 @@ from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.io.checkpoints import fingerprint
+from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 from jackpots_jax.io.export import BATCH_STATS, batch_stats_from_npz, masks_from_npz
-from jackpots_jax.io.files import write_json
+from jackpots_jax.io.files import read_json_file, write_json
 from jackpots_jax.masks import init_scores
+from jackpots_jax.sparsity import prunable_leaves
 
 PyTree = Any
 Config = ml_collections.ConfigDict
@@ -69,6 +74,7 @@ def _search_recipe(config: Config) -> phases.SearchRecipe:
     fields = {
         f.name: s[f.name] for f in dataclasses.fields(phases.SearchRecipe) if f.name != "rate"
     }
+    fields["sparsity"] = config_lib.pattern_sparsity(s.pattern, s.sparsity)
     return phases.SearchRecipe(**fields, rate=rate)
 
 
@@ -77,6 +83,15 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     workdir = os.path.abspath(os.fspath(workdir))
     c = config.dataset
     info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
+    for field, wanted, size, split in (
+        ("num_train", c.num_train, info.num_train, info.train_split),
+        ("num_eval", c.num_eval, info.num_eval, info.eval_split),
+    ):
+        if wanted > size:
+            raise ConfigError(
+                f"config field `dataset.{field}` is {wanted}, but split {split!r} of dataset "
+                f"{c.name!r} holds {size} examples; allowed: 0 (all of them) to {size}"
+            )
     try:
         network = models.network(
             config.model.name,
@@ -148,22 +163,47 @@ def _pattern_note(config: Config) -> str:
     return f", pattern {s.pattern}{held}"
 
 
-def _check_pattern_fits(ctx: Context, config: Config) -> None:
-    """A structured `search.pattern` fits every masked leaf of the model (from shapes alone).
+def _check_search_fits(ctx: Context, config: Config) -> None:
+    """The search leaves some leaf masked, and a structured pattern fits every masked leaf.
 
-    Checked before any compute with the `uniform` rule on the model's abstract params: which
-    leaves a pattern fits depends on their shapes only, not on the rule or the weights.
+    Checked before any compute, from the model's abstract params: which leaves are masked, and
+    which a pattern fits, depends on their shapes only (a structured pattern is checked with the
+    `uniform` rule; the rule changes counts, not which leaves a pattern fits).
     """
-    recipe = dataclasses.replace(_search_recipe(config), rule="uniform")
-    if not phases.Pattern.parse(recipe.pattern).structured:
-        return
-    try:
-        phases.search_budget(ctx, ctx.network.abstract_variables()["params"], recipe)
-    except ValueError as e:
+    recipe = _search_recipe(config)
+    params = ctx.network.abstract_variables()["params"]
+    if phases.Pattern.parse(recipe.pattern).structured:
+        try:
+            budget = phases.search_budget(ctx, params, dataclasses.replace(recipe, rule="uniform"))
+        except ValueError as e:
+            raise ConfigError(
+                f"config field `search.pattern` is {recipe.pattern!r} with `search.indivisible` "
+                f"{recipe.indivisible!r}: {e}"
+            ) from None
+        masked = [name for name, b in named_leaves(budget) if b is not None]
+    else:
+        recipe.check_dense(params)
+        dense = ctx.network.spec.dense if recipe.dense is None else recipe.dense
+        masked = [name for name, flag in named_leaves(prunable_leaves(params, dense)) if flag]
+    if not masked:
+        dense_note = (
+            f"`search.indivisible`='dense' holds every leaf the pattern {recipe.pattern!r} does "
+            "not fit dense"
+            if phases.Pattern.parse(recipe.pattern).structured
+            else f"`search.dense`={recipe.dense!r} holds every kernel dense"
+        )
         raise ConfigError(
-            f"config field `search.pattern` is {recipe.pattern!r} with `search.indivisible` "
-            f"{recipe.indivisible!r}: {e}"
-        ) from None
+            f"config field `search.pattern` is {recipe.pattern!r}, but no layer of "
+            f"{ctx.model_name!r} would be masked ({dense_note}): there would be nothing to "
+            "search or export; allowed: a pattern that fits at least one kernel (a smaller "
+            "block, `unstructured`), or fewer `search.dense` patterns"
+        )
+
+
+def _check_parallel_rules(ctx: Context, config: Config) -> None:
+    """`parallel.rules` match leaves of the model and fit them (`config.check_rules`)."""
+    params = ctx.network.abstract_variables()["params"]
+    config_lib.check_rules(config.parallel.rules, params, config.parallel.fsdp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,12 +227,86 @@ def _batch_stats_path(config: Config) -> str | None:
     return None
 
 
+def _masks_to_evaluate(ctx: Context, config: Config, params: PyTree, weights_fingerprint: str):
+    """The masks of `weights.masks`, checked to be a whole jackpot of these very weights.
+
+    Refused (before any compute): a file with no mask, a mask on a leaf that is not a kernel (a
+    bias, a batch-norm scale), a layer the search masked (the `budget` of the `jackpot.json` next
+    to the file; without one, every kernel `search.dense` does not hold dense) that has no mask (it
+    would be evaluated dense), a layer whose mask keeps no weight (unless
+    `search.allow_empty_layers`), and masks searched over other weights than `weights.path` (the
+    fingerprint in `jackpot.json`; unless `weights.allow_other_weights`, then a warning).
+    """
+    path = config.weights.masks
+    masks = masks_from_npz(path, params, exact=False)
+    present = {name: np.asarray(m) for name, m in named_leaves(masks) if m is not None}
+    where = f"masks file {path} (`weights.masks`)"
+    if not present:
+        raise FileContentError(
+            f"{where} holds no mask: evaluating it would evaluate the dense model; allowed: the "
+            "masks.npz a search exported (`<workdir>/export/masks.npz`)"
+        )
+    not_kernels = [name for name, m in present.items() if m.ndim < 2]
+    if not_kernels:
+        raise CheckpointMismatchError(
+            f"{where} masks leaves that are not kernels: {', '.join(not_kernels)}; a search "
+            "masks only kernels of convolutions and dense layers (a mask on a bias or a "
+            "batch-norm scale is not a jackpot); remove those entries"
+        )
+    summary_path = os.path.join(os.path.dirname(os.path.abspath(path)), "jackpot.json")
+    summary = (
+        read_json_file(summary_path, "the jackpot summary") if os.path.exists(summary_path) else {}
+    )
+    if isinstance(summary.get("budget"), dict):
+        expected, source = set(summary["budget"]), f"the budget in {summary_path}"
+    else:
+        dense = ctx.network.spec.dense if config.search.dense is None else config.search.dense
+        expected = {n for n, flag in named_leaves(prunable_leaves(params, dense)) if flag}
+        source = "`search.dense` (no jackpot.json next to the masks)"
+    missing = sorted(expected - set(present))
+    if missing:
+        raise CheckpointMismatchError(
+            f"{where} lacks the masks of layers a search masks (from {source}); they would be "
+            "evaluated dense",
+            missing=missing,
+            hint="use the whole masks.npz of an export; if those layers were held dense in the "
+            "search, name them in --config.search.dense",
+        )
+    empty = sorted(name for name, m in present.items() if not m.any())
+    if empty:
+        message = (
+            f"{where} prunes every weight of {', '.join(empty)}: nothing passes through "
+            f"{'it' if len(empty) == 1 else 'them'} (a classifier without weights predicts one "
+            "class)"
+        )
+        if not config.search.allow_empty_layers:
+            raise CheckpointMismatchError(
+                f"{message}; allowed: masks that keep at least one weight per layer, or "
+                "--config.search.allow_empty_layers=True to evaluate such masks anyway"
+            )
+        logging.warning("%s (search.allow_empty_layers=True)", message)
+    saved = summary.get("weights_fingerprint")
+    if saved is not None and saved != weights_fingerprint:
+        message = (
+            f"{where} was searched over other weights than {_weights_path(ctx, config)} "
+            f"(`weights.path`): its {summary_path} records the weights fingerprint {saved}, these "
+            f"weights have {weights_fingerprint}; a jackpot means nothing on other weights"
+        )
+        if not config.weights.allow_other_weights:
+            raise CheckpointMismatchError(
+                f"{message}; allowed: the weights the search ran over, or "
+                "--config.weights.allow_other_weights=True to evaluate them anyway"
+            )
+        logging.warning("%s (weights.allow_other_weights=True)", message)
+    return masks
+
+
 def run_evaluate(ctx: Context, config: Config) -> None:
-    variables, masks, _ = _weights(ctx, config)
+    variables, masks, weights_fingerprint = _weights(ctx, config)
     params, stats = variables["params"], variables["batch_stats"]
     row = {"model": "evaluated"}
     if config.weights.masks:
-        masks = masks_from_npz(config.weights.masks, params, exact=False)
+        masks = _masks_to_evaluate(ctx, config, params, weights_fingerprint)
     stats_path = _batch_stats_path(config)
     if stats_path is not None:
         stats = batch_stats_from_npz(stats_path, stats)
@@ -365,6 +479,9 @@ def run_studies(ctx: Context, config: Config) -> None:
     studies.run(ctx, config)
 
 
+# The modes that mask: their search must leave some leaf masked.
+SEARCHING = ("jackpot", "search", "prune", "export", "studies")
+
 MODES: dict[str, Callable[[Context, Config], None]] = {
     "jackpot": run_jackpot,
     "pretrain": run_pretrain,
@@ -374,6 +491,29 @@ MODES: dict[str, Callable[[Context, Config], None]] = {
     "export": run_export,
     "studies": run_studies,
 }
+
+
+def check_config(config: Config, num_devices: int | None) -> None:
+    """Every check of the config that needs neither data nor weights; `ConfigError` if one fails.
+
+    Args:
+      config: the experiment config.
+      num_devices: the devices the job runs on, or `None` where they are not known (a launcher
+        checking a config on another machine than the job's): the checks that need them are
+        left out.
+    """
+    config_lib.check(config, num_devices=num_devices, modes=tuple(MODES))
+    allowed = models.spec(config.model.name).options
+    unknown = sorted(set(config.model.kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"config field `model.kwargs` names option(s) {', '.join(unknown)} that model "
+            f"{config.model.name!r} does not take; allowed: {', '.join(allowed) or 'none'}"
+        )
+    if config.mode == "studies":
+        from jackpots_jax.experiment import studies
+
+        studies.read_plan(config)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
@@ -398,11 +538,23 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
             f"config field `parallel.num_devices` is {num_devices}; allowed: at most the "
             f"{jax.device_count()} device(s) present"
         )
-    config_lib.check(config, num_devices=num_devices, modes=tuple(MODES))
-    with workdir_lib.claim(workdir, lock=jax.process_index() == 0) as workdir:
+    check_config(config, num_devices)
+    # A studies report reads finished cells, each written whole (`write_json`), and writes its
+    # report whole: it runs beside the study that holds the lock, without taking it.
+    report_only = config.mode == "studies" and bool(config.studies.get("report_only", False))
+    lock = jax.process_index() == 0 and not report_only
+    with workdir_lib.claim(workdir, lock=lock) as workdir:
         ctx = _context(config, workdir, num_devices)
-        _check_pattern_fits(ctx, config)
+        _check_parallel_rules(ctx, config)
+        if config.mode in SEARCHING:
+            _check_search_fits(ctx, config)
         if ctx.is_main:
+            # The files a run adds to, read once now: one cut outside this program is an error
+            # before any compute, not after it.
+            context.results(ctx)
+            if os.path.exists(ctx.log.path):
+                report.read_metrics(ctx.log.path)
+        if ctx.is_main and not report_only:
             write_json(os.path.join(ctx.workdir, "config.json"), config.to_dict(), "config")
         try:
             MODES[config.mode](ctx, config)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jackpots_jax.io.errors import FileContentError
 from jackpots_jax.io.files import atomic_path, jsonable, write_text
 from jackpots_jax.sparsity import format_sparsity_table
 
@@ -64,8 +65,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
     Raises:
       FileNotFoundError: the file is not there.
-      ValueError: a line other than an unterminated last one is not a JSON object; the message
-        names the file and the line number.
+      FileContentError: (a `ValueError`) a line other than an unterminated last one is not a
+        JSON object; the message names the file and the line number.
 
     Example:
       >>> records = read_metrics("/tmp/run/metrics.jsonl")
@@ -85,14 +86,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             if index == unterminated:
                 break
-            raise ValueError(
+            raise FileContentError(
                 f"{os.fspath(path)}, line {index + 1}: not valid JSON ({e.msg} at column "
-                f"{e.colno}); every line of a metrics file must be one JSON object"
+                f"{e.colno}); every line of a metrics file must be one JSON object (a line cut "
+                "short by a writer killed outside this program, or by a full disk?): delete "
+                "that line, or move the file away"
             ) from None
         if not isinstance(record, dict):
-            raise ValueError(
+            raise FileContentError(
                 f"{os.fspath(path)}, line {index + 1}: expected a JSON object, got "
-                f"{type(record).__name__} {line.strip()[:40]!r}"
+                f"{type(record).__name__} {line.strip()[:40]!r}: delete that line, or move the "
+                "file away"
             )
         records.append(record)
     return records

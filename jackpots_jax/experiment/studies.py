@@ -74,7 +74,7 @@ from absl import logging
 
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import context, phases, report, study_report
-from jackpots_jax.experiment.config import ConfigError
+from jackpots_jax.experiment.config import ConfigError, pattern_sparsity
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.experiment.criteria import CRITERIA, criterion_masks
 from jackpots_jax.experiment.hooks import EvaluateEveryEpochs, TrainLog
@@ -221,6 +221,28 @@ def read_plan(config: Config) -> Plan:
         "momentum": float(f.momentum),
         "weight_decay": float(f.weight_decay),
     }
+    # Every sparsity a study in `run` searches: present, and possible under `search.pattern`.
+    studied = {
+        "claim1": [("claim1.sparsities", claim1)],
+        "claim2": [("claim2.sparsities", claim2)],
+        "overlap": [("overlap.sparsities", overlap)],
+        "finetune": [("finetune.sparsities", finetune)],
+    }
+    for name, fields in studied.items():
+        for field, group in fields:
+            if name in run and not group["sparsities"]:
+                _fail(
+                    field,
+                    group["sparsities"],
+                    f"a non-empty tuple of sparsities in [0, 1) ({name} is in `studies.run`)",
+                )
+            group["sparsities"] = tuple(
+                pattern_sparsity(config.search.pattern, s, f"studies.{field}")
+                for s in group["sparsities"]
+            )
+    claim3["sparsity"] = pattern_sparsity(
+        config.search.pattern, claim3["sparsity"], "studies.claim3.sparsity"
+    )
     return Plan(
         run,
         seeds,
@@ -414,6 +436,39 @@ class Studies:
         return self.recipe(sparsity=sparsity, rule=rule).budget(
             self.params, self.ctx.network.spec.dense
         )
+
+    def check_budgets(self) -> None:
+        """Every budget the plan searches or prunes at can be made (before any cell runs).
+
+        The errors name the `studies` field the sparsity comes from, not `search.sparsity`.
+        """
+        p = self.plan
+        wanted = []
+        if "claim1" in p.run:
+            wanted += [("claim1.sparsities", s, p.claim1["rule"]) for s in p.claim1["sparsities"]]
+        if "claim2" in p.run:
+            rules = {parse_init(spec)[1] for spec in p.claim2["inits"]}
+            wanted += [
+                ("claim2.sparsities", s, r) for s in p.claim2["sparsities"] for r in sorted(rules)
+            ]
+        if "claim3" in p.run:
+            wanted.append(("claim3.sparsity", p.claim3["sparsity"], p.claim1["rule"]))
+        for name in ("overlap", "finetune"):
+            if name in p.run:
+                wanted += [
+                    (f"{name}.sparsities", s, p.claim1["rule"])
+                    for s in getattr(p, name)["sparsities"]
+                ]
+        for field, sparsity, rule in wanted:
+            try:
+                self.budget(sparsity, rule)
+            except ConfigError as e:
+                raise ConfigError(
+                    str(e).replace(
+                        f"config field `search.sparsity` is {sparsity!r}",
+                        f"config field `studies.{field}` holds {sparsity!r}",
+                    )
+                ) from None
 
     # The cells.
 
@@ -734,10 +789,17 @@ def run(ctx: Context, config: Config) -> dict:
     if not config.weights.random and not os.path.exists(modes._weights_path(ctx, config)):
         if config.weights.path:
             modes._weights(ctx, config)  # raises: the named file is missing
+        if plan.report_only:
+            raise FileNotFoundError(
+                f"`studies.report_only` writes the report of the finished cells, but there are "
+                f"none yet: no pre-trained weights at {modes._weights_path(ctx, config)}; run the "
+                "study without --config.studies.report_only first"
+            )
         logging.info("no pre-trained weights in %s: pre-training first", ctx.workdir)
         phases.pretrain(ctx, modes._train_recipe(config), seed=config.seed)
     variables, _, weights_fingerprint = modes._weights(ctx, config)
     studies = Studies(ctx, config, plan, variables, weights_fingerprint)
+    studies.check_budgets()
 
     def report() -> dict:
         """results.json, report.md and plots from every finished cell (process 0)."""

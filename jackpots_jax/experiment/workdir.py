@@ -145,8 +145,15 @@ def claim(workdir: str, *, lock: bool = True) -> Iterator[str]:
       `workdir` as an absolute path.
 
     Raises:
-      WorkdirError: a folder (or `metrics.jsonl`) is not writable, or another run holds the lock.
+      WorkdirError: `workdir` is empty, a folder (or `metrics.jsonl`) is not writable, or another
+        run holds the lock.
     """
+    if not os.fspath(workdir).strip():
+        # abspath('') is the current folder: the run would scatter its files there.
+        raise WorkdirError(
+            f"--workdir is {os.fspath(workdir)!r}; allowed: the path of a folder for this run's "
+            "files (created if missing), e.g. --workdir workdir/run1"
+        )
     workdir = os.path.abspath(os.fspath(workdir))
     _create(workdir)
     check_writable(workdir, "the work directory")

@@ -70,6 +70,14 @@ class FileContentError(ValueError):
     """
 
 
+class MissingDependencyError(ImportError):
+    """A file needs an optional package that is not installed (PyTorch for a `.pth` file).
+
+    The message names the file, the package and the alternatives (install it, or convert the file
+    to a format that needs nothing more).
+    """
+
+
 def _listing(title: str, items: list[str]) -> list[str]:
     if not items:
         return []

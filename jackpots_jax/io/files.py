@@ -126,3 +126,29 @@ def read_json(path: str | os.PathLike) -> Any:
     """The JSON value in `path`."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in `path`, or a `FileContentError` naming the file when it is not JSON.
+
+    The files of a run are written whole (`write_json`), so one that does not parse was cut short
+    by a writer outside this program (or a copy onto a full disk), or edited by hand.
+
+    Args:
+      path: the file.
+      what: what it is, for the message (e.g. `'the results file'`).
+
+    Example:
+      >>> rows = read_json_file("workdir/results.json", "the results file")
+    """
+    from jackpots_jax.io.errors import FileContentError
+
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        size = os.path.getsize(path)
+        raise FileContentError(
+            f"{what} {os.fspath(path)} is not valid JSON ({size} bytes; {e}): it was cut short "
+            "(a writer killed outside this program, or a full disk) or edited; restore it, or "
+            "move it away to start it afresh"
+        ) from None

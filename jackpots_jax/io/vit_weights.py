@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from jackpots_jax._tree import named_leaves, path_str
+from jackpots_jax.io.errors import FileContentError
 from jackpots_jax.io.weights import CheckpointMismatchError, load_state_dict, save_state_dict
 from jackpots_jax.models import vit
 
@@ -352,7 +353,10 @@ def to_nnx(
         if e.maskable and f"{base}.b_mask" in state:
             raw = state[f"{base}.b_mask"]
             if not np.isin(raw, (0, 1)).all():
-                raise ValueError(f"{base}.b_mask must hold only 0 and 1 (a binary mask)")
+                raise FileContentError(
+                    f"{base}.b_mask must hold only 0 and 1 (a binary mask): a mask says which "
+                    "weights are kept (1) and which are pruned (0)"
+                )
             for path, array in zip(e.paths, e.to_ours(raw), strict=True):
                 masks[path] = array.astype(bool)
         if e.maskable and f"{base}.mask" in state:

@@ -55,7 +55,11 @@ import numpy as np
 
 from jackpots_jax import models
 from jackpots_jax._tree import named_leaves, path_str
-from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
+from jackpots_jax.io.errors import (
+    CheckpointMismatchError,
+    FileContentError,
+    MissingDependencyError,
+)
 from jackpots_jax.io.files import atomic_path
 
 PyTree = Any
@@ -175,14 +179,17 @@ def _suffix(path: str) -> str:
     for suffix in _FORMATS:
         if lower.endswith(suffix):
             return suffix
-    raise ValueError(f"unknown checkpoint format of {path!r}; allowed suffixes: {_FORMATS}")
+    raise FileContentError(
+        f"unknown format of {path!r} (its suffix names none this program reads); allowed "
+        f"suffixes: {', '.join(_FORMATS)}; convert the file to .safetensors or .npz"
+    )
 
 
 def _import_torch(purpose: str):
     try:
         import torch
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{purpose} needs PyTorch, which is not installed: `pip install torch`, or convert the "
             "file to .safetensors (no PyTorch needed)"
         ) from err
