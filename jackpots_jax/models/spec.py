@@ -9,7 +9,7 @@ collects them. Nothing outside the family file looks at a model's class.
 `Network` is a spec built for a number of classes and a compute dtype: `init(key)` gives its
 variables as plain nested dicts `(params, batch_stats)` (the same layout for Linen and NNX models,
 so that budgets, checkpoints and the weight importer treat both alike), `apply_fn` is the apply
-function every step takes (`step.linen_apply` / `step.nnx_apply`).
+function every step takes (`adapters.linen_apply` / `adapters.nnx_apply`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jackpots_jax.step import linen_apply, nnx_apply
+from jackpots_jax.adapters import linen_apply, nnx_apply
 
 PyTree = Any
 KINDS = ("linen", "nnx")
