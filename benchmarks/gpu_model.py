@@ -335,8 +335,8 @@ class Row:
     compile_s: float
 
 
-def measure(name, dtype, args, sharding, with_dtype_free, show) -> list[Row]:
-    rows = []
+def measure(name, dtype, args, sharding, with_dtype_free, show):
+    """Yields the `Row` of every program of one model and dtype, as each is compiled."""
     batch = args.batch or MODELS[name][1]
     for program, fn, shapes in model_programs(
         name, dtype, args.patterns, args.rate, args.programs, batch, with_dtype_free
@@ -346,16 +346,14 @@ def measure(name, dtype, args, sharding, with_dtype_free, show) -> list[Row]:
         compile_s = time.perf_counter() - start
         ks = kernels(text)
         seconds = tuple(modelled_seconds(ks, *m) for m in MODELS_OF_TIME.values())
-        rows.append(
-            Row(name, dtype, program, len(ks), sum(k.bytes for k in ks), seconds, loops(text),
-                compile_s)
-        )  # fmt: skip
+        row = Row(name, dtype, program, len(ks), sum(k.bytes for k in ks), seconds, loops(text),
+                compile_s)  # fmt: skip
         print(f"  {name} {dtype} {program}: {len(ks)} kernels, {compile_s:.1f} s to compile",
               flush=True)  # fmt: skip
         if program in show:
             for k in ks:
                 print(f"    {k.opcode:12s} {k.bytes:>14,d} B  {k.name}")
-    return rows
+        yield row
 
 
 def table(rows: list[Row]) -> str:
@@ -405,7 +403,16 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         for i, dtype in enumerate(args.dtype):
-            rows.extend(measure(name, dtype, args, sharding, i == 0, set(args.kernels)))
+            for row in measure(name, dtype, args, sharding, i == 0, set(args.kernels)):
+                rows.append(row)
+                # The table so far, on disk after every program: a long run stopped early
+                # keeps what it measured.
+                report(args, rows, start, argv, final=False)
+    report(args, rows, start, argv, final=True)
+
+
+def report(args, rows, start, argv, final: bool) -> None:
+    """Prints the table (when `final`) and writes it to `args.out` (unless `-`)."""
     head = [
         "Modelled H200 time, compiled on the CPU for benchmarks/h200.txtpb "
         f"(jax {jax.__version__}). Model: per kernel max(bytes / B/s, floor), summed;",
@@ -418,8 +425,9 @@ def main(argv=None) -> None:
         "",
         table(rows),
     ]
-    text = "\n".join(head)
-    print(text)
+    text = "\n".join(head if final else ["(unfinished run)", *head])
+    if final:
+        print(text)
     if args.out != "-":
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + ".tmp"
