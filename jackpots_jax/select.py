@@ -573,14 +573,23 @@ def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> jax.A
     Each entry adds `1 << (8 * (bin % 4))` to the word `bin // 4` of its row, so one pass over
     the row fills four bins per word (a one-hot sum would read every entry once per bin).
     """
-    word = bins // _PER_WORD
-    one = jnp.left_shift(jnp.uint32(1), ((bins % _PER_WORD) * _FIELD_BITS).astype(jnp.uint32))
-    one = jnp.where(candidate, one, jnp.uint32(0))
+    # Unsigned shifts and masks: bins are never negative, and signed `//` and `%` would add
+    # sign fix-ups to every entry.
+    bins = bins.astype(jnp.uint32)
+    word = bins >> jnp.uint32(_PER_WORD.bit_length() - 1)
+    field = (bins & jnp.uint32(_PER_WORD - 1)) * jnp.uint32(_FIELD_BITS)
+    one = jnp.where(candidate, jnp.uint32(1) << field, jnp.uint32(0))
     n_words = -(-n_bins // _PER_WORD)
-    words = jnp.stack(
-        [jnp.sum(jnp.where(word == j, one, jnp.uint32(0)), axis=-1) for j in range(n_words)],
-        axis=-1,
+    # One variadic reduction: a single kernel reads each entry once and fills every word (XLA
+    # does not fuse separate sums of one input into one kernel every time).
+    zero = jnp.uint32(0)
+    words = lax.reduce(
+        tuple(jnp.where(word == jnp.uint32(j), one, zero) for j in range(n_words)),
+        (zero,) * n_words,
+        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+        (one.ndim - 1,),
     )
+    words = jnp.stack(words, axis=-1)
     fields = jnp.arange(_PER_WORD, dtype=jnp.uint32) * _FIELD_BITS
     counts = (words[..., None] >> fields) & jnp.uint32((1 << _FIELD_BITS) - 1)
     return counts.reshape(*words.shape[:-1], -1)[..., :n_bins].astype(jnp.int32)

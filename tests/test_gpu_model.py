@@ -1,0 +1,157 @@
+"""benchmarks/gpu_model.py: the kernel/bytes accounting of compiled HLO and the H200 model.
+
+The accounting is checked against hand-worked HLO text (here, no plugin needed) and against a
+program compiled for the H200 whose single fusion's size is known. The compiling checks run in
+the venv with the CUDA plugin that benchmarks/gpu_model_venv.sh makes (`.venv-gpu-model`, or
+`$GPU_MODEL_PYTHON`); they are skipped when it does not exist.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "gpu_model.py")
+GPU_PYTHON = os.environ.get("GPU_MODEL_PYTHON", os.path.join(ROOT, ".venv-gpu-model/bin/python"))
+
+
+def _load():
+    sys.path.insert(0, os.path.dirname(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_model", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_model"] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(BENCH))
+    return module
+
+
+gpu_model = _load()
+
+# Two kernels by hand: a fusion that slices rows 0:100 of x (f32[1000,256]) and reads all of y
+# (f32[1000,256]), writing f32[100]; and a cuBLAS call reading x, y, writing f32[1000,1000] plus
+# an 8 MiB workspace (not counted). A tuple, a parameter and a bitcast launch nothing.
+HLO = """\
+HloModule jit_f, is_scheduled=true, entry_computation_layout={(f32[1000,256]{1,0})->f32[100]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_reduce (param_0.5: f32[1000,256], param_1.9: f32[1000,256]) -> f32[100] {
+  %param_1.9 = f32[1000,256]{1,0} parameter(1)
+  %slice.2 = f32[100,256]{1,0} slice(%param_1.9), slice={[0:100], [0:256]}
+  %param_0.5 = f32[1000,256]{1,0} parameter(0)
+  %neg = f32[1000,256]{1,0} negate(%param_0.5)
+  %slice.3 = f32[100,256]{1,0} slice(%neg), slice={[0:100], [0:256]}
+  %sum = f32[100,256]{1,0} add(%slice.2, %slice.3)
+  %zero = f32[] constant(0)
+  ROOT %r = f32[100]{0} reduce(%sum, %zero), dimensions={1}, to_apply=%add
+}
+
+ENTRY %main.2 (x.1: f32[1000,256], y.1: f32[1000,256]) -> (f32[100], f32[1000,1000]) {
+  %y.1 = f32[1000,256]{1,0} parameter(1), metadata={op_name="y"}
+  %x.1 = f32[1000,256]{1,0} parameter(0), metadata={op_name="x"}
+  %fusion = f32[100]{0} fusion(%y.1, %x.1), kind=kInput, calls=%fused_reduce, metadata={a="b"}
+  %gemm = (f32[1000,1000]{1,0}, s8[8388608]{0}) custom-call(%x.1, %y.1), custom_call_target="gemm"
+  %gte = f32[1000,1000]{1,0} get-tuple-element(%gemm), index=0
+  %bc = f32[1000000]{0} bitcast(%gte)
+  ROOT %t = (f32[100]{0}, f32[1000000]{0}) tuple(%fusion, %bc)
+}
+"""
+
+
+def test_kernels_and_bytes_of_hand_worked_hlo():
+    ks = gpu_model.kernels(HLO)
+    assert [(k.name, k.opcode) for k in ks] == [("fusion", "fusion"), ("gemm", "custom-call")]
+    full, rows = 1000 * 256 * 4, 100 * 256 * 4
+    # Operand 0 (y) is only sliced: 100 rows read; operand 1 (x) is negated whole: all read.
+    assert ks[0].bytes == rows + full + 100 * 4
+    # The workspace is s8 here, not u8: it counts (only a trailing u8 array is scratch).
+    assert ks[1].bytes == 2 * full + 1000 * 1000 * 4 + 8388608
+
+
+def test_custom_call_workspace_is_not_counted():
+    text = HLO.replace("s8[8388608]", "u8[8388608]")
+    assert gpu_model.kernels(text)[1].bytes == 2 * 1000 * 256 * 4 + 1000 * 1000 * 4
+
+
+def test_time_model():
+    ks = [gpu_model.Kernel("a", "fusion", 3_000_000), gpu_model.Kernel("b", "fusion", 30)]
+    # 3 MB at 3 TB/s is 1 us, below the 3 us floor; the tiny kernel takes the floor too.
+    assert gpu_model.modelled_seconds(ks, 3.0e12, 3e-6) == pytest.approx(6e-6)
+    ks[0].bytes = 30_000_000_000  # 10 ms
+    assert gpu_model.modelled_seconds(ks, 3.0e12, 3e-6) == pytest.approx(10e-3 + 3e-6)
+    assert gpu_model.array_bytes("(bf16[2,3]{1,0}, pred[7], s32[])") == 12 + 7 + 4
+
+
+needs_plugin = pytest.mark.skipif(
+    not os.path.exists(GPU_PYTHON),
+    reason=f"no {GPU_PYTHON}: make it with `bash benchmarks/gpu_model_venv.sh`",
+)
+
+# Compiled for the H200: an elementwise map of f32[1000,256] is one loop fusion that reads and
+# writes 1,024,000 bytes each; a sum over its first 100 rows reads 102,400 of them.
+PROBE = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(BENCH)!r})
+import jax, jax.numpy as jnp
+import gpu_model
+s = gpu_model.h200_sharding()
+x = jax.ShapeDtypeStruct((1000, 256), jnp.float32, sharding=s)
+out = {{}}
+for name, fn in [("map", lambda x: x * 2 + 1), ("rows", lambda x: jnp.sum(x[:100] * 2))]:
+    ks = gpu_model.kernels(gpu_model.compiled_text(fn, x))
+    out[name] = [[k.opcode, k.bytes] for k in ks]
+print(json.dumps(out))
+"""
+
+
+def _run(args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return subprocess.run(
+        [GPU_PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw
+    )
+
+
+@needs_plugin
+def test_compiled_elementwise_fusion_matches_hand_count():
+    proc = _run(["-c", PROBE])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["map"] == [["fusion", 2 * 1000 * 256 * 4]]
+    # XLA sums the 25,600 entries in two kernels: p partial sums of the 100 rows read, then
+    # their sum. The slice counts at the 102,400 bytes read, not the 1,024,000 of x.
+    (op1, first), (op2, second) = out["rows"]
+    partials = (second - 4) // 4
+    assert (op1, op2) == ("fusion", "fusion") and partials >= 1
+    assert first == 100 * 256 * 4 + 4 * partials and second == 4 * partials + 4
+
+
+@needs_plugin
+def test_benchmark_runs_and_is_deterministic(tmp_path):
+    tables = []
+    for i in range(2):  # two processes: two compilations, no cache shared
+        out = tmp_path / f"t{i}.txt"
+        args = [BENCH, "--quick", "--programs", "topk", "--patterns", "unstructured"]
+        proc = _run([*args, "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = out.read_text().splitlines()
+        table = lines[lines.index("") + 1 :]
+        tables.append(table)
+    assert tables[0] == tables[1]
+    rows = {line.split()[2]: line.split() for line in tables[0][2:]}
+    assert set(rows) == {"topk"}
+    for cells in rows.values():
+        kernels, mbytes = int(cells[-6]), float(cells[-5].replace(",", ""))
+        ms3, ms4 = cells[-4], cells[-3]
+        # Every kernel takes at least the floor: time >= kernels * 3 us (and 1.5 us).
+        assert kernels > 0 and mbytes > 0
+        assert float(ms3) >= kernels * 3e-3 - 1e-3 and float(ms4) >= kernels * 1.5e-3 - 1e-3
