@@ -72,3 +72,43 @@ def test_the_readme_loop_sharded_equals_one_device(model):
 def _named(tree) -> dict:
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
     return {jax.tree_util.keystr(p): v for p, v in flat if v is not None}
+
+
+def engine_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("The engine's steps in your loop") :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_engine_loop_on_four_fsdp_shards_equals_one_device():
+    """`jj.parallel.fsdp_step` places state, weights and batches itself: the masks of one device."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+    import functools
+
+    import jackpots_jax as jj
+
+    scope = run_loop("fmnist_cnn", sharded=False)
+    net, budget = scope["net"], scope["budget"]
+    # Host copies: the block donates its state, whose placed arrays may share these buffers.
+    params, stats = jax.device_get((scope["params"], scope["stats"]))
+    scores = jax.device_get(jj.init_scores(params, budget, method="magnitude")[0])
+    scope.update(params=params, stats=stats, scores=scores)
+    exec(compile(engine_block(), "README.md", "exec"), scope)  # noqa: S102
+    state = scope["state"]
+    assert state.masks is not None and scope["metrics"]["loss"].shape == ()
+    held = jj.parallel.state_bytes(state.scores)
+    whole = sum(np.asarray(x).nbytes for x in jax.tree.leaves(scores))
+    assert len(held) == 8 and max(held.values()) < whole / 2  # split over 'fsdp'
+
+    tx = jj.search_optimizer(budget, learning_rate=0.1, total_steps=scope["steps"])
+    want = jj.engine.create_search_state(scores, tx, batch_stats=stats)
+    step = jax.jit(functools.partial(jj.engine.search_step, apply_fn=net.apply_fn, tx=tx))
+    for batch in scope["batches"]:
+        want, _ = step(want, params, batch)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.masks), want.masks)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+        jax.device_get(state.scores),
+        jax.device_get(want.scores),
+    )
