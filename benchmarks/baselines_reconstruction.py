@@ -67,16 +67,16 @@ def main() -> None:
     params = {"layer": {"kernel": w}}
     path = "layer/kernel"
 
-    stats = jj.init_stats({path: d})
+    stats = jj.baselines.init_stats({path: d})
     for batch in np.split(calibration, 4):
-        stats = jj.update_stats(stats, {path: batch}, chunk=256)
+        stats = jj.baselines.update_stats(stats, {path: batch}, chunk=256)
 
     rows = []
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
         budget = jj.layer_budgets(params, sparsity, rule="uniform", pattern=pattern)
-        magnitude = jj.magnitude_masks(params, budget)["layer"]["kernel"]
-        wanda = jj.wanda_masks(params, budget, stats)["layer"]["kernel"]
-        masks, weights = jj.sparsegpt_masks(params, budget, stats)
+        magnitude = jj.baselines.magnitude_masks(params, budget)["layer"]["kernel"]
+        wanda = jj.baselines.wanda_masks(params, budget, stats)["layer"]["kernel"]
+        masks, weights = jj.baselines.sparsegpt_masks(params, budget, stats)
         candidates = {
             "magnitude": w * np.asarray(magnitude),
             "wanda": w * np.asarray(wanda),

@@ -268,14 +268,14 @@ def model_programs(name: str, dtype: str, patterns, rates, programs, batch: int,
         jax.ShapeDtypeStruct((1, *shape), jnp.float32),
     )
     params, stats = variables["params"], variables.get("batch_stats", {})
-    apply_fn = jj.linen_apply(model)
+    apply_fn = jj.engine.linen_apply(model)
     kw = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, total_steps=1000)
     dense_tx = optax.chain(*sgd_links())
     if "dense" in programs:
-        state = jax.eval_shape(lambda p: jj.create_train_state(p, stats, dense_tx), params)
+        state = jax.eval_shape(lambda p: jj.engine.create_train_state(p, stats, dense_tx), params)
         yield (
             "dense",
-            lambda s, b: jj.train_step(s, b, apply_fn=apply_fn, tx=dense_tx),
+            lambda s, b: jj.engine.train_step(s, b, apply_fn=apply_fn, tx=dense_tx),
             (
                 state,
                 batch_shapes,
@@ -288,22 +288,22 @@ def model_programs(name: str, dtype: str, patterns, rates, programs, batch: int,
         if "no_refresh" in programs and pattern == patterns[0]:
             tx = optax.chain(*sgd_links(), frozen_masks(budget))
             state = jax.eval_shape(
-                lambda s, tx=tx: jj.create_search_state(s, tx, batch_stats=stats), scores
+                lambda s, tx=tx: jj.engine.create_search_state(s, tx, batch_stats=stats), scores
             )
             yield (
                 "no refresh",
-                lambda s, p, b, tx=tx: jj.search_step(s, p, b, apply_fn=apply_fn, tx=tx),
+                lambda s, p, b, tx=tx: jj.engine.search_step(s, p, b, apply_fn=apply_fn, tx=tx),
                 (state, params, batch_shapes),
             )
         for rate in rates:
             tx = jj.search_optimizer(budget, rate=rate, selection="batched", **kw)
             state = jax.eval_shape(
-                lambda s, tx=tx: jj.create_search_state(s, tx, batch_stats=stats), scores
+                lambda s, tx=tx: jj.engine.create_search_state(s, tx, batch_stats=stats), scores
             )
             if "search" in programs:
                 yield (
                     f"search {pattern} r={rate:g}",
-                    lambda s, p, b, tx=tx: jj.search_step(s, p, b, apply_fn=apply_fn, tx=tx),
+                    lambda s, p, b, tx=tx: jj.engine.search_step(s, p, b, apply_fn=apply_fn, tx=tx),
                     (state, params, batch_shapes),
                 )
             if "refresh" in programs and with_dtype_free:

@@ -42,7 +42,8 @@ from jax.sharding import PartitionSpec as P
 import jackpots_jax as jj
 from jackpots_jax import parallel
 from jackpots_jax.adapters import linen_apply
-from jackpots_jax.step import create_search_state, search_optimizer, search_step
+from jackpots_jax.restriction import search_optimizer
+from jackpots_jax.step import create_search_state, search_step
 
 INPUTS, CLASSES, SPARSITY = 64, 10, 0.9
 

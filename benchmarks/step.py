@@ -3,7 +3,7 @@
 Measures, on this machine and one device, with random data, for each model, compute dtype and
 batch size asked for:
   * `dense`: `step.train_step` with weight decay 5e-4 and SGD momentum 0.9;
-  * `search`: `step.search_step` with `step.search_optimizer` (weight decay 5e-4, SGD momentum
+  * `search`: `step.search_step` with `jj.search_optimizer` (weight decay 5e-4, SGD momentum
     0.9, short restriction at each constant `--rate`; rate 1 is the exact top-k refresh, a rate
     below 1 the restricted one) for each exact selection in `--selections` (`batched`: all
     leaves at once in a fixed number of radix passes, the accelerator default; `bracketed`:
@@ -46,11 +46,10 @@ import jackpots_jax as jj
 import jackpots_jax.select
 from jackpots_jax import models
 from jackpots_jax.adapters import linen_apply
-from jackpots_jax.restriction import ShortRestrictionState, refresh_masks
+from jackpots_jax.restriction import ShortRestrictionState, refresh_masks, search_optimizer
 from jackpots_jax.step import (
     create_search_state,
     create_train_state,
-    search_optimizer,
     search_step,
     train_step,
 )

@@ -23,7 +23,7 @@ code's top-1 test accuracies for ResNet-32 on CIFAR-100, weights never trained:
 
 This config is the 90% / 30-epoch cell. Report the final epoch's accuracy: choosing the best
 epoch by test accuracy, as the reference code did, leaks the test set.
-Prepare `cifar100` once with tfds (see the README, "Datasets").
+Prepare `cifar100` once with tfds (see `docs/configs.md`, "Data").
 
 Variants: `pretrain`, `tiny` and `tiny_pretrain` (a few steps on tiny data, for the tests).
 """

@@ -7,10 +7,8 @@ builds the dataset, pre-trains `fmnist_cnn` dense when the work directory has no
 evaluates the dense model and one-shot magnitude pruning at 90% sparsity (with and without
 re-estimating batch-norm statistics), searches the jackpot from the magnitude init with the
 paper's recipe (SGD 0.1, momentum 0.9, weight decay 5e-4 on the scores, cosine to 0, masks
-refreshed after every step), and writes `report.md` with plots. Measured: 5 min 58 s of wall time
-(dataset build included; 4 min 2 s of CPU time) on 2 AMD EPYC cores shared with other jobs (load
-average 3.8 to 6.5; the README gives the details). That run reached 92.60% dense, 90.90% for
-magnitude pruning with re-estimated BN statistics and 92.15% for the jackpot at 90% sparsity.
+refreshed after every step), and writes `report.md` with plots. What it measured, with the
+machine, date and results files: README and `docs/fidelity.md`.
 
 The paper's claim this reproduces in miniature (Zhang et al., TPAMI 2023, Fig. 1 and Table 1): a
 90%-sparse sub-network of the frozen pre-trained weights, found by searching only the mask, keeps

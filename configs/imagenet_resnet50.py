@@ -12,7 +12,7 @@ abstract: more than 70% at 90% with only 5-10 search epochs). The sparsity count
 only (the classifier stays dense): 90% of the conv weights is 82.8% of conv + fc. Report top-1
 and top-5 separately, at the final epoch: the reference code chose its "best" epoch by top-5.
 
-ImageNet must be downloaded by hand and prepared with tfds once (see the README, "Datasets"). A
+ImageNet must be downloaded by hand and prepared with tfds once (see `docs/configs.md`, "Data"). A
 `.pth` file needs PyTorch installed to be read; convert it once to `.safetensors` to drop that need.
 
 Variants: `tiny` and `tiny_pretrain` (ResNet-18 for a few steps on a few images, for the tests).

@@ -8,7 +8,7 @@ r"""A lottery jackpot in a pre-trained ViT-B/16 on ImageNet, from weights the us
 or big_vision (both trained with the tanh GELU: pass `gelu_approximate=True` as above), or a timm
 / Hugging Face `model.safetensors` of `vit_base_patch16_224` (exact GELU: leave it out); the
 layout is recognised from the keys and every mismatch is listed (`jackpots_jax.io.vit_weights`).
-The ImageNet copy is tfds' `imagenet2012` (see the README's Data section). These checkpoints were
+The ImageNet copy is tfds' `imagenet2012` (see `docs/configs.md`, "Data"). These checkpoints were
 trained on inputs scaled to [-1, 1] (vision_transformer, big_vision) or normalised by ImageNet's
 mean and standard deviation (timm); the input pipeline normalises by ImageNet's mean and standard
 deviation, so evaluate the dense model first (`--config.mode=evaluate`) and expect a gap for the

@@ -1,43 +1,38 @@
 """jackpots_jax: lottery jackpots (sparse masks over frozen pre-trained weights) in JAX.
 
-The library: pure functions of pytrees (`sparsity`, `masks`, `restriction`), the search engine
-over any model's apply function and any loss (`step`, `adapters`, `losses`, `parallel`), models
-(`models`), input pipelines (`data`) and file formats (`io`). The command line
-(`jackpots_jax.experiment`) is one user of it.
+In tiers, as optax is: the top level holds what a search needs, pure functions of pytrees
+(budgets, scores and masks, the short restriction and the paper's optimiser, reports);
+`jj.engine` holds the state of a search, its steps over any loss and the Linen / NNX adapters;
+`jj.losses` the loss functions the steps take; `jj.parallel` the meshes and the placement of
+(sharded) state for a loop of your own; `jj.schedules` the restriction's rate schedules;
+`jj.baselines` the one-shot masks (magnitude, Wanda, SparseGPT). Models
+(`jackpots_jax.models`), input pipelines (`.data`) and files (`.io`) are imported by name. The
+command line (`jackpots_jax.experiment`) is one user of the library.
 
 Example:
   >>> import jackpots_jax as jj
   >>> budget = jj.layer_budgets(params, sparsity=0.9, rule="global_magnitude")
   >>> scores, masks = jj.init_scores(params, budget, method="magnitude")
   >>> tx = jj.search_optimizer(budget, learning_rate=0.1, total_steps=total_steps)
-  >>> state = jj.create_search_state(scores, tx, batch_stats=batch_stats)
-  >>> state, metrics = jj.search_step(state, params, batch, apply_fn=jj.linen_apply(model), tx=tx)
+  >>> state = jj.engine.create_search_state(scores, tx, batch_stats=batch_stats)
+  >>> step = jj.parallel.fsdp_step(jj.engine.search_step, mesh=jj.parallel.make_mesh(fsdp=2),
+  ...                              apply_fn=jj.engine.linen_apply(model), tx=tx)
+  >>> state, metrics = step(state, params, batch)
 
 A language model: its loss per token, weighted (padding counts nowhere), called on the tokens:
-  >>> state, metrics = jj.search_step(state, params, batch, apply_fn=apply_fn, tx=tx,
-  ...                                 loss_fn=jj.losses.next_token(), inputs="inputs")
+  >>> state, metrics = jj.engine.search_step(state, params, batch, apply_fn=apply_fn, tx=tx,
+  ...                                        loss_fn=jj.losses.next_token(), inputs="inputs")
 
 Structured sparsity (N:M, blocks, channels; see `jackpots_jax.patterns`): make the budget with a
 pattern and use the same calls:
   >>> budget = jj.layer_budgets(params, 0.5, pattern="2:4")
 
-One-shot baselines at the same budgets (`jackpots_jax.baselines`): magnitude, Wanda, SparseGPT:
-  >>> stats = jj.update_stats(jj.init_stats({path: fan_in}), {path: inputs})
-  >>> masks, weights = jj.sparsegpt_masks(params, budget, stats)
+One-shot baselines at the same budgets (`jj.baselines`): magnitude, Wanda, SparseGPT:
+  >>> stats = jj.baselines.update_stats(jj.baselines.init_stats({path: fan_in}), {path: inputs})
+  >>> masks, weights = jj.baselines.sparsegpt_masks(params, budget, stats)
 """
 
-from jackpots_jax import losses
-from jackpots_jax.adapters import linen_apply, nnx_apply
-from jackpots_jax.baselines import (
-    CalibrationStats,
-    init_stats,
-    magnitude_masks,
-    sparsegpt,
-    sparsegpt_masks,
-    update_stats,
-    wanda_masks,
-)
-from jackpots_jax.losses import LossTerms
+from jackpots_jax import baselines, engine, losses, parallel
 from jackpots_jax.masks import (
     INIT_METHODS,
     apply_masks,
@@ -47,15 +42,16 @@ from jackpots_jax.masks import (
     masked_weights,
     topk_masks,
 )
-from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_batch
 from jackpots_jax.patterns import PATTERNS, Pattern, Structured
 from jackpots_jax.restriction import (
     ShortRestrictionState,
+    abs_rank_gradients,
     current_masks,
     first_order_check,
     refresh_masks,
     replace_masks,
     schedules,
+    search_optimizer,
     short_restriction,
 )
 from jackpots_jax.sparsity import (
@@ -66,66 +62,37 @@ from jackpots_jax.sparsity import (
     prunable_leaves,
     sparsity_report,
 )
-from jackpots_jax.step import (
-    SearchState,
-    TrainState,
-    bn_stats_step,
-    create_search_state,
-    create_train_state,
-    eval_step,
-    search_optimizer,
-    search_step,
-    train_step,
-)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationStats",
     "INIT_METHODS",
-    "LossTerms",
     "PATTERNS",
     "Pattern",
     "RULES",
-    "SearchState",
     "ShortRestrictionState",
-    "TrainState",
     "Structured",
+    "abs_rank_gradients",
     "apply_masks",
-    "bn_stats_step",
+    "baselines",
     "budget_sizes",
-    "create_search_state",
-    "create_train_state",
     "current_masks",
-    "data_parallel",
-    "eval_step",
+    "engine",
     "first_order_check",
     "format_sparsity_table",
     "init_scores",
-    "init_stats",
     "layer_budgets",
-    "magnitude_masks",
-    "linen_apply",
     "losses",
-    "make_mesh",
     "mask_churn",
     "mask_overlap",
     "masked_weights",
-    "nnx_apply",
+    "parallel",
     "prunable_leaves",
     "refresh_masks",
     "replace_masks",
-    "replicate",
     "schedules",
     "search_optimizer",
-    "search_step",
-    "shard_batch",
-    "sparsegpt",
-    "sparsegpt_masks",
     "short_restriction",
     "sparsity_report",
     "topk_masks",
-    "train_step",
-    "update_stats",
-    "wanda_masks",
 ]

@@ -26,7 +26,12 @@ Example:
   >>> params = replicate(params, mesh)  # the frozen weights, placed once
   >>> state, metrics = run(state, params, shard_batch(local_batch, mesh))
 
-  Sharded (FSDP) state over 8 devices, 4 shards of every leaf:
+  Sharded (FSDP) state over 8 devices, 4 shards of every leaf, placed by the step itself:
+  >>> mesh = make_mesh(fsdp=4)
+  >>> step = fsdp_step(search_step, mesh=mesh, donate_argnums=0, apply_fn=apply_fn, tx=tx)
+  >>> state, metrics = step(state, params, local_batch)
+
+  The same by hand:
   >>> mesh = make_mesh(fsdp=4)
   >>> tx = search_optimizer(budget, total_steps=n, layout=selection_layout(scores, mesh))
   >>> state = place(create_search_state(scores, tx, batch_stats=stats), mesh)
@@ -378,6 +383,20 @@ def place(tree: PyTree, mesh: Mesh, rules: Sequence[Rule] = (), shardings: PyTre
     return jax.tree.map(one, tree, shardings, is_leaf=is_none)
 
 
+def place_state(state: Any, mesh: Mesh, rules: Sequence[Rule] = ()) -> Any:
+    """A `SearchState` / `TrainState` laid out over the mesh, as the sharded steps expect.
+
+    Scores, optimiser state and masks (a train state's params) are split over `'fsdp'` as `place`
+    splits them; batch statistics, the step count and the PRNG key stay whole on every device.
+    """
+    shardings = fsdp_shardings(state, mesh, rules)
+    whole = NamedSharding(mesh, P())
+    fields = {"batch_stats": jax.tree.map(lambda _: whole, state.batch_stats), "step": whole}
+    if hasattr(state, "rng"):
+        fields["rng"] = whole
+    return place(state, mesh, shardings=shardings.replace(**fields))
+
+
 def selection_layout(
     scores: PyTree, mesh: Mesh, rules: Sequence[Rule] = ()
 ) -> select.Layout | None:
@@ -479,6 +498,55 @@ def _check_divisible(batch: PyTree, n: int) -> int:
     return size
 
 
+def fsdp_step(
+    step_fn: Callable[..., Any],
+    *,
+    mesh: Mesh,
+    rules: Sequence[Rule] = (),
+    donate_argnums: int | tuple[int, ...] = (),
+    **static: Any,
+) -> Callable[..., Any]:
+    """A jitted step over a `('data', 'fsdp')` mesh that places its own arguments: for your loop.
+
+    `run(state, *args, batch)`: the state is placed with `place_state`, every other argument but
+    the batch (the frozen params) with `place` (each leaf split over `'fsdp'` along its largest
+    divisible dimension; what is already placed passes through untouched), the batch (this
+    process's rows) with `shard_batch`; then the step runs under `sharded`. The state it returns
+    stays sharded, so the next call places nothing. Any mesh of `make_mesh`, `fsdp` 1 included.
+
+    For the batched selection to work on each device's shard (no leaf gathered), build the
+    optimiser with `layout=selection_layout(scores, mesh, rules)`.
+
+    Args:
+      step_fn: a per-device step, `step_fn(state, *args, batch, axis_name=None, **static)`
+        (`engine.search_step`, `engine.train_step`).
+      mesh: a mesh of `make_mesh(..., fsdp=n)`.
+      rules: `(path regex, dim or None)` overrides of the dimension each leaf is split along.
+      donate_argnums: the arguments whose buffers the step may reuse (the state: `0`).
+      **static: keyword arguments bound into `step_fn` (`apply_fn`, `tx`, ...).
+
+    Returns:
+      A callable `(state, *args, batch) -> outputs`.
+
+    Example:
+      >>> mesh = make_mesh(fsdp=4)
+      >>> tx = search_optimizer(budget, total_steps=n, layout=selection_layout(scores, mesh))
+      >>> step = fsdp_step(search_step, mesh=mesh, donate_argnums=0, apply_fn=apply_fn, tx=tx)
+      >>> for batch in batches:
+      ...   state, metrics = step(state, params, batch)
+    """
+    if set(mesh.axis_names) != set(AXES):
+        raise ValueError(f"the mesh must have axes {AXES} (make_mesh), got {mesh.axis_names}")
+    run = sharded(step_fn, mesh=mesh, donate_argnums=donate_argnums, **static)
+
+    def step(*args):
+        state, *rest, batch = args
+        rest = [place(a, mesh, rules) for a in rest]
+        return run(place_state(state, mesh, rules), *rest, shard_batch(batch, mesh))
+
+    return step
+
+
 def data_parallel(
     step_fn: Callable[..., Any],
     *,
@@ -527,8 +595,8 @@ def data_parallel(
     if axis_size(mesh, FSDP) > 1:
         raise ValueError(
             f"{backend} runs data parallelism only, but the mesh shards the state over "
-            f"'{FSDP}' ({axis_size(mesh, FSDP)} devices): use `sharded` (the 'jit' backend) for "
-            f"fsdp > 1"
+            f"'{FSDP}' ({axis_size(mesh, FSDP)} devices): use `fsdp_step` (or `sharded` on "
+            "arguments placed with `place`) for fsdp > 1"
         )
     fn = partial(step_fn, axis_name=AXIS, **static)
     n = mesh.devices.size

@@ -190,11 +190,41 @@ def refresh_masks(
     return rebuild(budget, out)
 
 
+def abs_rank_gradients() -> optax.GradientTransformation:
+    """The first link of a chain that ranks `|scores|`: the chain rule through the absolute value.
+
+    With `rank_by='abs'` (edge-popup) the masks are a function of `|S|`, so the straight-through
+    gradient `dL/d(W*M) * W` is the gradient with respect to `|S|`; the gradient with respect to
+    `S` is that times `sign(S)` (what edge-popup's code computes through `scores.abs()`). It must
+    be applied before weight decay and momentum see the gradient, hence first in the chain;
+    without it a negative score moves the wrong way. `short_restriction(rank_by='abs')` refuses
+    to be built unless the caller says the chain starts with it (`sign_corrected=True`).
+
+    Returns:
+      An `optax.GradientTransformation`; call `update(grads, state, scores)`.
+
+    Example:
+      >>> tx = optax.chain(abs_rank_gradients(), optax.sgd(0.1, momentum=0.9),
+      ...                  short_restriction(budget, rank_by="abs", sign_corrected=True))
+    """
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "ranking by |score| needs the scores: call update(grads, state, scores)"
+            )
+        signed = jax.tree.map(lambda g, s: g * jnp.sign(s).astype(g.dtype), updates, params)
+        return signed, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def short_restriction(
     budget: PyTree,
     rate: float | Schedule = 1.0,
     rank_by: str = "score",
     *,
+    sign_corrected: bool = False,
     selection: str = "auto",
     layout: select.Layout | None = None,
 ) -> optax.GradientTransformation:
@@ -209,12 +239,18 @@ def short_restriction(
       budget: pruned counts from `layer_budgets`.
       rate: a number in [0, 1] or a schedule (see `schedules`) of the step count.
       rank_by: `'score'` (signed; the reference code) or `'abs'` (edge-popup).
+      sign_corrected: with `rank_by='abs'`, must be True: the caller's chain starts with
+        `abs_rank_gradients()` (as `search_optimizer` does). Ranking `|S|` without that
+        correction descends the wrong way on every negative score, so it is refused.
       selection: `'auto'`, `'batched'` or `'bracketed'` (see `topk_masks`; same masks).
       layout: where the batched selection processes each leaf of sharded scores (see
         `topk_masks`; `parallel` makes it from the scores' shardings); same masks.
 
     Returns:
       An `optax.GradientTransformation`; read its masks with `current_masks(opt_state)`.
+
+    Raises:
+      ValueError: `rank_by='abs'` without `sign_corrected=True`.
 
     Example:
       >>> tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9),
@@ -226,6 +262,13 @@ def short_restriction(
     """
     if rank_by not in RANK_BY:
         raise ValueError(f"unknown `rank_by` {rank_by!r}; allowed: {', '.join(RANK_BY)}")
+    if rank_by == "abs" and not sign_corrected:
+        raise ValueError(
+            "short_restriction(rank_by='abs') ranks |scores|, so the gradient of the scores must "
+            "be multiplied by sign(scores) before the optimizer sees it: start the chain with "
+            "abs_rank_gradients() and pass sign_corrected=True, or use "
+            "search_optimizer(..., rank_by='abs'), which does both"
+        )
     schedule, always_full = _as_schedule(rate)
     select.resolve(selection)
 
@@ -381,3 +424,65 @@ def first_order_check(
         return updates, replace_masks(state, masks)
 
     return optax.GradientTransformation(tx.init, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's search optimiser.
+
+
+def search_optimizer(
+    budget: PyTree,
+    *,
+    learning_rate: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    total_steps: int,
+    rate: float | Schedule | None = None,
+    rank_by: str = "score",
+    selection: str = "auto",
+    layout: Any = None,
+) -> optax.GradientTransformation:
+    """The paper's search optimiser of the scores, ending in the short restriction.
+
+    `add_decayed_weights(weight_decay)` -> `sgd(cosine_decay(learning_rate, total_steps),
+    momentum, nesterov=False)` -> `short_restriction(budget, rate)`: weight decay coupled to the
+    gradient as in PyTorch's SGD, no warm-up, the learning rate decayed to 0 over the search.
+    With `rank_by='abs'` (edge-popup) the chain starts with `abs_rank_gradients()`.
+
+    Args:
+      budget: pruned counts from `layer_budgets`.
+      learning_rate: peak learning rate; decays to 0 with a cosine over `total_steps`.
+      momentum: SGD momentum (no Nesterov).
+      weight_decay: decay added to the score gradients (coupled, as in PyTorch SGD).
+      total_steps: the number of search steps.
+      rate: the short-restriction rate, a number in [0, 1] or a schedule; `None` means 1 (every
+        proposed swap is made, i.e. exact per-layer top-k after each step).
+      rank_by: `'score'` (signed) or `'abs'`.
+      selection, layout: how the restriction selects (see `short_restriction`); the same masks
+        whatever they are.
+
+    Returns:
+      An `optax.GradientTransformation`; call `update(grads, state, scores)`.
+
+    Example:
+      >>> tx = search_optimizer(budget, learning_rate=0.1, total_steps=1000)
+      >>> opt_state = tx.init(scores)
+    """
+    links = [abs_rank_gradients()] if rank_by == "abs" else []
+    return optax.chain(
+        *links,
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(
+            optax.cosine_decay_schedule(learning_rate, total_steps),
+            momentum=momentum,
+            nesterov=False,
+        ),
+        short_restriction(
+            budget,
+            rate=1.0 if rate is None else rate,
+            rank_by=rank_by,
+            sign_corrected=True,
+            selection=selection,
+            layout=layout,
+        ),
+    )

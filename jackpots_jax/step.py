@@ -52,7 +52,7 @@ from jax import lax
 from jackpots_jax.adapters import ApplyFn, linen_apply, nnx_apply
 from jackpots_jax.losses import LossFn, classification, cross_entropy
 from jackpots_jax.masks import apply_masks, mask_churn, masked_weights
-from jackpots_jax.restriction import Schedule, current_masks, short_restriction
+from jackpots_jax.restriction import current_masks, search_optimizer
 
 __all__ = [
     "SearchState",
@@ -111,77 +111,6 @@ class TrainState:
     params: PyTree
     batch_stats: PyTree
     opt_state: PyTree
-
-
-def search_optimizer(
-    budget: PyTree,
-    *,
-    learning_rate: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    total_steps: int,
-    rate: float | Schedule | None = None,
-    rank_by: str = "score",
-    selection: str = "auto",
-    layout: Any = None,
-) -> optax.GradientTransformation:
-    """The paper's search optimiser of the scores, ending in the short restriction.
-
-    `add_decayed_weights(weight_decay)` -> `sgd(cosine_decay(learning_rate, total_steps),
-    momentum, nesterov=False)` -> `short_restriction(budget, rate)`: weight decay coupled to the
-    gradient as in PyTorch's SGD, no warm-up, the learning rate decayed to 0 over the search.
-
-    With `rank_by='abs'` (edge-popup) the masks are a function of `|S|`, so the straight-through
-    gradient `dL/d(W*M) * W` is the gradient with respect to `|S|`, and the chain rule through
-    the absolute value makes it `sign(S) * dL/d(W*M) * W` (what edge-popup's code computes):
-    the chain starts with that multiplication. Without it a negative score moves the wrong way.
-
-    Args:
-      budget: pruned counts from `layer_budgets`.
-      learning_rate: peak learning rate; decays to 0 with a cosine over `total_steps`.
-      momentum: SGD momentum (no Nesterov).
-      weight_decay: decay added to the score gradients (coupled, as in PyTorch SGD).
-      total_steps: the number of search steps.
-      rate: the short-restriction rate, a number in [0, 1] or a schedule; `None` means 1 (every
-        proposed swap is made, i.e. exact per-layer top-k after each step).
-      rank_by: `'score'` (signed) or `'abs'`.
-      selection, layout: how the restriction selects (see `short_restriction`); the same masks
-        whatever they are.
-
-    Returns:
-      An `optax.GradientTransformation`; call `update(grads, state, scores)`.
-    """
-    links = [_through_abs()] if rank_by == "abs" else []
-    return optax.chain(
-        *links,
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(
-            optax.cosine_decay_schedule(learning_rate, total_steps),
-            momentum=momentum,
-            nesterov=False,
-        ),
-        short_restriction(
-            budget,
-            rate=1.0 if rate is None else rate,
-            rank_by=rank_by,
-            selection=selection,
-            layout=layout,
-        ),
-    )
-
-
-def _through_abs() -> optax.GradientTransformation:
-    """Multiplies the gradients by `sign(scores)`: the chain rule through `|S|`."""
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "ranking by |score| needs the scores: call update(grads, state, scores)"
-            )
-        signed = jax.tree.map(lambda g, s: g * jnp.sign(s).astype(g.dtype), updates, params)
-        return signed, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def create_search_state(

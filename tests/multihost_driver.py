@@ -42,7 +42,8 @@ def fsdp_run(search, pid: int, rows: int) -> dict:
     from test_step import batches
 
     from jackpots_jax import parallel
-    from jackpots_jax.step import search_optimizer, search_step
+    from jackpots_jax.restriction import search_optimizer
+    from jackpots_jax.step import search_step
 
     mesh = parallel.make_mesh(fsdp=jax.device_count())
     # The same optimiser as `setup(**SETUP)`, its exact selection told where the shards are.

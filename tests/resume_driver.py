@@ -29,7 +29,8 @@ import jackpots_jax as jj
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment.loop import Hook, train_loop
 from jackpots_jax.io.checkpoints import Checkpointer, fingerprint
-from jackpots_jax.step import create_search_state, linen_apply, search_optimizer, search_step
+from jackpots_jax.restriction import search_optimizer
+from jackpots_jax.step import create_search_state, linen_apply, search_step
 
 
 def build_search(steps: int, seed: int = 0):

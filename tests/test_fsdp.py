@@ -20,7 +20,8 @@ import pytest
 
 import jackpots_jax as jj
 from jackpots_jax import models, parallel
-from jackpots_jax.step import create_search_state, search_optimizer, search_step
+from jackpots_jax.restriction import search_optimizer
+from jackpots_jax.step import create_search_state, search_step
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 STEPS = 20

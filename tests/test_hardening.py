@@ -25,7 +25,7 @@ from jackpots_jax import main as cli
 from jackpots_jax import models
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import config as config_lib
-from jackpots_jax.experiment import context, modes, studies
+from jackpots_jax.experiment import context, modes, recipes, studies
 from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.experiment.loop import Interrupted, Terminated, raise_terminated, train_loop
@@ -78,7 +78,7 @@ def test_one_in_three_accepts_the_sparsity_it_prints_and_runs_at_two_thirds():
     c = config_lib.base_config()
     c.search.pattern, c.search.sparsity = "1:3", 0.666667
     config_lib.check(c, num_devices=1, modes=tuple(modes.MODES))
-    assert modes._search_recipe(c).sparsity == 2 / 3
+    assert recipes.search_recipe(c).sparsity == 2 / 3
 
 
 def fmnist_cnn_params():
@@ -187,7 +187,7 @@ def test_study_fields_are_checked_and_named_up_front():
     one = studies.Studies.__new__(studies.Studies)
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), fmnist_cnn_params())
     params["conv1"]["kernel"] = params["conv1"]["kernel"] * 1e-3
-    one.plan, one.base, one.params = plan, modes._search_recipe(c), params
+    one.plan, one.base, one.params = plan, recipes.search_recipe(c), params
     one.ctx = types.SimpleNamespace(network=models.network("fmnist_cnn", 10))
     with pytest.raises(ConfigError) as e:
         one.check_budgets()

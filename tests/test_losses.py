@@ -284,7 +284,7 @@ def test_token_loss_metrics_and_eval_are_exact_across_8_devices():
     scores, _ = jj.init_scores(params, budget, "kaiming", key=jax.random.PRNGKey(4))
     tx = jj.search_optimizer(budget, learning_rate=50.0, total_steps=4)
     search = partial(search_step, tx=tx, **kw)
-    s1 = jj.create_search_state(scores, tx)
+    s1 = jj.engine.create_search_state(scores, tx)
     s8 = replicate(s1, mesh)
     step8 = data_parallel(search, mesh=mesh, donate_argnums=0)
     for _ in range(2):

@@ -203,9 +203,9 @@ def test_adamw_pretrain_recipe_warms_up_and_decays_kernels_only():
     position embedding; clipping is the outermost link."""
     import jax.numpy as jnp
 
-    from jackpots_jax.experiment import phases
+    from jackpots_jax.experiment import recipes
 
-    recipe = phases.TrainRecipe(
+    recipe = recipes.TrainRecipe(
         epochs=2,
         batch_size=16,
         learning_rate=1e-3,
@@ -243,20 +243,20 @@ def test_vit_2of4_budget_groups_along_each_kernels_input_axis(tmp_path):
     embedding (1 input channel) is held dense; the export writes the N:M file."""
     import jackpots_jax as jj
     from jackpots_jax import models
-    from jackpots_jax.experiment import phases
+    from jackpots_jax.experiment import recipes
     from jackpots_jax.io.export import export_jackpot
 
     net = models.network("vit_fmnist", 10, **TINY)
     params, stats = net.init(jax.random.key(0))
-    recipe = phases.SearchRecipe(
+    recipe = recipes.SearchRecipe(
         *(0.5, "global_magnitude", None, "magnitude", 0.01, 1, 0, 16, 0.1, 0.9, 5e-4, 0.0),
         augment=False,
         rank_by="score",
-        rate=phases.RateRecipe("constant", 1.0, 1.0),
+        rate=recipes.RateRecipe("constant", 1.0, 1.0),
         pattern="2:4",
         indivisible="dense",
     )
-    budget = recipe.budget(params, net.spec.dense, dict(net.spec.input_axes))
+    budget = recipe.budget(params, net.spec)
     _, masks = jj.init_scores(params, budget, "magnitude")
     flat_masks = {n: np.asarray(m) for n, m in jj._tree.named_leaves(masks) if m is not None}
     assert sorted(flat_masks) == sorted(MASKED[1:])

@@ -380,7 +380,8 @@ def test_unknown_dtype_is_an_error():
 
 def test_bfloat16_search_keeps_exact_counts_and_float32_state():
     """A few search steps of the bf16 CNN: masks keep the budget; scores and state stay float32."""
-    from jackpots_jax.step import create_search_state, linen_apply, search_optimizer, search_step
+    from jackpots_jax.restriction import search_optimizer
+    from jackpots_jax.step import create_search_state, linen_apply, search_step
 
     model = models.create("fmnist_cnn", 10, dtype=jnp.bfloat16)
     rng = np.random.default_rng(0)

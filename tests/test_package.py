@@ -1,50 +1,28 @@
-"""The package's layout: the library never imports the runner; the old module names still work."""
+"""The package's layout: the library never imports the runner; no module is left at an old name."""
 
 import ast
-import importlib
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from jackpots_jax.experiment import config, modes
-from jackpots_jax.io import checkpoints, export, weights
-
-ALIASES = {
-    "jackpots_jax.convert": (weights, ["import_checkpoint", "export_state_dict", "to_flax"]),
-    "jackpots_jax.checkpoints": (checkpoints, ["Checkpointer", "fingerprint"]),
-    "jackpots_jax.config_schema": (config, ["base_config", "ConfigError", "cifar_recipe"]),
-    "jackpots_jax.train": (modes, ["train_and_evaluate"]),
-}
+OLD_NAMES = ("train", "checkpoints", "convert", "config_schema")
 
 
-@pytest.mark.parametrize("name", sorted(ALIASES))
-def test_old_module_warns_and_reexports_the_new_home(name):
-    sys.modules.pop(name, None)
-    with pytest.warns(DeprecationWarning, match=name.replace(".", r"\.") + " is deprecated"):
-        old = importlib.import_module(name)
-    home, names = ALIASES[name]
-    for attr in names:
-        assert getattr(old, attr) is getattr(home, attr), attr
-
-
-def test_one_mismatch_error_and_one_masks_reader():
-    sys.modules.pop("jackpots_jax.checkpoints", None)
-    with pytest.warns(DeprecationWarning):
-        old = importlib.import_module("jackpots_jax.checkpoints")
-    assert old.CheckpointMismatchError is weights.CheckpointMismatchError
-    assert old.masks_from_npz is export.masks_from_npz
+@pytest.mark.parametrize("name", OLD_NAMES)
+def test_the_old_top_level_modules_are_gone(name):
+    """Their contents live in `experiment` and `io`; the package top holds only the library."""
+    assert not (ROOT / f"{name}.py").exists()
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "jackpots_jax"
-# The runner: the experiment package, the command line, and the old names of runner modules.
-RUNNER = ("jackpots_jax.experiment", "jackpots_jax.main", "jackpots_jax.train",
-          "jackpots_jax.config_schema")  # fmt: skip
+# The runner: the experiment package and the command line.
+RUNNER = ("jackpots_jax.experiment", "jackpots_jax.main")
 
 
 def library_files():
-    runner_files = {"main.py", "train.py", "config_schema.py"}
+    runner_files = {"main.py"}
     for path in sorted(ROOT.rglob("*.py")):
         relative = path.relative_to(ROOT)
         if relative.parts[0] != "experiment" and str(relative) not in runner_files:

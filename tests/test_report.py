@@ -251,7 +251,7 @@ def test_plots_are_valid_pngs(tmp_path):
 def _drawn(monkeypatch):
     """The figures the plot functions draw, kept instead of written."""
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or str(path))
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or str(path))
     return figures
 
 

@@ -264,7 +264,7 @@ def _tiny():
 
 def test_wanda_and_snip_scores_by_hand():
     model, params, budget, batch = _tiny()
-    apply_fn = jj.linen_apply(model)
+    apply_fn = jj.engine.linen_apply(model)
     wanda = criteria.wanda_scores(model, params, {}, [batch, batch], budget)
     # Wanda by hand: the conv's input is the image; the dense layer's input is the conv output.
     x = np.asarray(batch["image"])
@@ -309,8 +309,8 @@ def test_criteria_over_the_runs_devices_match_one_device(backend, data, fsdp):
     # The studies compute snip and wanda over the run's mesh (as its searches run); the sums over
     # the batch's shards are the one-device figures, themselves checked by hand above.
     model, params, budget, batch = _tiny()
-    apply_fn = jj.linen_apply(model)
-    mesh = jj.make_mesh(data * fsdp, fsdp=fsdp)
+    apply_fn = jj.engine.linen_apply(model)
+    mesh = jj.parallel.make_mesh(data * fsdp, fsdp=fsdp)
     devices = Devices(mesh, backend)
     for name in ("snip", "wanda"):
         kwargs = dict(apply_fn=apply_fn, module=model, batches=[batch, batch])
@@ -339,9 +339,9 @@ def test_masked_fine_tuning_moves_only_the_kept_weights():
     _, masks = jj.init_scores(params, budget, "magnitude")
     masked = jj.apply_masks(params, masks)
     tx = optax.sgd(0.5, momentum=0.9)
-    state = jj.create_train_state(masked, {}, tx)
+    state = jj.engine.create_train_state(masked, {}, tx)
     step = jax.jit(
-        lambda s, m, b: masked_train_step(s, m, b, apply_fn=jj.linen_apply(model), tx=tx)
+        lambda s, m, b: masked_train_step(s, m, b, apply_fn=jj.engine.linen_apply(model), tx=tx)
     )
     for _ in range(3):
         state, metrics = step(state, masks, batch)

@@ -91,9 +91,10 @@ SLOW = {"vgg19-reference-masked", "resnet50-torchvision", "resnet50-reference-ma
 
 
 def case_params():
-    for case in CASES:
-        marks = [pytest.mark.slow] if case in SLOW else []
-        yield pytest.param(case, id=case, marks=marks)
+    return [
+        pytest.param(case, id=case, marks=[pytest.mark.slow] if case in SLOW else [])
+        for case in CASES
+    ]
 
 
 @pytest.mark.parametrize("case", case_params())

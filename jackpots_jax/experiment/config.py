@@ -72,8 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
         schedule fields changed since its checkpoint, e.g. `search.epochs` or
         `search.learning_rate`, is an error unless this is True; then it continues under the new
         schedule).
-      parallel: `backend` (`shard_map` or `pmap`: data parallelism; `jit`: XLA partitions the
-        step from the shardings of its arguments, needed for `fsdp` > 1), `num_devices` (0: all),
+      parallel: `backend` (`auto`, the default: `jit` when `fsdp` > 1, else `shard_map`;
+        `shard_map` or `pmap`: data parallelism; `jit`: XLA partitions the step from the
+        shardings of its arguments, needed for `fsdp` > 1), `num_devices` (0: all),
         `fsdp` (devices each leaf of params, scores, optimiser state and masks is sharded over; 1:
         every device holds all of it), `data` (the batch axis; 0: `num_devices / fsdp`), `rules`
         (`'pattern=dim'` overrides of the dimension a leaf is sharded along, e.g.
@@ -158,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.allow_schedule_change = False
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.backend = "shard_map"
+    c.parallel.backend = "auto"
     c.parallel.num_devices = 0
     c.parallel.data = 0
     c.parallel.fsdp = 1
@@ -261,7 +262,7 @@ def check(
     _int("eval.every_epochs", c.eval.every_epochs, 0)
     _int("checkpoint.every_steps", c.checkpoint.every_steps, 1)
     _int("checkpoint.keep", c.checkpoint.keep, 1)
-    _choice("parallel.backend", c.parallel.backend, tuple(BACKENDS))
+    _choice("parallel.backend", c.parallel.backend, ("auto", *BACKENDS))
     _int("parallel.num_devices", c.parallel.num_devices, 0)
     fsdp = _int("parallel.fsdp", c.parallel.fsdp, 1)
     data_size = _int("parallel.data", c.parallel.data, 0)
@@ -274,12 +275,12 @@ def check(
             f"0 (all devices not on 'fsdp') or {num_devices // fsdp}: parallel.data x "
             f"parallel.fsdp must be the {num_devices} device(s) the job runs on",
         )
-    if fsdp > 1 and c.parallel.backend != "jit":
+    if fsdp > 1 and c.parallel.backend not in ("auto", "jit"):
         _fail(
             "parallel.backend",
             c.parallel.backend,
-            f"'jit' when `parallel.fsdp` is {fsdp}: pmap and shard_map run data parallelism "
-            "only; sharded state runs under jit (--config.parallel.backend=jit)",
+            f"'auto' or 'jit' when `parallel.fsdp` is {fsdp}: pmap and shard_map run data "
+            "parallelism only; sharded state runs under jit",
         )
     parse_rules(c.parallel.rules)
     _choice("search.selection", s.selection, tuple(SELECTIONS))

@@ -1,8 +1,8 @@
 """What every phase of a run shares: the model, the data, the devices, the logs, the files.
 
 `Context` is built once from the config by `experiment.modes`; it holds no config. With it come
-the run's files: the pre-trained weights (`load_weights`, `save_weights`, `random_variables`) and
-`results.json` (`record_result`, `results`).
+the run's files: the pre-trained weights (`pretrained`, `load_weights`, `save_weights`,
+`random_variables`) and `results.json` (`record_result`, `results`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jackpots_jax import models, parallel
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.io import weights as weights_io
-from jackpots_jax.io.checkpoints import Checkpointer
+from jackpots_jax.io.checkpoints import Checkpointer, fingerprint
 from jackpots_jax.io.errors import FileContentError
 from jackpots_jax.io.files import read_json_file, write_json
 
@@ -122,12 +122,7 @@ class Devices:
         """
         if self.backend != "jit":
             return state
-        shardings = parallel.fsdp_shardings(state, self.mesh, self.rules)
-        whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        fields = {"batch_stats": jax.tree.map(lambda _: whole, state.batch_stats), "step": whole}
-        if hasattr(state, "rng"):
-            fields["rng"] = whole
-        return parallel.place(state, self.mesh, shardings=shardings.replace(**fields))
+        return parallel.place_state(state, self.mesh, self.rules)
 
     def layout(self, scores: PyTree):
         """Where the batched selection processes the scores' shards (`None`: not sharded)."""
@@ -236,6 +231,18 @@ def load_weights(ctx: Context, path: str) -> tuple[dict[str, PyTree], PyTree | N
             "diverged)"
         )
     return variables, masks
+
+
+def pretrained(ctx: Context, weights: Any) -> tuple[dict[str, PyTree], PyTree | None, str]:
+    """The pre-trained variables a `recipes.WeightsRecipe` names, their masks (or None) and their
+    fingerprint; random variables from `weights.seed + 1` when `weights.random` asks for them."""
+    if weights.random:
+        logging.warning("searching random weights on purpose (weights.random=True)")
+        variables, masks = random_variables(ctx, weights.seed + 1), None
+    else:
+        variables, masks = load_weights(ctx, weights.path)
+    variables = jax.device_get(variables)
+    return variables, masks, fingerprint(variables["params"])
 
 
 def save_weights(ctx: Context, variables: PyTree, path: str) -> None:

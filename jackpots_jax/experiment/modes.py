@@ -1,8 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the modes of the command line, as a table.
 
-The config is read here, once: each mode turns the fields it needs into plain arguments of the
-phases (`experiment.phases`) and nothing below it sees the config. Adding a mode is one function
-`run_<mode>(ctx, config)` and one entry in `MODES`.
+Each mode reads the config through `experiment.recipes` (the config once into plain values) and
+calls the phases (`experiment.phases`) with them; nothing below it sees the config. Adding a mode
+is one function `run_<mode>(ctx, config)` and one entry in `MODES`.
 
 Modes (`config.mode`):
 
@@ -43,16 +43,16 @@ from absl import logging
 from jackpots_jax import data, models, parallel
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import config as config_lib
-from jackpots_jax.experiment import context, phases, report
+from jackpots_jax.experiment import context, phases, recipes, report, studies
 from jackpots_jax.experiment import workdir as workdir_lib
 from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.experiment.logs import MetricsLog
-from jackpots_jax.io.checkpoints import fingerprint
 from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
 from jackpots_jax.io.export import BATCH_STATS, batch_stats_from_npz, masks_from_npz
 from jackpots_jax.io.files import read_json_file, write_json
 from jackpots_jax.masks import init_scores
+from jackpots_jax.patterns import Pattern
 from jackpots_jax.sparsity import prunable_leaves
 
 PyTree = Any
@@ -61,21 +61,6 @@ Config = ml_collections.ConfigDict
 
 # ---------------------------------------------------------------------------------------------
 # From the config to plain arguments.
-
-
-def _train_recipe(config: Config) -> phases.TrainRecipe:
-    p = config.pretrain
-    return phases.TrainRecipe(**{f.name: p[f.name] for f in dataclasses.fields(phases.TrainRecipe)})
-
-
-def _search_recipe(config: Config) -> phases.SearchRecipe:
-    s = config.search
-    rate = phases.RateRecipe(s.rate.schedule, s.rate.value, s.rate.power)
-    fields = {
-        f.name: s[f.name] for f in dataclasses.fields(phases.SearchRecipe) if f.name != "rate"
-    }
-    fields["sparsity"] = config_lib.pattern_sparsity(s.pattern, s.sparsity)
-    return phases.SearchRecipe(**fields, rate=rate)
 
 
 def _context(config: Config, workdir: str, num_devices: int) -> Context:
@@ -125,7 +110,7 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
         ),
         devices=context.Devices(
             mesh,
-            config.parallel.backend,
+            recipes.backend(config),
             config_lib.parse_rules(config.parallel.rules),
             config.search.selection,
         ),
@@ -139,25 +124,15 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     )
 
 
-def _weights_path(ctx: Context, config: Config) -> str:
-    return config.weights.path or os.path.join(ctx.workdir, context.PRETRAINED)
-
-
 def _weights(ctx: Context, config: Config) -> tuple[dict[str, PyTree], PyTree | None, str]:
     """The pre-trained variables the config names, their masks (or None), their fingerprint."""
-    if config.weights.random:
-        logging.warning("searching random weights on purpose (weights.random=True)")
-        variables, masks = context.random_variables(ctx, config.seed + 1), None
-    else:
-        variables, masks = context.load_weights(ctx, _weights_path(ctx, config))
-    variables = jax.device_get(variables)
-    return variables, masks, fingerprint(variables["params"])
+    return context.pretrained(ctx, recipes.weights_recipe(config, ctx.workdir))
 
 
 def _pattern_note(config: Config) -> str:
     """`', pattern 2:4'` (and the leaves it leaves dense) for a structured search; else `''`."""
     s = config.search
-    if not phases.Pattern.parse(s.pattern).structured:
+    if not Pattern.parse(s.pattern).structured:
         return ""
     held = ", leaves it does not fit held dense" if s.indivisible == "dense" else ""
     return f", pattern {s.pattern}{held}"
@@ -170,11 +145,12 @@ def _check_search_fits(ctx: Context, config: Config) -> None:
     which a pattern fits, depends on their shapes only (a structured pattern is checked with the
     `uniform` rule; the rule changes counts, not which leaves a pattern fits).
     """
-    recipe = _search_recipe(config)
+    recipe = dataclasses.replace(recipes.search_recipe(config), rule="uniform")
     params = ctx.network.abstract_variables()["params"]
-    if phases.Pattern.parse(recipe.pattern).structured:
+    structured = Pattern.parse(recipe.pattern).structured
+    if structured:
         try:
-            budget = phases.search_budget(ctx, params, dataclasses.replace(recipe, rule="uniform"))
+            budget = recipe.budget(params, ctx.network.spec)
         except ValueError as e:
             raise ConfigError(
                 f"config field `search.pattern` is {recipe.pattern!r} with `search.indivisible` "
@@ -189,7 +165,7 @@ def _check_search_fits(ctx: Context, config: Config) -> None:
         dense_note = (
             f"`search.indivisible`='dense' holds every leaf the pattern {recipe.pattern!r} does "
             "not fit dense"
-            if phases.Pattern.parse(recipe.pattern).structured
+            if structured
             else f"`search.dense`={recipe.dense!r} holds every kernel dense"
         )
         raise ConfigError(
@@ -287,8 +263,9 @@ def _masks_to_evaluate(ctx: Context, config: Config, params: PyTree, weights_fin
         logging.warning("%s (search.allow_empty_layers=True)", message)
     saved = summary.get("weights_fingerprint")
     if saved is not None and saved != weights_fingerprint:
+        weights_path = recipes.weights_recipe(config, ctx.workdir).path
         message = (
-            f"{where} was searched over other weights than {_weights_path(ctx, config)} "
+            f"{where} was searched over other weights than {weights_path} "
             f"(`weights.path`): its {summary_path} records the weights fingerprint {saved}, these "
             f"weights have {weights_fingerprint}; a jackpot means nothing on other weights"
         )
@@ -320,7 +297,7 @@ def run_evaluate(ctx: Context, config: Config) -> None:
             "jackpot's accuracy is reproduced only with the batch_stats.npz exported with its "
             "masks (set `--config.weights.batch_stats`)",
             config.weights.masks,
-            _weights_path(ctx, config),
+            recipes.weights_recipe(config, ctx.workdir).path,
             BATCH_STATS,
         )
     sparsity = 0.0 if masks is None else phases.masks_sparsity(masks, params)
@@ -331,7 +308,7 @@ def run_evaluate(ctx: Context, config: Config) -> None:
 def _prune(ctx: Context, config: Config, variables: PyTree) -> PyTree:
     """Magnitude pruning at the search budget, no search: evaluated with and without BN re-est."""
     params, stats = variables["params"], variables["batch_stats"]
-    budget = phases.search_budget(ctx, params, _search_recipe(config))
+    budget = recipes.search_recipe(config).budget(params, ctx.network.spec)
     _, masks = init_scores(params, budget, "magnitude")
     sparsity = phases.masks_sparsity(masks, params)
     result = phases.evaluate(ctx, params, stats, masks)
@@ -374,7 +351,7 @@ def run_prune(ctx: Context, config: Config) -> None:
 
 def _search(ctx: Context, config: Config, variables: PyTree, weights_fingerprint: str):
     """The search, its evaluation and its export; returns the final state."""
-    recipe = _search_recipe(config)
+    recipe = recipes.search_recipe(config)
     params = variables["params"]
     state, budget = phases.search(
         ctx,
@@ -417,7 +394,7 @@ def run_export(ctx: Context, config: Config) -> None:
         ctx,
         variables["params"],
         variables["batch_stats"],
-        _search_recipe(config),
+        recipes.search_recipe(config),
         fingerprint=weights_fingerprint,
     )
     phases.export(
@@ -434,17 +411,18 @@ def run_export(ctx: Context, config: Config) -> None:
 def _pretrain(ctx: Context, config: Config) -> dict[str, PyTree]:
     return phases.pretrain(
         ctx,
-        _train_recipe(config),
+        recipes.train_recipe(config),
         seed=config.seed,
         allow_schedule_change=config.checkpoint.allow_schedule_change,
     )
 
 
 def run_jackpot(ctx: Context, config: Config) -> None:
-    recipe = _search_recipe(config)
-    if not config.weights.random and not os.path.exists(_weights_path(ctx, config)):
-        if config.weights.path:
-            _weights(ctx, config)  # raises: the named file is missing
+    recipe = recipes.search_recipe(config)
+    weights = recipes.weights_recipe(config, ctx.workdir)
+    if weights.missing():
+        if weights.named:
+            context.pretrained(ctx, weights)  # raises: the named file is missing
         # What can be checked on the model's shapes alone is checked before pre-training.
         shape = tuple(ctx.data.info.image_shape)
         recipe.check_dense(
@@ -452,9 +430,9 @@ def run_jackpot(ctx: Context, config: Config) -> None:
         )
         logging.info("no pre-trained weights in %s: pre-training first", ctx.workdir)
         _pretrain(ctx, config)
-    variables, _, weights_fingerprint = _weights(ctx, config)
+    variables, _, weights_fingerprint = context.pretrained(ctx, weights)
     params, stats = variables["params"], variables["batch_stats"]
-    recipe.budget(params, ctx.network.spec.dense)  # its errors before any evaluation
+    recipe.budget(params, ctx.network.spec)  # its errors before any evaluation
     dense = phases.evaluate(ctx, params, stats, None)
     context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
     magnitude = _prune(ctx, config, variables)
@@ -474,8 +452,6 @@ def run_jackpot(ctx: Context, config: Config) -> None:
 
 
 def run_studies(ctx: Context, config: Config) -> None:
-    from jackpots_jax.experiment import studies  # it builds on this module's readers
-
     studies.run(ctx, config)
 
 

@@ -1,8 +1,8 @@
 """The phases of a run: pre-training, evaluation, BN re-estimation, the search, the export.
 
 Each phase is a function of a `Context` (`experiment.context`: what every phase of a run shares)
-and plain arguments: recipes (`TrainRecipe`, `SearchRecipe`), seeds, weights. The modes
-(`experiment.modes`) read the config and call them.
+and plain arguments: recipes (`experiment.recipes`: the config read once), seeds, weights. The
+modes (`experiment.modes`) and the studies call them.
 
 Random streams, all from the run's one seed `s`: dense initialisation and pre-training batches
 `s`, random weights on purpose `s + 1`, the search's score init and carried key `s + 2`, its
@@ -24,7 +24,6 @@ import optax
 
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import report
-from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import (
     PRETRAINED,
     Context,
@@ -39,18 +38,17 @@ from jackpots_jax.experiment.hooks import (
     TrainLog,
 )
 from jackpots_jax.experiment.loop import train_loop
+from jackpots_jax.experiment.recipes import SearchRecipe, TrainRecipe
 from jackpots_jax.io.export import export_jackpot
 from jackpots_jax.losses import classification
 from jackpots_jax.masks import init_scores, mask_overlap
-from jackpots_jax.patterns import Pattern, is_structured
-from jackpots_jax.restriction import schedules
-from jackpots_jax.sparsity import layer_budgets, prunable_leaves, sparsity_report
+from jackpots_jax.patterns import is_structured
+from jackpots_jax.sparsity import sparsity_report
 from jackpots_jax.step import (
     bn_stats_step,
     create_search_state,
     create_train_state,
     eval_step,
-    search_optimizer,
     search_step,
     train_step,
 )
@@ -115,50 +113,6 @@ def reestimate_batch_stats(
 # Dense pre-training.
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainRecipe:
-    """Dense training from scratch: SGD with momentum (or AdamW, `momentum` its b1), cosine
-    learning rate to 0 after an optional linear warm-up."""
-
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    label_smoothing: float
-    augment: bool
-    optimizer: str = "sgd"
-    warmup_epochs: int = 0
-    clip_norm: float = 0.0
-
-    def transform(self, total_steps: int, steps_per_epoch: int):
-        """`(tx, learning_rate schedule)`: SGD (the CNNs' recipe) or AdamW (the ViTs'), linear
-        warm-up over `warmup_epochs`, cosine to 0, gradients clipped to `clip_norm` (0: not)."""
-        warmup = min(self.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
-        if warmup:
-            lr = optax.warmup_cosine_decay_schedule(
-                0.0, self.learning_rate, warmup, max(total_steps, warmup + 1)
-            )
-        else:
-            lr = optax.cosine_decay_schedule(self.learning_rate, max(total_steps, 1))
-        if self.optimizer == "adamw":
-            # Weight decay on the kernels only, as the ViT recipes do (not on norms, biases,
-            # position embeddings or class tokens).
-            kernels = lambda params: jax.tree_util.tree_map_with_path(
-                lambda p, x: np.ndim(x) >= 2 and "pos_embedding" not in str(p), params
-            )
-            tx = optax.adamw(lr, b1=self.momentum, weight_decay=self.weight_decay, mask=kernels)
-        else:
-            tx = optax.chain(
-                optax.add_decayed_weights(self.weight_decay),
-                optax.sgd(lr, momentum=self.momentum or None, nesterov=self.nesterov),
-            )
-        if self.clip_norm:
-            tx = optax.chain(optax.clip_by_global_norm(self.clip_norm), tx)
-        return tx, lr
-
-
 def pretrain(
     ctx: Context, recipe: TrainRecipe, *, seed: int, allow_schedule_change: bool = False
 ) -> dict[str, PyTree]:
@@ -220,129 +174,6 @@ def pretrain(
 # The search.
 
 
-@dataclasses.dataclass(frozen=True)
-class RateRecipe:
-    """The short restriction's rate: `constant` (`value`), `cosine`, or `polynomial` (`power`)."""
-
-    schedule: str
-    value: float
-    power: float
-
-    def schedule_fn(self, total_steps: int):
-        if self.schedule == "constant":
-            return schedules.constant(self.value)
-        if self.schedule == "cosine":
-            return schedules.cosine(total_steps)
-        return schedules.polynomial(total_steps, self.power)
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchRecipe:
-    """Everything that decides a search (see `experiment.config.base_config` for each field)."""
-
-    sparsity: float
-    rule: str
-    dense: tuple[str, ...] | None  # None: the model's default
-    init: str
-    gap: float
-    epochs: int
-    max_steps: int
-    batch_size: int
-    learning_rate: float
-    momentum: float
-    weight_decay: float
-    label_smoothing: float
-    augment: bool
-    rank_by: str
-    rate: RateRecipe
-    allow_empty_layers: bool = False
-    pattern: str = "unstructured"
-    indivisible: str = "error"
-
-    def check_dense(self, params: PyTree) -> None:
-        """Every pattern of `dense` must name a kernel of `params`: a typo would prune it."""
-        kernels = [n for n, k in named_leaves(prunable_leaves(params, dense=())) if k]
-        unmatched = [p for p in self.dense or () if not any(re.search(p, n) for n in kernels)]
-        if unmatched:
-            raise ConfigError(
-                f"config field `search.dense` is {tuple(self.dense)!r}, but "
-                f"{', '.join(map(repr, unmatched))} matches none of the model's kernels, so it "
-                "holds nothing dense (a typo?); the patterns are regular expressions searched in "
-                f"these kernel paths: {', '.join(kernels)}"
-            )
-
-    def budget(
-        self,
-        params: PyTree,
-        default_dense: Sequence[str],
-        input_axes: Mapping[str, int] | None = None,
-    ) -> PyTree:
-        """The pruned count per leaf under the pattern.
-
-        `ConfigError` for a `dense` pattern that matches no kernel, and (unless
-        `allow_empty_layers`) for a sparsity at which a masked layer keeps nothing.
-        `input_axes`: the model's own (`ModelSpec.input_axes`), for kernels that are not
-        `HWIO`/`[in, out]`; only the entries that match a masked leaf are passed on (a user may
-        hold the attention dense), and only under a structured pattern, where they matter.
-        """
-        self.check_dense(params)
-        dense = tuple(default_dense if self.dense is None else self.dense)
-        pattern = Pattern.parse(self.pattern)
-        if not pattern.structured:
-            budget = layer_budgets(params, self.sparsity, self.rule, dense=dense)
-        else:
-            names = [n for n, flag in named_leaves(prunable_leaves(params, dense)) if flag]
-            axes = {
-                k: v for k, v in (input_axes or {}).items() if any(re.search(k, n) for n in names)
-            }
-            budget = layer_budgets(
-                params,
-                self.sparsity,
-                self.rule,
-                dense=dense,
-                pattern=pattern,
-                input_axes=axes or None,
-                indivisible=self.indivisible,
-            )
-        sizes = dict(named_leaves(params))
-        empty = [
-            (name, int(np.size(sizes[name])))
-            for name, pruned in named_leaves(budget)
-            if pruned is not None and int(pruned) >= np.size(sizes[name])
-        ]
-        if empty and not self.allow_empty_layers:
-            listed = ", ".join(f"{name} (0 of {size} kept)" for name, size in empty[:10])
-            more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
-            raise ConfigError(
-                f"config field `search.sparsity` is {self.sparsity!r}: with the {self.rule!r} "
-                f"rule, {len(empty)} masked layer(s) would keep no weight at all: {listed}{more}. "
-                "Nothing would pass through them. Lower `search.sparsity`, hold those layers "
-                "dense (`search.dense`), or set `--config.search.allow_empty_layers=True` if this "
-                "is what you want"
-            )
-        return budget
-
-    def steps(self, steps_per_epoch: int) -> tuple[int, int]:
-        """`(total_steps, steps_per_epoch)`; `max_steps` caps both."""
-        total = self.max_steps or self.epochs * steps_per_epoch
-        return total, min(steps_per_epoch, total) if self.max_steps else steps_per_epoch
-
-    def optimizer(
-        self, budget: PyTree, total_steps: int, *, selection: str = "auto", layout: Any = None
-    ) -> optax.GradientTransformation:
-        return search_optimizer(
-            budget,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            total_steps=total_steps,
-            rate=self.rate.schedule_fn(total_steps),
-            rank_by=self.rank_by,
-            selection=selection,
-            layout=layout,
-        )
-
-
 # What decides the masks, not the schedule: a change of these is refused by the checkpoint's
 # identity (the budget), and allowing one would not make sense.
 _NOT_SCHEDULE = ("sparsity", "rule", "dense", "allow_empty_layers", "pattern", "indivisible")
@@ -365,12 +196,6 @@ def _schedule(ctx: Context, phase: str, recipe: Any, seed: int) -> dict[str, Any
         "seed": seed,
         "dataset.num_train": ctx.data.num_train or 0,
     }
-
-
-def search_budget(ctx: Context, params: PyTree, recipe: SearchRecipe) -> PyTree:
-    """The recipe's budget over the model's leaves (its default dense leaves and input axes)."""
-    spec = ctx.network.spec
-    return recipe.budget(params, spec.dense, dict(spec.input_axes))
 
 
 def _budget_identity(budget: PyTree) -> dict[str, Any]:
@@ -403,7 +228,7 @@ def search(
     other weights (`fingerprint`), budget or model is refused, and so is one made under another
     schedule (epochs, learning rate, ...) unless `allow_schedule_change`.
     """
-    budget = search_budget(ctx, params, recipe)
+    budget = recipe.budget(params, ctx.network.spec)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     key_init, key_state = jax.random.split(jax.random.key(seed + 2))
     scores, _ = init_scores(
@@ -466,7 +291,7 @@ def restored_search(
       FileNotFoundError: there is no search checkpoint.
       CheckpointMismatchError: it belongs to another run (weights, budget, model, ...).
     """
-    budget = search_budget(ctx, params, recipe)
+    budget = recipe.budget(params, ctx.network.spec)
     total_steps, _ = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     scores, _ = init_scores(params, budget, "magnitude", gap=recipe.gap, rank_by=recipe.rank_by)
     tx = _optimizer(ctx, recipe, budget, scores, max(total_steps, 1))

@@ -111,8 +111,12 @@ def _cell(value: Any) -> str:
     return text.replace("\n", " ").replace("|", "\\|")
 
 
-def _markdown(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table; `align` holds one `l` or `r` per column."""
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None
+) -> str:
+    """A Markdown table; `align` holds one `l` or `r` per column (default: the first left, the
+    others right)."""
+    align = align or "l" + "r" * (len(header) - 1)
     rule = ["---" if a == "l" else "---:" for a in align]
     lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
@@ -193,7 +197,7 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
     }
     align = "".join("l" if c in ("model", "note") else "r" for c in columns)
     body = [[formats.get(c, _number)(row.get(c)) for c in columns] for row in rows]
-    return _markdown(columns, align, body)
+    return markdown_table(columns, body, align)
 
 
 def _require(mapping: Mapping, keys: Sequence[str], what: str, made_by: str) -> None:
@@ -232,7 +236,7 @@ def overlap_table(overlap: Mapping[str, Any], names: tuple[str, str] = ("a", "b"
 
     body = [row(name, s) for name, s in overlap["layers"].items()]
     body.append(row("**total**", overlap["total"]))
-    return _markdown(header, "lrrrrr", body)
+    return markdown_table(header, body, "lrrrrr")
 
 
 def _latest(records: Iterable[Mapping], kind: str, key: str) -> list[Mapping]:
@@ -273,14 +277,15 @@ def churn_table(records: Iterable[Mapping[str, Any]]) -> str:
         kept = r.get("kept")
         share = _percent(r["churn"] / kept) if kept else ""
         body.append([r["epoch"], r["churn"], share, kept])
-    return _markdown(["epoch", "churn", "churn (% of kept)", "kept"], "rrrr", body)
+    return markdown_table(["epoch", "churn", "churn (% of kept)", "kept"], body, "rrrr")
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots.
 
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
+def figure(width: float, height: float, rows: int = 1, cols: int = 1):
+    """A matplotlib figure of `rows` x `cols` axes (a 2-D array), drawn without a display."""
     # Imported here so that reading metrics and making tables does not load matplotlib.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -290,7 +295,8 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def _save(fig, path: str | os.PathLike) -> str:
+def save_figure(fig, path: str | os.PathLike) -> str:
+    """Writes `fig` to `path` as a PNG, whole or not at all; returns the path."""
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
@@ -334,7 +340,7 @@ def plot_curves(
         raise ValueError('plot_curves found no record with kind "train" or "eval" and an epoch')
     phases = list(dict.fromkeys(r.get("phase") for r in records))
     with_baselines = "search" if "search" in phases else phases[-1]
-    fig, axes = _figure(11, 3.6 * len(phases), len(phases), 2)
+    fig, axes = figure(11, 3.6 * len(phases), len(phases), 2)
     for row, phase in enumerate(phases):
         loss_ax, acc_ax = axes[row]
         for kind, style in (
@@ -362,7 +368,7 @@ def plot_curves(
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sparsity(report: Mapping[str, Any], path: str | os.PathLike) -> str:
@@ -386,7 +392,7 @@ def plot_sparsity(report: Mapping[str, Any], path: str | os.PathLike) -> str:
     values = [100 * layers[n]["sparsity"] for n in names]
     masked = [layers[n].get("masked", True) for n in names]
     colours = ["C0" if m else "C7" for m in masked]
-    fig, axes = _figure(8, 1.5 + 0.3 * len(names))
+    fig, axes = figure(8, 1.5 + 0.3 * len(names))
     ax = axes[0][0]
     bars = ax.barh(range(len(names)), values, color=colours)
     # Every bar says its value; a layer held dense (an empty bar) says so.
@@ -402,7 +408,7 @@ def plot_sparsity(report: Mapping[str, Any], path: str | os.PathLike) -> str:
     ax.set_xticks(range(0, 101, 20))
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_churn(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> str:
@@ -441,7 +447,7 @@ def plot_churn(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) ->
     stacked = bool(bands)
     if not stacked:
         bands = [("total", totals)]
-    fig, axes = _figure(10, 4.5)
+    fig, axes = figure(10, 4.5)
     ax = axes[0][0]
     bottom = [0] * len(rows)
     for i, (name, heights) in enumerate(bands):
@@ -454,7 +460,7 @@ def plot_churn(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) ->
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes: with many layers the legend would hide the bars.
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,13 +488,13 @@ def sparsity_by_group(
 
 def grouped_sparsity_table(groups: Mapping[str, Mapping[str, Any]], label: str = "group") -> str:
     """A Markdown table of `sparsity_by_group`: one row per group."""
-    return _markdown(
+    return markdown_table(
         (label, "masked kernels", "weights", "kept", "sparsity"),
-        "lrrrr",
         (
             (name, g["layers"], g["size"], g["kept"], _percent(g["sparsity"]))
             for name, g in groups.items()
         ),
+        "lrrrr",
     )
 
 

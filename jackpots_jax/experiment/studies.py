@@ -73,13 +73,14 @@ import optax
 from absl import logging
 
 from jackpots_jax._tree import named_leaves
-from jackpots_jax.experiment import context, phases, report, study_report
+from jackpots_jax.experiment import context, phases, recipes, report, study_report
 from jackpots_jax.experiment.config import ConfigError, pattern_sparsity
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.experiment.criteria import CRITERIA, criterion_masks
 from jackpots_jax.experiment.hooks import EvaluateEveryEpochs, TrainLog
 from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.experiment.loop import train_loop
+from jackpots_jax.experiment.recipes import parse_policy
 from jackpots_jax.io.export import masks_from_npz
 from jackpots_jax.io.files import jsonable, read_json, write_json
 from jackpots_jax.masks import INIT_METHODS, apply_masks, init_scores, mask_overlap
@@ -91,7 +92,6 @@ from jackpots_jax.step import create_train_state, train_step
 PyTree = Any
 Config = ml_collections.ConfigDict
 STUDIES = ("claim1", "claim2", "overlap", "claim3", "finetune")
-POLICIES = ("constant", "cosine", "polynomial", "first_order")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,19 +137,6 @@ def parse_init(spec: str) -> tuple[str, str, str]:
     if init not in INIT_METHODS or rule not in RULES or rule == "explicit":
         raise ValueError(spec)
     return init, rule, "abs" if init == "kaiming" else "score"
-
-
-def parse_policy(spec: str) -> tuple[phases.RateRecipe, str]:
-    """`'constant:0.5'` -> `(RateRecipe, policy)`; `'first_order'` is rate 1 plus the check."""
-    name, _, arg = str(spec).partition(":")
-    if name not in POLICIES:
-        raise ValueError(spec)
-    if name == "first_order":
-        return phases.RateRecipe("constant", 1.0, 1.0), "first_order"
-    value = float(arg) if arg else 1.0
-    if name == "constant" and not 0 <= value <= 1 or name == "polynomial" and not value > 0:
-        raise ValueError(spec)
-    return phases.RateRecipe(name, value if name == "constant" else 1.0, value), "rate"
 
 
 def read_plan(config: Config) -> Plan:
@@ -261,7 +248,7 @@ def read_plan(config: Config) -> Plan:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyRecipe(phases.SearchRecipe):
+class StudyRecipe(recipes.SearchRecipe):
     """A `SearchRecipe` whose optimiser may add a restriction policy (`'first_order'`)."""
 
     policy: str = "rate"
@@ -367,13 +354,11 @@ class Studies:
     """The cells of one studies run over one pre-trained model (see the module docstring)."""
 
     def __init__(self, ctx: Context, config: Config, plan: Plan, variables, fingerprint: str):
-        from jackpots_jax.experiment import modes
-
         self.ctx, self.plan, self.fingerprint = ctx, plan, fingerprint
         self.config = config
         self.params = variables["params"]
         self.stats = variables["batch_stats"]
-        self.base = modes._search_recipe(config)
+        self.base = recipes.search_recipe(config)
         self.root = os.path.join(ctx.workdir, "studies")
         self.bn_batches = config.prune.bn_batches
         self.identity = {
@@ -433,9 +418,7 @@ class Studies:
         return StudyRecipe(**{**base, **fields})
 
     def budget(self, sparsity: float, rule: str) -> PyTree:
-        return self.recipe(sparsity=sparsity, rule=rule).budget(
-            self.params, self.ctx.network.spec.dense
-        )
+        return self.recipe(sparsity=sparsity, rule=rule).budget(self.params, self.ctx.network.spec)
 
     def check_budgets(self) -> None:
         """Every budget the plan searches or prunes at can be made (before any cell runs).
@@ -600,7 +583,7 @@ class Studies:
         masks_path = os.path.join(self._cell_dir(searched), "export", "masks.npz")
 
         def compute(ctx):
-            budget = recipe.budget(self.params, ctx.network.spec.dense)
+            budget = recipe.budget(self.params, ctx.network.spec)
             jackpot = masks_from_npz(masks_path, budget)
             batches = ctx.data.train_batches(recipe.batch_size, seed + 11, augment=False)
             taken = [next(batches) for _ in range(c["batches"])]
@@ -782,22 +765,21 @@ def _command(workdir: str) -> str:
 
 def run(ctx: Context, config: Config) -> dict:
     """The `studies` mode: pre-trains if needed, runs every cell, writes results and report."""
-    from jackpots_jax.experiment import modes
-
     plan = read_plan(config)
     started = time.perf_counter()
-    if not config.weights.random and not os.path.exists(modes._weights_path(ctx, config)):
-        if config.weights.path:
-            modes._weights(ctx, config)  # raises: the named file is missing
+    weights = recipes.weights_recipe(config, ctx.workdir)
+    if weights.missing():
+        if weights.named:
+            context.pretrained(ctx, weights)  # raises: the named file is missing
         if plan.report_only:
             raise FileNotFoundError(
                 f"`studies.report_only` writes the report of the finished cells, but there are "
-                f"none yet: no pre-trained weights at {modes._weights_path(ctx, config)}; run the "
-                "study without --config.studies.report_only first"
+                f"none yet: no pre-trained weights at {weights.path}; run the study without "
+                "--config.studies.report_only first"
             )
         logging.info("no pre-trained weights in %s: pre-training first", ctx.workdir)
-        phases.pretrain(ctx, modes._train_recipe(config), seed=config.seed)
-    variables, _, weights_fingerprint = modes._weights(ctx, config)
+        phases.pretrain(ctx, recipes.train_recipe(config), seed=config.seed)
+    variables, _, weights_fingerprint = context.pretrained(ctx, weights)
     studies = Studies(ctx, config, plan, variables, weights_fingerprint)
     studies.check_budgets()
 

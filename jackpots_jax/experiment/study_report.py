@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from jackpots_jax.experiment import report
+from jackpots_jax.experiment.recipes import parse_policy
 from jackpots_jax.io.files import read_json, write_json, write_text
 
 # A jackpot "performs as well as the dense model" within this many accuracy points.
@@ -318,8 +319,6 @@ def _overlap(plan, cells) -> dict:
 
 
 def _claim3(plan, cells) -> dict:
-    from jackpots_jax.experiment.studies import parse_policy
-
     seeds, c = plan["seeds"], plan["claim3"]
     policies = []
     runs_of = {}
@@ -681,8 +680,7 @@ def _finetune_text(c: Mapping) -> str:
         )
     if parts:
         parts.append(
-            "The fine-tuned network is no longer a sub-network of the pre-trained weights; the "
-            "reference ImageNet script trains the weights during the search too (see README)."
+            "The fine-tuned network is no longer a sub-network of the pre-trained weights."
         )
     return " ".join(parts)
 
@@ -711,14 +709,6 @@ PLOTS = {
     "overlap": "plots/overlap_heatmap.png",
     "claim3": "plots/claim3_restriction.png",
 }
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = ["---" if a == "l" else "---:" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _seeds_text(meta: Mapping) -> str:
@@ -764,7 +754,7 @@ def _claim1_md(c: Mapping, meta: Mapping) -> str:
         ]
         for r in c["rows"]
     ]
-    table = _table(
+    table = report.markdown_table(
         [
             "sparsity (masked layers)",
             "dense",
@@ -807,7 +797,7 @@ def _claim1_md(c: Mapping, meta: Mapping) -> str:
                 row.append(f"{pct(g['sparsity'])} / {num3(g['iou_magnitude']['mean'])}")
             rows.append(row)
         header = [grouping, "weights", *(sparsity_label(b["sparsity"]) for b in blocks)]
-        text.append(_table(header, rows))
+        text.append(report.markdown_table(header, rows))
     return "\n\n".join(text)
 
 
@@ -846,7 +836,7 @@ def _claim2_md(c: Mapping, meta: Mapping) -> str:
             f"(best magnitude-init mean {pct(block['best_magnitude'])}%)."
         )
         text.append(
-            _table(
+            report.markdown_table(
                 [
                     "init / budget rule",
                     "final accuracy",
@@ -860,13 +850,12 @@ def _claim2_md(c: Mapping, meta: Mapping) -> str:
         )
     text.append(f"![accuracy per epoch]({PLOTS['claim2']})")
     text.append(
-        "**Fairness of the edge-popup baseline.** An earlier calibration saw this baseline "
-        "fall in its last epoch. The cause was in our search optimiser: with scores ranked by "
-        "|score| the straight-through gradient `g * w` is the gradient with respect to |S|, and "
-        "edge-popup's code (through `scores.abs()`) multiplies it by `sign(S)`; ours did not, so "
-        "every negative score moved the wrong way. `search_optimizer(rank_by='abs')` now applies "
-        "that chain rule, and every run here uses it. Two other suspects are measured below for "
-        "every init: stale batch-norm statistics under a churning mask (the accuracy after "
+        "**Fairness of the edge-popup baseline.** With scores ranked by |score| the "
+        "straight-through gradient `g * w` is the gradient with respect to |S|; the search "
+        "multiplies it by `sign(S)` before the optimizer (`abs_rank_gradients`), as edge-popup's "
+        "code does through `scores.abs()`, so no negative score moves the wrong way. Two other "
+        "things that could handicap a baseline are measured below for every init: stale "
+        "batch-norm statistics under a churning mask (the accuracy after "
         "re-estimating the statistics once more after the search, against the final one), and "
         "the scale of the scores against the learning rate (the mean |score| at the start and "
         "the end, and the mask entries flipped in the first and last epoch). The budget rule "
@@ -887,7 +876,7 @@ def _claim2_md(c: Mapping, meta: Mapping) -> str:
         ]
         text.append(f"Fairness checks at {sparsity_label(block['sparsity'])}:")
         text.append(
-            _table(
+            report.markdown_table(
                 [
                     "init / budget rule",
                     "mean abs(score), start",
@@ -924,7 +913,7 @@ def _overlap_md(c: Mapping, meta: Mapping) -> str:
             f"At {sparsity_label(block['sparsity'])} (chance {num3(block['chance_iou']['mean'])}; "
             "per-layer columns: means):"
         )
-        text.append(_table(["criterion", "IoU, all masked layers", *layers], rows))
+        text.append(report.markdown_table(["criterion", "IoU, all masked layers", *layers], rows))
     text.append(f"![IoU with the jackpot per layer]({PLOTS['overlap']})")
     return "\n\n".join(text)
 
@@ -952,7 +941,7 @@ def _claim3_md(c: Mapping, meta: Mapping) -> str:
             f"the step-to-step change of the training loss within windows of {c['window']} "
             "steps, averaged over the windows (the batches are the same for every policy of a "
             "seed). Churn: mask entries flipped per step (a swap flips two).",
-            _table(
+            report.markdown_table(
                 [
                     "policy",
                     "final accuracy",
@@ -986,7 +975,7 @@ def _finetune_md(c: Mapping, meta: Mapping) -> str:
             f"'30s10t'): SGD, learning rate {c['learning_rate']} with cosine decay, momentum "
             f"{c['momentum']}, weight decay {c['weight_decay']}. Mean ± std over "
             f"{_seeds_text(meta)}.",
-            _table(
+            report.markdown_table(
                 ["sparsity", "jackpot", "fine-tuned", "gain (points)", "pruned weights still 0"],
                 rows,
             ),
@@ -1057,7 +1046,6 @@ def render(results: Mapping[str, Any]) -> str:
 
 
 # The run report's figure and PNG writer (matplotlib loaded only when a plot is drawn).
-_figure, _save = report._figure, report._save
 
 
 def _mean_std(stats: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
@@ -1067,7 +1055,7 @@ def _mean_std(stats: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_claim1(c: Mapping, path) -> str:
-    fig, axes = _figure(7, 4.5)
+    fig, axes = report.figure(7, 4.5)
     ax = axes[0][0]
     x = [100 * r["sparsity"] for r in c["rows"]]
     ax.axhline(100 * c["dense"]["mean"], color="black", ls="--", label="dense")
@@ -1082,12 +1070,12 @@ def plot_claim1(c: Mapping, path) -> str:
     ax.set_title("claim 1: accuracy against sparsity (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def plot_claim2(c: Mapping, path) -> str:
     blocks = c["sparsities"]
-    fig, axes = _figure(6 * max(1, len(blocks)), 4.5, 1, max(1, len(blocks)))
+    fig, axes = report.figure(6 * max(1, len(blocks)), 4.5, 1, max(1, len(blocks)))
     for ax, block in zip(axes[0], blocks, strict=False):
         for i, init in enumerate(block["inits"]):
             x = [p["epoch"] for p in init["curve"]]
@@ -1099,12 +1087,12 @@ def plot_claim2(c: Mapping, path) -> str:
         ax.set_title(f"claim 2 at {sparsity_label(block['sparsity'])} sparsity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def plot_overlap(c: Mapping, path) -> str:
     blocks = [b for b in c["sparsities"] if b["criteria"]]
-    fig, axes = _figure(8, 1.2 + 2.2 * max(1, len(blocks)), max(1, len(blocks)), 1)
+    fig, axes = report.figure(8, 1.2 + 2.2 * max(1, len(blocks)), max(1, len(blocks)), 1)
     for ax, block in zip(axes[:, 0], blocks, strict=False):
         layers = list(block["criteria"][0]["layers"])
         names = [x["criterion"] for x in block["criteria"]]
@@ -1121,11 +1109,11 @@ def plot_overlap(c: Mapping, path) -> str:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
         ax.set_title(f"IoU with the jackpot at {sparsity_label(block['sparsity'])} (mean)")
         fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def plot_claim3(c: Mapping, path) -> str:
-    fig, axes = _figure(15, 4.2, 1, 3)
+    fig, axes = report.figure(15, 4.2, 1, 3)
     keys = (
         ("accuracy", "test accuracy (%)", 100.0),
         ("oscillation", "loss oscillation", 1.0),
@@ -1142,7 +1130,7 @@ def plot_claim3(c: Mapping, path) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="x-small")
     axes[0][1].set_title(f"claim 3 at {sparsity_label(c['sparsity'])} (mean ± std over seeds)")
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def write(directory: str | os.PathLike, results: Mapping[str, Any]) -> str:

@@ -2,13 +2,15 @@
 
 * `checkpoints`: resume a search or a training run exactly (`Checkpointer`, `fingerprint`);
 * `export`: what a finished search leaves (`export_jackpot`, `masks_from_npz`);
-* `weights`: PyTorch / safetensors / npz state dicts <-> Flax variables of the registered models
-  (`import_checkpoint`, `export_state_dict`), generic over the models' specs;
+* `weights`: PyTorch-style state dicts <-> Flax variables of the registered models
+  (`import_checkpoint`, `export_state_dict`), one converter per family (`vit_weights` for the
+  ViTs) chosen by the model's spec;
+* `formats`: the files of state dicts (safetensors, npz, PyTorch pickles);
 * `files`: the atomic file writer and the JSON conversion every file uses;
 * `errors`: `CheckpointMismatchError`, raised by all of them when a file does not fit.
 """
 
-from jackpots_jax.io import checkpoints, export, files, weights
+from jackpots_jax.io import checkpoints, export, files, formats, weights
 from jackpots_jax.io.checkpoints import CheckpointCorruptError, Checkpointer, fingerprint
 from jackpots_jax.io.errors import CheckpointMismatchError
 from jackpots_jax.io.export import export_jackpot, masks_from_npz
@@ -23,6 +25,7 @@ __all__ = [
     "export_jackpot",
     "export_state_dict",
     "files",
+    "formats",
     "fingerprint",
     "import_checkpoint",
     "masks_from_npz",

@@ -19,7 +19,7 @@ Import (`to_nnx`, `import_checkpoint`) reads three key layouts (`LAYOUTS`):
 
 Export (`to_timm`, `export_timm`) writes the timm layout, masked weights `W * M`, and per masked
 kernel its mask as `<module>.b_mask` (float32 0/1, the weight's layout; for the attention one
-fused `attn.qkv.b_mask`) and optionally the scores as `<module>.mask`, as `jackpots_jax.convert`
+fused `attn.qkv.b_mask`) and optionally the scores as `<module>.mask`, as `jackpots_jax.io.weights`
 does for the CNNs; `to_nnx` reads them back (the masks as bool).
 
 What a checkpoint cannot say: the number of heads of a timm checkpoint (q, k and v are fused),
@@ -51,8 +51,8 @@ import numpy as np
 from flax import nnx
 
 from jackpots_jax._tree import named_leaves, path_str
-from jackpots_jax.io.errors import FileContentError
-from jackpots_jax.io.weights import CheckpointMismatchError, load_state_dict, save_state_dict
+from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
+from jackpots_jax.io.formats import load_state_dict, save_state_dict
 from jackpots_jax.models import vit
 
 PyTree = Any
@@ -385,7 +385,7 @@ def import_checkpoint(
       path: `.npz` (the JAX codes), `.safetensors` (timm, the Hugging Face hub), or a PyTorch file
         (`.pth`, `.bin`, ...; needs PyTorch).
       model, num_classes, layout: see `to_nnx`.
-      allow_pickle: see `jackpots_jax.io.weights.load_state_dict`.
+      allow_pickle: see `jackpots_jax.io.formats.load_state_dict`.
 
     Returns:
       `(params, scores, masks)` as from `to_nnx`.

@@ -13,11 +13,12 @@ code's checkpoints (a plain `Linear` classifier, named `linear` in the usual CIF
 conv biases in front of a batch norm, as in the usual CIFAR VGG code, are folded exactly into the
 running mean).
 
-The ViTs (`ModelSpec.converter == 'vit'`) are not mapped here: `import_checkpoint` and
-`export_state_dict` hand them to `jackpots_jax.io.vit_weights` (timm safetensors, the `.npz` of
-vision_transformer and big_vision in; the timm layout out), so `weights.path` takes those files.
-The Llama-family language models (`converter == 'llama'`) go to `jackpots_jax.io.llama_weights`
-(GGUF files, Hugging Face safetensors files and folders in; the Hugging Face layout out).
+`import_checkpoint` and `export_state_dict` dispatch on the model's `ModelSpec.converter`, one
+converter per family: `'torch'` (the CNNs, mapped here), `'vit'` (`jackpots_jax.io.vit_weights`:
+timm safetensors, the `.npz` of vision_transformer and big_vision in; the timm layout out) and
+`'llama'` (`jackpots_jax.io.llama_weights`: GGUF files, Hugging Face safetensors files and
+folders in; the Hugging Face layout out). The file formats themselves live in
+`jackpots_jax.io.formats`.
 
 Export: a searched jackpot as a PyTorch-style state dict with torchvision / reference key names.
 The scheme, read back by the import:
@@ -30,9 +31,9 @@ The scheme, read back by the import:
 - batch norm: `weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked`.
 
 Every mismatch between a checkpoint and the model (a missing key, an unexpected key, a wrong
-shape) raises `CheckpointMismatchError` naming the keys: a partial load is never silent. Files:
-`.safetensors` and `.npz` need only numpy; `.pth` / `.pt` / `.tar` need PyTorch, imported only when
-such a file is read or written.
+shape) raises `CheckpointMismatchError` naming the keys: a partial load is never silent. Files
+(`io.formats`): `.safetensors` and `.npz` need only numpy; `.pth` / `.pt` / `.tar` need PyTorch,
+imported only when such a file is read or written.
 
 Example:
   >>> variables, scores, masks = import_checkpoint("vgg19_c10.pth", "vgg19")
@@ -45,8 +46,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,159 +54,12 @@ import numpy as np
 
 from jackpots_jax import models
 from jackpots_jax._tree import named_leaves, path_str
-from jackpots_jax.io.errors import (
-    CheckpointMismatchError,
-    FileContentError,
-    MissingDependencyError,
-)
-from jackpots_jax.io.files import atomic_path
+from jackpots_jax.io import llama_weights, vit_weights
+from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError
+from jackpots_jax.io.formats import StateDict, load_state_dict, save_state_dict, to_numpy
+from jackpots_jax.models import llama, vit
 
 PyTree = Any
-StateDict = dict[str, np.ndarray]
-
-_TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
-_FORMATS = (".safetensors", ".npz") + _TORCH_SUFFIXES
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:
-    """Reads a flat state dict from `.safetensors`, `.npz` or a PyTorch file.
-
-    A PyTorch checkpoint that is a dict with a `state_dict` entry (the reference code's and most
-    training scripts') is unwrapped; its other entries (optimizer, epoch, accuracy) are ignored.
-
-    Args:
-      path: the file; its suffix picks the format (`.safetensors`, `.npz`, or `.pth` / `.pt` /
-        `.tar` / `.bin` / `.ckpt` for PyTorch).
-      allow_pickle: PyTorch files only: load with `torch.load(weights_only=False)`, which runs
-        arbitrary pickled code. Only for files you trust that hold more than tensors and plain
-        Python values.
-
-    Returns:
-      `{key: numpy array}` with the file's key names (a `module.` prefix is kept; `to_flax` strips
-      it). Half-precision tensors are converted to float32.
-
-    Raises:
-      FileNotFoundError: no file at `path`.
-      PermissionError: the file may not be read.
-      FileContentError: the file is empty, truncated or not in the format its suffix names.
-      ValueError: an unknown suffix, or a PyTorch file that holds no state dict.
-      ImportError: a PyTorch file while PyTorch is not installed.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    suffix = _suffix(path)
-    # Opened here first: the readers below report an unreadable file as a missing one, or not at
-    # all (safetensors says "No such file or directory" for a file it may not open).
-    with open(path, "rb"):
-        pass
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return {k: _to_numpy(v) for k, v in load_file(path).items()}
-        except SafetensorError as err:
-            raise _unreadable(path, "safetensors", err) from None
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-            raise _unreadable(path, "npz", err) from None
-    torch = _import_torch(f"reading {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise _unreadable(path, "PyTorch", err) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(
-            f"{path!r} holds a {type(obj).__name__}, not a state dict (a dict of tensors, or a "
-            "dict with a 'state_dict' entry)"
-        )
-    return {k: _to_numpy(v) for k, v in obj.items()}
-
-
-def _unreadable(path: str, fmt: str, err: BaseException) -> FileContentError:
-    size = os.path.getsize(path)
-    what = "it is empty" if size == 0 else f"{size} bytes: truncated, or another format"
-    reason = " ".join(str(err).split())
-    return FileContentError(
-        f"{path!r} is not a readable {fmt} file ({what}; the reader says: "
-        f"{reason if len(reason) <= 200 else reason[:197] + '...'}); write it again, or use "
-        "another file"
-    )
-
-
-def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Writes a flat state dict as `.safetensors`, `.npz`, or (with PyTorch) `.pth` / `.pt`.
-
-    The file is written under a temporary name next to `path` and renamed into place, so a reader
-    never sees a half-written one.
-
-    Args:
-      state_dict: `{key: array}`.
-      path: the file to write; its suffix picks the format.
-
-    Raises:
-      ValueError: an unknown suffix.
-      ImportError: a PyTorch suffix while PyTorch is not installed.
-    """
-    path = os.fspath(path)
-    arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
-    suffix = _suffix(path)
-    torch = _import_torch(f"writing {path!r}") if suffix in _TORCH_SUFFIXES else None
-    with atomic_path(path) as tmp:  # the temporary name keeps the suffix the writers go by
-        if suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
-            save_file(arrays, tmp)
-        elif suffix == ".npz":
-            np.savez(tmp, **arrays)
-        else:
-            torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
-
-
-def _suffix(path: str) -> str:
-    lower = path.lower()
-    for suffix in _FORMATS:
-        if lower.endswith(suffix):
-            return suffix
-    raise FileContentError(
-        f"unknown format of {path!r} (its suffix names none this program reads); allowed "
-        f"suffixes: {', '.join(_FORMATS)}; convert the file to .safetensors or .npz"
-    )
-
-
-def _import_torch(purpose: str):
-    try:
-        import torch
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"{purpose} needs PyTorch, which is not installed: `pip install torch`, or convert the "
-            "file to .safetensors (no PyTorch needed)"
-        ) from err
-    return torch
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16
-        value = value.detach().cpu()
-        if value.is_floating_point() and value.element_size() < 4:
-            value = value.float()
-        return value.numpy()
-    array = np.asarray(value)
-    if str(array.dtype) == "bfloat16" or (array.dtype.kind == "f" and array.dtype.itemsize < 4):
-        array = array.astype(np.float32)
-    return array
-
-
 # ---------------------------------------------------------------------------------------------
 # The layer map of a model
 
@@ -346,7 +198,7 @@ def to_flax(
       CheckpointMismatchError: missing keys, unexpected keys or wrong shapes, all listed.
       ValueError: an unknown model name or option, or a `b_mask` entry that is not 0/1.
     """
-    state = {k: _to_numpy(v) for k, v in state_dict.items()}
+    state = {k: to_numpy(v) for k, v in state_dict.items()}
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     head_names = _torch_layout(model_name).classifier_names
@@ -425,23 +277,19 @@ def import_checkpoint(
     Raises:
       CheckpointMismatchError: the file does not match the model (the keys are listed).
     """
-    converter = models.spec(model_name).converter
-    if converter == "vit":
-        return _vit_import(path, model_name, num_classes, allow_pickle, model_kwargs)
-    if converter == "llama":
-        from jackpots_jax.io import llama_weights
+    read = _CONVERTERS[models.spec(model_name).converter][0]
+    return read(path, model_name, num_classes, allow_pickle, model_kwargs)
 
-        return llama_weights.import_for_model(path, model_name, num_classes, **model_kwargs)
+
+def _torch_import(path, model_name, num_classes, allow_pickle, options):
+    """A torchvision / reference-code CNN checkpoint (this module's layer map)."""
     state = load_state_dict(path, allow_pickle=allow_pickle)
-    return to_flax(state, model_name, num_classes, **model_kwargs)
+    return to_flax(state, model_name, num_classes, **options)
 
 
 def _vit_import(path, model_name, num_classes, allow_pickle, options):
     """A ViT checkpoint (timm safetensors, vision_transformer / big_vision `.npz`, or an export
     of this package) as the plain-dict variables of the registry's ViT (`io.vit_weights`)."""
-    from jackpots_jax.io import vit_weights
-    from jackpots_jax.models import vit
-
     config = vit.get_config(model_name, **options)
     state, scores, masks = vit_weights.import_checkpoint(
         path, config, num_classes, allow_pickle=allow_pickle
@@ -639,24 +487,39 @@ def export_state_dict(
       masks included; in PyTorch, `model.load_state_dict` takes it once the `.b_mask` / `.mask`
       entries are popped (or into the reference code's masked layers as they are).
     """
-    if models.spec(model_name).converter == "vit":
-        from jackpots_jax.io import vit_weights
-        from jackpots_jax.models import vit
+    write = _CONVERTERS[models.spec(model_name).converter][1]
+    return write(variables, masks, model_name, path, scores, classifier, model_kwargs)
 
-        config = vit.get_config(model_name, **model_kwargs)
-        return vit_weights.export_timm(variables["params"], config, path, masks, scores=scores)
-    if models.spec(model_name).converter == "llama":
-        from jackpots_jax.io import llama_weights
-        from jackpots_jax.models import llama
 
-        vocab = np.shape(variables["params"]["embed"]["embedding"])[0]
-        config = llama.config_of(model_name, vocab, **model_kwargs)
-        return llama_weights.export_hf(variables["params"], config, path, masks, scores=scores)
+def _torch_export(variables, masks, model_name, path, scores, classifier, options):
     state = to_torch_state_dict(
-        variables, masks, model_name, scores=scores, classifier=classifier, **model_kwargs
+        variables, masks, model_name, scores=scores, classifier=classifier, **options
     )
     save_state_dict(state, path)
     return state
+
+
+def _vit_export(variables, masks, model_name, path, scores, classifier, options):
+    config = vit.get_config(model_name, **options)
+    return vit_weights.export_timm(variables["params"], config, path, masks, scores=scores)
+
+
+def _llama_import(path, model_name, num_classes, allow_pickle, options):
+    return llama_weights.import_for_model(path, model_name, num_classes, **options)
+
+
+def _llama_export(variables, masks, model_name, path, scores, classifier, options):
+    vocab = np.shape(variables["params"]["embed"]["embedding"])[0]
+    config = llama.config_of(model_name, vocab, **options)
+    return llama_weights.export_hf(variables["params"], config, path, masks, scores=scores)
+
+
+# One converter per family, chosen by the model's `ModelSpec.converter`: (import, export).
+_CONVERTERS = {
+    "torch": (_torch_import, _torch_export),
+    "vit": (_vit_import, _vit_export),
+    "llama": (_llama_import, _llama_export),
+}
 
 
 def _check_variables(
