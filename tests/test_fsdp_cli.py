@@ -22,6 +22,9 @@ from test_main import ROOT, check_ok, fmnist_source, metrics, run_main  # noqa: 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 KILL_DRIVER = os.path.join(ROOT, "tests", "kill_driver.py")
 MESH = ["--config.parallel.backend=jit", "--config.parallel.num_devices=4"]
 FSDP_2, FSDP_4 = "--config.parallel.fsdp=2", "--config.parallel.fsdp=4"

@@ -24,6 +24,9 @@ from test_main import ROOT, check_ok, fmnist_source, metrics, run_main  # noqa: 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 BIN = os.path.join(ROOT, "tests", "bin")
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "tests/bin/srun"]
 SCRIPTS += [".ci/run", "benchmarks/gpu.sh"]

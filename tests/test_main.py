@@ -1,10 +1,12 @@
 """End to end: the command line on every config's tiny variant, the default job, and its errors.
 
-Each run is a real subprocess of `python -m jackpots_jax.main` on small data the tests write in
-the datasets' own formats (Fashion-MNIST IDX files; tfds array_record copies of CIFAR and
-ImageNet). The checks are independent of the code under test: the exported masks hold exactly the
-budget that `layer_budgets` gives for the pre-trained weights, re-evaluating the exported jackpot
-reproduces the accuracy the search reported, evaluation counts every test example once.
+Each run that computes is a real subprocess of `python -m jackpots_jax.main` (one device, as a
+user runs it); runs that end with a message before any compute run in this process
+(`tests/cli.py`). The data are small copies the tests write in the datasets' own formats
+(Fashion-MNIST IDX files; tfds array_record copies of CIFAR and ImageNet). The checks are
+independent of the code under test: the exported masks hold exactly the budget that
+`layer_budgets` gives for the pre-trained weights, re-evaluating the exported jackpot reproduces
+the accuracy the search reported, evaluation counts every test example once.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from cli import run_main as run_cli
 from test_data import Cifar10, Imagenet2012, build_fixture, encode, write_idx
 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
+
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +54,12 @@ def run_main(config, workdir, *overrides, devices=1, timeout=600, fault=(), umas
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, preexec_fn=preexec
     )
+
+
+def run_here(config, workdir, *overrides, cwd=None):
+    """`run_main` in this process (`tests/cli.py`), for runs that stop before any compute."""
+    args = [f"--config={os.path.join(ROOT, 'configs', config)}", f"--workdir={workdir}"]
+    return run_cli([*args, *overrides], cwd=cwd)
 
 
 def check_ok(proc):
@@ -368,13 +380,12 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
     ],
 )
 def test_bad_config_values(tmp_path, fmnist_source, overrides, message):
-    proc = run_main(
+    proc = run_here(  # on this process's 8 devices: a batch of 12 does not divide
         "default.py:tiny",
         tmp_path / "work",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",
         f"--config.dataset.source_dir={fmnist_source}",
         *overrides,
-        devices=8,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
@@ -382,7 +393,7 @@ def test_bad_config_values(tmp_path, fmnist_source, overrides, message):
 
 
 def test_missing_weights_is_an_error(tmp_path, fmnist_source):
-    proc = run_main(
+    proc = run_here(
         "default.py:tiny",
         tmp_path / "work",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",
@@ -395,7 +406,7 @@ def test_missing_weights_is_an_error(tmp_path, fmnist_source):
 
 
 def test_missing_dataset_is_an_error(tmp_path):
-    proc = run_main(
+    proc = run_here(
         "cifar10_vgg19.py:tiny", tmp_path / "work", f"--config.dataset.data_dir={tmp_path}"
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -534,7 +545,7 @@ def test_resuming_with_other_weights_is_refused(tmp_path, straight_search):
     tensors["conv1.weight"] = tensors["conv1.weight"] * 1.5
     other = tmp_path / "other.safetensors"
     save_file(tensors, str(other))
-    proc = run_main(
+    proc = run_here(
         "default.py:tiny",
         workdir,
         *search,
@@ -641,9 +652,12 @@ def test_unusable_weights_file(tmp_path, straight_search, kind):
         save_file(tensors, str(bad))
         said = ["are not all finite: params/conv2/kernel (1 NaN, 0 infinite of 4608)"]
     workdir = tmp_path / "work"
-    proc = run_main(
-        "default.py:tiny", workdir, *search, f"--config.weights.path={bad}", fault=fault
-    )
+    if fault:  # the driver makes the kernel refuse the read: a process of its own
+        proc = run_main(
+            "default.py:tiny", workdir, *search, f"--config.weights.path={bad}", fault=fault
+        )
+    else:
+        proc = run_here("default.py:tiny", workdir, *search, f"--config.weights.path={bad}")
     assert_clear_error(proc, str(bad), "weights.path", *said)
     assert not (workdir / "search").exists()  # nothing started
 
@@ -661,7 +675,10 @@ def test_unwritable_folder_is_found_before_any_compute(tmp_path, straight_search
     else:  # what the kernel tells a user without write permission
         fault = ("eacces", str(workdir))
         said = [f"the work directory ({workdir}) is not writable (Permission denied)"]
-    proc = run_main("default.py:tiny", workdir, *search, fault=fault)
+    if fault:
+        proc = run_main("default.py:tiny", workdir, *search, fault=fault)
+    else:
+        proc = run_here("default.py:tiny", workdir, *search)
     assert_clear_error(proc, *said, "--workdir")
     # Nothing but the lock file (which stays, unlocked) was made.
     made = sorted(p.name for p in workdir.iterdir())
@@ -669,22 +686,17 @@ def test_unwritable_folder_is_found_before_any_compute(tmp_path, straight_search
 
 
 def test_config_file_given_from_another_directory(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    main = [sys.executable, "-m", "jackpots_jax.main", f"--workdir={tmp_path / 'work'}"]
-    proc = subprocess.run(
-        [*main, "--config=configs/default.py:tiny"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+    workdir = f"--workdir={tmp_path / 'work'}"
+    proc = run_cli([workdir, "--config=configs/default.py:tiny"], cwd=tmp_path)
     assert_clear_error(
         proc,
         "config file 'configs/default.py' not found",
         f"the current directory, {tmp_path}",
         f"did you mean {os.path.join(ROOT, 'configs', 'default.py')}?",
     )
-    proc = subprocess.run(
-        [*main, f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tinyy"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+    proc = run_cli(
+        [workdir, f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tinyy"], cwd=tmp_path
+    )
     assert_clear_error(proc, "default.py:tinyy: ValueError: unknown variant 'tinyy'")
     assert not (tmp_path / "work").exists()
 
@@ -706,7 +718,7 @@ def test_masks_file_that_does_not_fit(tmp_path, straight_search, damage):
     path = tmp_path / "masks.npz"
     np.savez(path, **masks)
     workdir = tmp_path / "work"
-    proc = run_main(
+    proc = run_here(
         "default.py:tiny", workdir, *search, "--config.mode=evaluate",
         f"--config.weights.masks={path}",
     )  # fmt: skip
@@ -717,7 +729,7 @@ def test_masks_file_that_does_not_fit(tmp_path, straight_search, damage):
 def test_export_without_a_checkpoint(tmp_path, straight_search):
     _, search = straight_search
     workdir = tmp_path / "work"
-    proc = run_main("default.py:tiny", workdir, *search, "--config.mode=export")
+    proc = run_here("default.py:tiny", workdir, *search, "--config.mode=export")
     assert_clear_error(proc, f"no search checkpoint in {workdir / 'search' / 'checkpoints'}")
     # One message, not orbax's noise after it; nothing made while looking.
     assert [line for line in proc.stderr.splitlines() if not line.startswith("I")] == [
@@ -729,7 +741,7 @@ def test_export_without_a_checkpoint(tmp_path, straight_search):
 def test_input_that_cannot_be_meant(tmp_path, straight_search):
     """A `search.dense` pattern that matches nothing, a sparsity that empties whole layers."""
     _, search = straight_search
-    proc = run_main("default.py:tiny", tmp_path / "a", *search, "--config.search.dense=('haed',)")
+    proc = run_here("default.py:tiny", tmp_path / "a", *search, "--config.search.dense=('haed',)")
     assert_clear_error(
         proc,
         "config field `search.dense` is ('haed',)",
@@ -748,7 +760,7 @@ def test_input_that_cannot_be_meant(tmp_path, straight_search):
         if pruned is not None and pruned == sizes[name].size
     ]
     assert empty
-    proc = run_main("default.py:tiny", tmp_path / "b", *search, "--config.search.sparsity=0.99999")
+    proc = run_here("default.py:tiny", tmp_path / "b", *search, "--config.search.sparsity=0.99999")
     assert_clear_error(
         proc,
         "config field `search.sparsity` is 0.99999",
@@ -771,7 +783,7 @@ def test_every_checkpoint_corrupt(tmp_path, straight_search):
     steps = checkpoint_folder(workdir)
     for step in steps:
         (workdir / "search" / "checkpoints" / step / "meta" / "metadata").write_text("garbage")
-    proc = run_main("default.py:tiny", workdir, *search)
+    proc = run_here("default.py:tiny", workdir, *search)
     folder = workdir / "search" / "checkpoints"
     assert_clear_error(
         proc, f"no readable checkpoint in {folder}", "delete the directory to start afresh"
@@ -782,7 +794,7 @@ def test_every_checkpoint_corrupt(tmp_path, straight_search):
 
 def test_missing_fashion_mnist_names_the_field(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_main(
+    proc = run_here(
         "default.py:tiny",
         tmp_path / "work",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",
@@ -796,7 +808,7 @@ def test_resuming_under_another_schedule_is_refused_unless_allowed(tmp_path, str
     workdir = tmp_path / "work"
     shutil.copytree(straight, workdir)
     changed = ["--config.search.epochs=3", "--config.search.learning_rate=0.05"]
-    proc = run_main("default.py:tiny", workdir, *search, *changed)
+    proc = run_here("default.py:tiny", workdir, *search, *changed)
     assert_clear_error(
         proc,
         "the checkpoint this run resumes from was made with another schedule",

@@ -17,6 +17,9 @@ from test_main import check_ok, fmnist_source, results, run_main  # noqa: F401 (
 
 from jackpots_jax.io.nm_export import read_nm
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 
 def nm_group_counts(mask: np.ndarray, m: int) -> np.ndarray:
     """Kept weights of every group of `m` consecutive entries along the input axis (HWIO's I,

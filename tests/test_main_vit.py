@@ -22,6 +22,9 @@ from test_main import KILL_DRIVER, ROOT, check_ok, fmnist_source, results, run_m
 
 from jackpots_jax.io import weights
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 CONFIG = "fmnist_vit.py:tiny"
 TINY = {"depth": 1, "width": 32, "mlp_dim": 64}
 # What `vit.DENSE` leaves masked, in a 1-block ViT.

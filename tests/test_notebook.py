@@ -10,6 +10,9 @@ import pytest
 from nbclient import NotebookClient
 from test_main import ROOT, check_ok, fmnist_source, run_main  # noqa: F401 (a fixture)
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
 

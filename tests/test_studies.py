@@ -27,6 +27,9 @@ from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Devices
 from jackpots_jax.experiment.studies import masked_train_step, read_plan, step_statistics
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 # ---------------------------------------------------------------------------------------------
 # The quick study end to end.
 
@@ -90,12 +93,10 @@ def quick_study(tmp_path_factory, fmnist_source):  # noqa: F811
         f"--config.dataset.source_dir={fmnist_source}",
     ]
     # The cells compile the same steps again and again (and the rerun below once more): they
-    # share compiled programs through JAX's persistent cache, as a long study should too.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
-        proc = run_main("studies.py:quick", root / "work", *args)
-        check_ok(proc)
-        yield root / "work", args, proc
+    # share compiled programs through the tests' compilation cache (set in conftest.py).
+    proc = run_main("studies.py:quick", root / "work", *args)
+    check_ok(proc)
+    return root / "work", args, proc
 
 
 @pytest.mark.slow
