@@ -49,3 +49,58 @@ def pytest_runtest_makereport(item, call):
             "Install what the test needs (`pip install -e '.[test]'` and torch), or name the "
             "hardware it needs in the skip reason."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# What many tests read, made once per run: the data, one pre-trained tiny model, one finished
+# tiny search (`tests/test_main.py` has the helpers; imported here lazily, after the settings).
+
+
+@pytest.fixture(scope="session")
+def fmnist_source(tmp_path_factory):
+    """A folder of Fashion-MNIST IDX files (300 train, 120 test) of learnable band images."""
+    from test_main import write_fmnist_source
+
+    return write_fmnist_source(tmp_path_factory.mktemp("fmnist_src"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory, fmnist_source):
+    """`default.py:tiny` pre-trained once: `(weights file, the dataset flags it was made with)`.
+
+    The flags name a tfds folder that holds the prepared dataset, so runs that pass them do not
+    prepare it again.
+    """
+    from test_main import check_ok, run_main
+
+    root = tmp_path_factory.mktemp("pretrained")
+    common = [
+        f"--config.dataset.data_dir={root / 'tfds'}",
+        f"--config.dataset.source_dir={fmnist_source}",
+    ]
+    check_ok(run_main("default.py:tiny", root / "pre", *common, "--config.mode=pretrain"))
+    return root / "pre" / "pretrain" / "model.safetensors", common
+
+
+@pytest.fixture(scope="session")
+def straight_search(tmp_path_factory, pretrained_tiny):
+    """A tiny search from `pretrained_tiny`, never stopped: `(its work directory, its flags)`.
+
+    Checkpoints every 3 of its 16 steps, metrics every step, a cosine restriction rate (rate < 1:
+    the restriction's count matters too). Tests that resume, kill or damage a search start from
+    these flags and compare with this run; they must not write into its work directory.
+    """
+    from test_main import check_ok, run_main
+
+    weights_path, common = pretrained_tiny
+    search = [
+        *common,
+        "--config.mode=search",
+        f"--config.weights.path={weights_path}",
+        "--config.checkpoint.every_steps=3",
+        "--config.log_every_steps=1",
+        "--config.search.rate.schedule=cosine",
+    ]
+    workdir = tmp_path_factory.mktemp("straight") / "work"
+    check_ok(run_main("default.py:tiny", workdir, *search))
+    return workdir, search

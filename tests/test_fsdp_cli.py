@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from test_main import ROOT, check_ok, fmnist_source, metrics, run_main  # noqa: F401 - fixture
+from test_main import ROOT, check_ok, metrics, run_main
 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
@@ -31,18 +31,14 @@ FSDP_2, FSDP_4 = "--config.parallel.fsdp=2", "--config.parallel.fsdp=4"
 
 
 @pytest.fixture(scope="module")
-def sharded_search(tmp_path_factory, fmnist_source):  # noqa: F811 - the imported fixture
+def sharded_search(tmp_path_factory, pretrained_tiny):
     root = tmp_path_factory.mktemp("fsdp")
-    common = [
-        f"--config.dataset.data_dir={root / 'tfds'}",
-        f"--config.dataset.source_dir={fmnist_source}",
-    ]
-    check_ok(run_main("default.py:tiny", root / "pre", *common, "--config.mode=pretrain"))
+    pretrained, common = pretrained_tiny
     search = [
         *common,
         *MESH,
         "--config.mode=search",
-        f"--config.weights.path={root / 'pre' / 'pretrain' / 'model.safetensors'}",
+        f"--config.weights.path={pretrained}",
         "--config.checkpoint.every_steps=3",
         "--config.log_every_steps=1",
         "--config.search.rate.schedule=cosine",
