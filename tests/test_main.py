@@ -205,12 +205,20 @@ def job_2of4_pretrained(tmp_path_factory, default_job):
 
 
 # The paper's core claim at the tiny scale, on seed 0: the search beats one-shot magnitude pruning
-# (the same budget, no BN re-estimation) on the 100 evaluation images. The margins are about half
-# of the smallest gap measured over seeds 0, 1 and 2 (see `test_search_beats_magnitude_pruning`).
+# (the same budget, no BN re-estimation) on the 100 evaluation images. Measured through the command
+# line (`default.py:tiny` and `default.py:2of4_tiny`, each with its own pre-training,
+# `--config.seed=S`), evaluation loss of magnitude pruning -> jackpot:
+#   default  seed 0: 1.353 -> 0.380 (gap 0.973); seed 1: 1.030 -> 0.264 (0.765);
+#            seed 2: 1.347 -> 0.325 (1.022)
+#   2:4      seed 0: 0.796 -> 0.229 (gap 0.566); seed 1: 0.555 -> 0.173 (0.382);
+#            seed 2: 0.742 -> 0.187 (0.555)
+# and accuracy 0.92 -> 1.00 (default, seed 0), 1.00 -> 1.00 in every other run: the band task
+# saturates accuracy, so the clear margin is asked of the loss (under half the smallest gap) and
+# accuracy may only not fall.
 CLAIM_MARGINS = {
-    # job: (accuracy points, evaluation loss)
-    "default": (None, None),
-    "2:4": (None, None),
+    # job: (accuracy, evaluation loss)
+    "default": (0.0, 0.35),
+    "2:4": (0.0, 0.15),
 }
 
 
@@ -221,9 +229,9 @@ def test_search_beats_magnitude_pruning(request, job):
     search lowers the loss it starts from (the magnitude masks with re-estimated BN statistics)
     epoch by epoch.
 
-    Measured (the command line, `default.py:tiny` / `2of4_tiny`, seeds 0, 1, 2): see the
-    margins' comment. Training losses per step are not compared: in train mode batch norm fits
-    each batch, and at this size they start near their floor.
+    Measured values: see `CLAIM_MARGINS`. The per-step training losses of the search are not
+    compared: in train mode batch norm fits each batch, so at this size they start near their
+    floor (0.06-0.12 from the first step to the last in every run measured).
     """
     workdir = request.getfixturevalue("default_job")[0] if job == "default" else None
     workdir = workdir or request.getfixturevalue("job_2of4_pretrained")
@@ -388,20 +396,53 @@ def test_default_job_tiny_in_bfloat16(tmp_path, fmnist_source):
 # Every config's tiny variant: pretrain -> search -> evaluate -> export.
 
 
+def _config_file(name, arg):
+    """`get_config(arg)` of `configs/<name>`, loaded as the command line loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("model", ["resnet32", "vgg19"])
+@pytest.mark.parametrize("arg", [None, "pretrain", "tiny", "tiny_pretrain"])
+def test_cifar100_configs_differ_from_cifar10_only_in_the_dataset(model, arg):
+    """What lets `test_tiny_config_end_to_end` run one CIFAR-100 config, not both: each CIFAR-100
+    config is its CIFAR-10 twin but for `dataset.name` (the classifier's width follows it)."""
+    c10 = _flat(_config_file(f"cifar10_{model}.py", arg))
+    c100 = _flat(_config_file(f"cifar100_{model}.py", arg))
+    assert set(c10) == set(c100)
+    assert {k: (c10[k], c100[k]) for k in c10 if c10[k] != c100[k]} == {
+        "dataset.name": ("cifar10", "cifar100")
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config, full",
     [
         ("cifar10_resnet32.py", True),
-        ("cifar100_resnet32.py", False),
         ("cifar10_vgg19.py", True),
         ("cifar100_vgg19.py", False),
         ("imagenet_resnet50.py", True),
     ],
 )
 def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
-    # `full`: also evaluate and export again (the CIFAR-100 variants differ from the CIFAR-10
-    # ones only in their dataset and classifier, so they stop after the search to save CI time).
+    # `full`: also evaluate and export again. CIFAR-100 runs once, with the VGG: its configs are
+    # the CIFAR-10 ones but for the dataset (`test_cifar100_configs_differ_...`), and the
+    # CIFAR-10 runs cover both models.
     workdir = tmp_path / "work"
     common = [f"--config.dataset.data_dir={tfds_dir}"]
     check_ok(run_main(f"{config}:tiny_pretrain", workdir, *common))
