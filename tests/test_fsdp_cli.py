@@ -83,9 +83,8 @@ def test_sharded_search_killed_and_resumed(tmp_path, sharded_search):
 
     # Restored onto a (1, 4) mesh: every layer keeps exactly its budget of the frozen weights.
     check_ok(run_main("default.py:tiny", other_mesh, *search, FSDP_4, devices=4))
-    variables, _, _ = weights.import_checkpoint(
-        root / "pre" / "pretrain" / "model.safetensors", "fmnist_cnn"
-    )
+    pretrained = next(a.split("=", 1)[1] for a in search if a.startswith("--config.weights.path="))
+    variables, _, _ = weights.import_checkpoint(pretrained, "fmnist_cnn")
     budget = jj.layer_budgets(variables["params"], 0.9, "global_magnitude")
     expected = {name: b for name, b in jj._tree.named_leaves(budget) if b is not None}
     with np.load(other_mesh / "export" / "masks.npz") as f:
