@@ -404,10 +404,8 @@ def test_search_killed_and_resumed_ends_bit_identical(tmp_path):
     env |= {
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        # The three runs share compiled programs: the test stays fast on a busy machine.
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        # The three runs share compiled programs through the tests' compilation cache
+        # (`JAX_COMPILATION_CACHE_DIR`, set in conftest.py and inherited).
     }
     (tmp_path / "straight").mkdir()
     (tmp_path / "killed").mkdir()

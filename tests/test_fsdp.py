@@ -112,24 +112,28 @@ def _bytes(tree):
 
 
 def test_default_cnn_on_every_mesh_equals_one_device():
-    """fmnist_cnn: the same masks as one device at all 20 steps, scores to float tolerance; each
-    device holds 1/fsdp of the scores and masks (every masked kernel splits evenly over 8)."""
+    """fmnist_cnn: the same masks as one device at all 20 steps, scores within 5e-5 (what the
+    README states); each device holds 1/fsdp of the scores and masks (every masked kernel splits
+    evenly over 8)."""
     _needs_8_devices()
     reference = _one_device("fmnist_cnn")
     total = _bytes((reference[0].scores, reference[0].masks))
+    worst = 0.0
     for data, fsdp in MESHES:
         states, held = _on_mesh("fmnist_cnn", data, fsdp)
         for t, (got, want) in enumerate(zip(states, reference, strict=True)):
             for a, b in zip(_mask_leaves(got), _mask_leaves(want), strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"mesh {(data, fsdp)} step {t + 1}")
             for a, b in zip(_score_leaves(got), _score_leaves(want), strict=True):
-                np.testing.assert_allclose(a, b, atol=1e-3, err_msg=f"mesh {(data, fsdp)}")
+                worst = max(worst, float(np.max(np.abs(a - b))))
         assert len(held[-1]) == 8 and set(held[-1].values()) == {total // fsdp}
+    assert worst <= 5e-5, f"scores differ by up to {worst:.3g} from one device"
 
 
 def test_cifar_resnet_on_every_mesh_step_by_step():
     """resnet20: on every mesh each of the 20 steps, started from the one-device state, gives the
-    one-device masks and scores to one ulp; each device holds 1/fsdp of the scores and masks.
+    one-device masks exactly and scores within 1e-6; each device holds 1/fsdp of the scores and
+    masks.
 
     Step by step, because run free a 90%-sparse ResNet of random weights on random images
     magnifies rounding: batch norm over channels that the mask nearly empties divides float
@@ -146,13 +150,13 @@ def test_cifar_resnet_on_every_mesh_step_by_step():
             where = f"mesh {(data, fsdp)} step {t + 1}"
             for a, b in zip(_score_leaves(got), _score_leaves(want), strict=True):
                 np.testing.assert_allclose(a, b, atol=1e-6, err_msg=where)
-            # A score one ulp from its layer's threshold may land on the other side (none seen
-            # here on 8 CPU devices; allowed so that another CPU's vector width cannot flake).
+            # The same masks, as the README states: started from the one-device state, no score
+            # is near enough to its threshold for the reordered sums to move it across.
             flipped = sum(
                 int(np.sum(a != b))
                 for a, b in zip(_mask_leaves(got), _mask_leaves(want), strict=True)
             )
-            assert flipped <= 2, f"{where}: {flipped} mask entries differ"
+            assert flipped == 0, f"{where}: {flipped} mask entries differ"
         assert set(held[-1].values()) == {total // fsdp}
 
 
@@ -179,6 +183,7 @@ def test_the_sharded_step_gathers_weights_for_the_model_only():
             name = re.search(r'op_name="([^"]*)"', line)
             gathers.append((found.group(1), size, name.group(1) if name else ""))
     assert gathers and not [g for g in gathers if g[0] == "pred"]
+    # Checked above 1024 elements only (the small gathers were not measured yet).
     large = [g for g in gathers if g[1] > 1024]
     assert large and all("FashionCNN" in name for _, _, name in large), large
     reduces = re.findall(r"= s32\[[\d,]*\][^ ]* all-reduce(?:-start)?\(", text)

@@ -17,10 +17,13 @@ import sys
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from test_main import ROOT, check_ok, fmnist_source, metrics, run_main  # noqa: F401 - fixture
+from test_main import ROOT, check_ok, metrics, run_main
 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
+
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
 
 KILL_DRIVER = os.path.join(ROOT, "tests", "kill_driver.py")
 MESH = ["--config.parallel.backend=jit", "--config.parallel.num_devices=4"]
@@ -28,18 +31,14 @@ FSDP_2, FSDP_4 = "--config.parallel.fsdp=2", "--config.parallel.fsdp=4"
 
 
 @pytest.fixture(scope="module")
-def sharded_search(tmp_path_factory, fmnist_source):  # noqa: F811 - the imported fixture
+def sharded_search(tmp_path_factory, pretrained_tiny):
     root = tmp_path_factory.mktemp("fsdp")
-    common = [
-        f"--config.dataset.data_dir={root / 'tfds'}",
-        f"--config.dataset.source_dir={fmnist_source}",
-    ]
-    check_ok(run_main("default.py:tiny", root / "pre", *common, "--config.mode=pretrain"))
+    pretrained, common = pretrained_tiny
     search = [
         *common,
         *MESH,
         "--config.mode=search",
-        f"--config.weights.path={root / 'pre' / 'pretrain' / 'model.safetensors'}",
+        f"--config.weights.path={pretrained}",
         "--config.checkpoint.every_steps=3",
         "--config.log_every_steps=1",
         "--config.search.rate.schedule=cosine",
@@ -84,9 +83,8 @@ def test_sharded_search_killed_and_resumed(tmp_path, sharded_search):
 
     # Restored onto a (1, 4) mesh: every layer keeps exactly its budget of the frozen weights.
     check_ok(run_main("default.py:tiny", other_mesh, *search, FSDP_4, devices=4))
-    variables, _, _ = weights.import_checkpoint(
-        root / "pre" / "pretrain" / "model.safetensors", "fmnist_cnn"
-    )
+    pretrained = next(a.split("=", 1)[1] for a in search if a.startswith("--config.weights.path="))
+    variables, _, _ = weights.import_checkpoint(pretrained, "fmnist_cnn")
     budget = jj.layer_budgets(variables["params"], 0.9, "global_magnitude")
     expected = {name: b for name, b in jj._tree.named_leaves(budget) if b is not None}
     with np.load(other_mesh / "export" / "masks.npz") as f:

@@ -19,10 +19,13 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from test_main import ROOT, check_ok, fmnist_source, metrics, run_main  # noqa: F401 - fixture
+from test_main import ROOT, check_ok, metrics, run_main
 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
+
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
 
 BIN = os.path.join(ROOT, "tests", "bin")
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "tests/bin/srun"]
@@ -62,13 +65,8 @@ def test_slurm_script_needs_config_and_workdir():
 
 
 @pytest.mark.slow
-def test_slurm_script_runs_two_processes_as_one_search(tmp_path, fmnist_source):  # noqa: F811
-    common = [
-        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
-        f"--config.dataset.source_dir={fmnist_source}",
-    ]
-    check_ok(run_main("default.py:tiny", tmp_path / "pre", *common, "--config.mode=pretrain"))
-    pretrained = tmp_path / "pre" / "pretrain" / "model.safetensors"
+def test_slurm_script_runs_two_processes_as_one_search(tmp_path, pretrained_tiny):
+    pretrained, common = pretrained_tiny
     job = _slurm_job_id()
     logs = tmp_path / "logs"
     logs.mkdir()

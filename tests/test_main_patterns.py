@@ -13,9 +13,12 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_main import check_ok, fmnist_source, results, run_main  # noqa: F401 (a fixture)
+from test_main import check_ok, results, run_main
 
 from jackpots_jax.io.nm_export import read_nm
+
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
 
 
 def nm_group_counts(mask: np.ndarray, m: int) -> np.ndarray:
@@ -27,7 +30,7 @@ def nm_group_counts(mask: np.ndarray, m: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def job_2of4(tmp_path_factory, fmnist_source):  # noqa: F811
+def job_2of4(tmp_path_factory, fmnist_source):
     """The tiny 2:4 default job, on random weights (what is checked is structure, not accuracy;
     it saves a pre-training)."""
     root = tmp_path_factory.mktemp("pattern")
@@ -149,7 +152,7 @@ def test_block_export_writes_masks_not_tile_scores(tmp_path):
         ),
     ],
 )
-def test_bad_pattern_is_a_config_error(tmp_path, fmnist_source, variant, overrides, message):  # noqa: F811
+def test_bad_pattern_is_a_config_error(tmp_path, fmnist_source, variant, overrides, message):
     proc = run_main(
         f"default.py:{variant}",
         tmp_path / "work",

@@ -18,9 +18,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_main import KILL_DRIVER, ROOT, check_ok, fmnist_source, results, run_main  # noqa: F401
+from test_main import KILL_DRIVER, ROOT, check_ok, results, run_main
 
 from jackpots_jax.io import weights
+
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
 
 CONFIG = "fmnist_vit.py:tiny"
 TINY = {"depth": 1, "width": 32, "mlp_dim": 64}
@@ -68,7 +71,7 @@ def write_weights(path) -> None:
 
 
 @pytest.fixture(scope="module")
-def vit_runs(tmp_path_factory, fmnist_source):  # noqa: F811
+def vit_runs(tmp_path_factory, fmnist_source):
     """Tiny ViT weights (a timm file), the search flags, and a jackpot run never stopped."""
     root = tmp_path_factory.mktemp("vit")
     (root / "pre").mkdir()
@@ -176,7 +179,7 @@ def test_vit_masks_on_four_devices_equal_one(tmp_path, vit_runs):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_cnn_checkpoint_given_to_the_vit_is_a_clear_error(tmp_path, fmnist_source):  # noqa: F811
+def test_cnn_checkpoint_given_to_the_vit_is_a_clear_error(tmp_path, fmnist_source):
     from jackpots_jax import models
 
     params, stats = models.network("fmnist_cnn", 10).init(jax.random.key(0))

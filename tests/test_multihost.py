@@ -22,6 +22,9 @@ from jackpots_jax import parallel
 from jackpots_jax.parallel import initialize_distributed
 from jackpots_jax.step import search_step
 
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
+
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_driver.py")
 TIMEOUT_S = 240
 # Every variable that could make `initialize_distributed` join a run.

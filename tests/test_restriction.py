@@ -1,5 +1,6 @@
 """Short restriction against a brute-force numpy reference of the restricted mask refresh."""
 
+import functools
 import math
 
 import jax
@@ -19,6 +20,13 @@ def _setup(seed, shapes=((40, 30), (3, 3, 4, 8), (5, 1)), sparsity=0.8):
     return rng, params, budget
 
 
+@functools.cache
+def _jitted_refresh(budget_items):
+    """One compiled refresh per budget, the rate traced: every rate and seed reuses it."""
+    budget = dict(budget_items)
+    return jax.jit(lambda s, m, rate: jj.refresh_masks(s, m, budget, rate))
+
+
 @pytest.mark.parametrize("rate", [1.0, 0.7, 0.3, 0.1, 0.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_refresh_matches_brute_force(rate, seed):
@@ -32,7 +40,8 @@ def test_refresh_matches_brute_force(rate, seed):
         for k, v in scores.items()
         if v is not None
     }
-    got = jax.jit(lambda s, m: jj.refresh_masks(s, m, budget, jnp.float32(rate)))(new, masks)
+    refresh = _jitted_refresh(tuple(sorted(budget.items())))
+    got = refresh(new, masks, jnp.float32(rate))
     for k in new:
         keep = new[k].size - budget[k]
         expected, c, n = restricted_refresh(new[k], masks[k], keep, rate)
@@ -176,11 +185,11 @@ def test_refresh_of_large_leaves_matches_brute_force(rate):
         "ties": np.where(rng.random(n) < 0.5, np.round(base, 1), base).astype(np.float32),
         "sorted": np.sort(base + 0.01 * rng.standard_normal(n).astype(np.float32)),
     }
-    refresh = jax.jit(lambda s, m: jj.refresh_masks({"w": s}, {"w": m}, {"w": n - keep}, rate))
+    refresh = _jitted_refresh((("w", n - keep),))
     for name, new in cases.items():
         masks = {"sorted": topk_mask(np.sort(base), keep)}.get(name, old)
         for m in (masks, wrong):
-            got = np.asarray(refresh(new, m)["w"])
+            got = np.asarray(refresh({"w": new}, {"w": m}, jnp.float32(rate))["w"])
             # With the wrong count, rate 1 still gives the exact top-k (as `topk_masks` does); a
             # lower rate makes only swaps, so the count stays what it was.
             expected = (

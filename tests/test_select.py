@@ -356,4 +356,14 @@ def test_every_digit_width_selects_the_same_set(digit_bits):
 def test_unknown_selection_is_an_error():
     with pytest.raises(ValueError, match="unknown `selection` 'sorted'; allowed: auto"):
         jj.topk_masks({"w": jnp.ones(3)}, {"w": 1}, selection="sorted")
-    assert select.resolve("auto") == ("bracketed" if jax.default_backend() == "cpu" else "batched")
+
+
+@pytest.mark.parametrize(
+    "backend, expected", [("cpu", "bracketed"), ("gpu", "batched"), ("tpu", "batched")]
+)
+def test_auto_selection_follows_the_documented_rule(monkeypatch, backend, expected):
+    """The module's documented rule: `auto` is `bracketed` on a CPU, `batched` on an accelerator;
+    a name given is kept."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert select.resolve("auto") == expected
+    assert select.resolve("batched") == "batched" and select.resolve("bracketed") == "bracketed"

@@ -19,13 +19,16 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_main import check_ok, fmnist_source, run_main  # noqa: F401 (a fixture)
+from test_main import check_ok, run_main
 
 import jackpots_jax as jj
 from jackpots_jax.experiment import criteria, study_report
 from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Devices
 from jackpots_jax.experiment.studies import masked_train_step, read_plan, step_statistics
+
+# The command line or another program in a process of its own: `-m 'not e2e'` skips them.
+pytestmark = pytest.mark.e2e
 
 # ---------------------------------------------------------------------------------------------
 # The quick study end to end.
@@ -83,19 +86,17 @@ def _report_numbers(markdown):
 
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory, fmnist_source):  # noqa: F811
+def quick_study(tmp_path_factory, fmnist_source):
     root = tmp_path_factory.mktemp("studies")
     args = [
         f"--config.dataset.data_dir={root / 'tfds'}",
         f"--config.dataset.source_dir={fmnist_source}",
     ]
     # The cells compile the same steps again and again (and the rerun below once more): they
-    # share compiled programs through JAX's persistent cache, as a long study should too.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
-        proc = run_main("studies.py:quick", root / "work", *args)
-        check_ok(proc)
-        yield root / "work", args, proc
+    # share compiled programs through the tests' compilation cache (set in conftest.py).
+    proc = run_main("studies.py:quick", root / "work", *args)
+    check_ok(proc)
+    return root / "work", args, proc
 
 
 @pytest.mark.slow
@@ -105,8 +106,6 @@ def test_quick_study_report_holds_only_numbers_of_results_json(quick_study):
     assert "studies report:" in proc.stdout
     results = json.loads((studies / "results.json").read_text())
     markdown = (studies / "report.md").read_text()
-    # The report is rendered from results.json alone.
-    assert study_report.render(results) == markdown
 
     # Structure: every study's section, its table and its plot.
     for heading in (
@@ -136,6 +135,14 @@ def test_quick_study_report_holds_only_numbers_of_results_json(quick_study):
             assert row[key]["std"] == pytest.approx(np.std(row[key]["values"], ddof=1))
         # Without re-estimation magnitude pruning does not depend on the seed.
         assert row["magnitude"]["std"] == 0.0
+    # The claim-1 table, recomputed here from the per-seed accuracies in results.json: each cell
+    # is their mean ± sample standard deviation in percent.
+    claim1 = markdown.split("## Claim 1", 1)[1].split("\n## ", 1)[0]
+    for row in c1["rows"]:
+        for key in ("magnitude", "magnitude_bn", "jackpot"):
+            values = np.asarray(row[key]["values"])
+            cell = f"{100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f}"
+            assert cell in claim1, (row["sparsity"], key, cell)
     c2 = results["claim2"]["sparsities"][0]
     assert [i["init"] for i in c2["inits"]] == ["magnitude/global_magnitude", "kaiming/uniform"]
     assert all(len(i["curve"]) == 2 for i in c2["inits"])  # one point per search epoch
@@ -153,6 +160,11 @@ def test_quick_study_report_holds_only_numbers_of_results_json(quick_study):
     assert len(printed) > 100
     missing = sorted({n for n in printed if n.replace(",", "") not in forms and n not in forms})
     assert not missing, missing
+    # The check can fail: against results.json's numbers moved by 1% most printed numbers (all
+    # but whole numbers that round alike) come from nowhere.
+    moved = _printed_forms([1.01 * v + 0.001 for v in _numbers(results, [])])
+    unmatched = {n for n in printed if n.replace(",", "") not in moved and n not in moved}
+    assert len(unmatched) > len(set(printed)) / 2, (len(unmatched), len(set(printed)))
 
 
 @pytest.mark.slow
