@@ -41,7 +41,8 @@ from jax.sharding import PartitionSpec as P
 
 import jackpots_jax as jj
 from jackpots_jax import parallel
-from jackpots_jax.step import create_search_state, linen_apply, search_optimizer, search_step
+from jackpots_jax.adapters import linen_apply
+from jackpots_jax.step import create_search_state, search_optimizer, search_step
 
 INPUTS, CLASSES, SPARSITY = 64, 10, 0.9
 

@@ -45,11 +45,11 @@ import optax
 import jackpots_jax as jj
 import jackpots_jax.select
 from jackpots_jax import models
+from jackpots_jax.adapters import linen_apply
 from jackpots_jax.restriction import ShortRestrictionState, refresh_masks
 from jackpots_jax.step import (
     create_search_state,
     create_train_state,
-    linen_apply,
     search_optimizer,
     search_step,
     train_step,

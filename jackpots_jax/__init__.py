@@ -1,8 +1,9 @@
 """jackpots_jax: lottery jackpots (sparse masks over frozen pre-trained weights) in JAX.
 
 The library: pure functions of pytrees (`sparsity`, `masks`, `restriction`), the search engine
-over any model's apply function (`step`, `parallel`), models (`models`), input pipelines (`data`)
-and file formats (`io`). The command line (`jackpots_jax.experiment`) is one user of it.
+over any model's apply function and any loss (`step`, `adapters`, `losses`, `parallel`), models
+(`models`), input pipelines (`data`) and file formats (`io`). The command line
+(`jackpots_jax.experiment`) is one user of it.
 
 Example:
   >>> import jackpots_jax as jj
@@ -12,11 +13,18 @@ Example:
   >>> state = jj.create_search_state(scores, tx, batch_stats=batch_stats)
   >>> state, metrics = jj.search_step(state, params, batch, apply_fn=jj.linen_apply(model), tx=tx)
 
+A language model: its loss per token, weighted (padding counts nowhere), called on the tokens:
+  >>> state, metrics = jj.search_step(state, params, batch, apply_fn=apply_fn, tx=tx,
+  ...                                 loss_fn=jj.losses.next_token(), inputs="inputs")
+
 Structured sparsity (N:M, blocks, channels; see `jackpots_jax.patterns`): make the budget with a
 pattern and use the same calls:
   >>> budget = jj.layer_budgets(params, 0.5, pattern="2:4")
 """
 
+from jackpots_jax import losses
+from jackpots_jax.adapters import linen_apply, nnx_apply
+from jackpots_jax.losses import LossTerms
 from jackpots_jax.masks import (
     INIT_METHODS,
     apply_masks,
@@ -52,8 +60,6 @@ from jackpots_jax.step import (
     create_search_state,
     create_train_state,
     eval_step,
-    linen_apply,
-    nnx_apply,
     search_optimizer,
     search_step,
     train_step,
@@ -63,6 +69,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "INIT_METHODS",
+    "LossTerms",
     "PATTERNS",
     "Pattern",
     "RULES",
@@ -83,6 +90,7 @@ __all__ = [
     "init_scores",
     "layer_budgets",
     "linen_apply",
+    "losses",
     "make_mesh",
     "mask_churn",
     "mask_overlap",

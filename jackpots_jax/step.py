@@ -1,22 +1,31 @@
 """One step of the search, of dense training, of evaluation and of BN re-estimation, per device.
 
-Every step is a pure function of pytrees over an *apply function*, so any model runs through it:
+Every step is a pure function of pytrees over an *apply function* and a *loss function*, so any
+model and any batch run through it (images and labels, token ids and targets):
 
-    apply_fn(params, batch_stats, images, train) -> (logits, new_batch_stats)
+    apply_fn(params, batch_stats, inputs, train) -> (outputs, new_batch_stats)
+    loss_fn(outputs, batch) -> LossTerms(loss, weights, metrics, sums)
 
-`new_batch_stats` are the re-estimated running statistics in train mode, the given ones otherwise
-(and `{}` for a model without any). `linen_apply(module)` and `nnx_apply(graphdef)` make one from a
-Flax Linen module or an NNX module; a hand-written function works as well.
+`inputs` is the part of the batch the model is called on: `batch[inputs]` for a key (default
+`'image'`) or `inputs(batch)` for a function. `new_batch_stats` are the re-estimated running
+statistics in train mode, the given ones otherwise (and `{}` for a model without any).
+`adapters.linen_apply(module)` and `adapters.nnx_apply(graphdef)` make an apply function from a
+Flax Linen or NNX module; `losses.classification()` (the default) and `losses.next_token()` are
+loss functions; hand-written ones work as well.
 
 The frozen pre-trained `params` are an argument of the search step, not part of its state:
 `SearchState` holds only what a step changes (scores, the optimiser state that owns the masks,
 batch statistics, the step count and a PRNG key), so checkpoints never rewrite the weights.
 
 With `axis_name=None` a step runs on one device over the whole batch; with an axis name it is the
-body of a data-parallel run (`parallel.data_parallel`): each device sees its shard of the batch,
-gradients and batch statistics are averaged with `lax.pmean` and evaluation counts summed with
-`lax.psum` over that axis. Replicated arguments come first and the batch last, so that a runner
-calls `step(*replicated, batch)`.
+body of a data-parallel run (`parallel.data_parallel`): each device sees its shard of the batch
+and the results are those of the global batch. Without loss weights (a batch of images) the loss
+is the per-device mean and gradients, metrics and batch statistics are averaged with `lax.pmean`
+(equal shards). With weights (tokens, padding weighted 0) the loss is `sum(loss * w)` over the
+global batch divided by the global `sum(w)` (`lax.psum`), and gradients and metrics are summed
+accordingly, so a device with fewer valid tokens weighs less. Evaluation returns sums and counts
+(`lax.psum`). Replicated arguments come first and the batch last, so that a runner calls
+`step(*replicated, batch)`.
 
 A search step:
 
@@ -29,101 +38,39 @@ A search step:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax import lax
 
+# `linen_apply`, `nnx_apply` and `cross_entropy` lived here first; importing them from this module
+# keeps working.
+from jackpots_jax.adapters import ApplyFn, linen_apply, nnx_apply
+from jackpots_jax.losses import LossFn, classification, cross_entropy
 from jackpots_jax.masks import apply_masks, mask_churn, masked_weights
 from jackpots_jax.restriction import Schedule, current_masks, short_restriction
 
+__all__ = [
+    "SearchState",
+    "TrainState",
+    "bn_stats_step",
+    "create_search_state",
+    "create_train_state",
+    "cross_entropy",
+    "eval_step",
+    "linen_apply",
+    "nnx_apply",
+    "search_optimizer",
+    "search_step",
+    "train_step",
+]
+
 PyTree = Any
-ApplyFn = Callable[[PyTree, PyTree, jax.Array, bool], tuple[jax.Array, PyTree]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Apply functions of Linen and NNX models.
-
-
-def _has_stats(batch_stats: PyTree) -> bool:
-    return bool(jax.tree.leaves(batch_stats))
-
-
-def _pure(tree: PyTree) -> PyTree:
-    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
-
-
-def linen_apply(module: Any) -> ApplyFn:
-    """The apply function of a Flax Linen module called as `module(x, train=...)`.
-
-    Args:
-      module: a Linen module whose `__call__` takes `train`; its variables are `params` and,
-        optionally, `batch_stats`.
-
-    Returns:
-      `apply_fn(params, batch_stats, images, train) -> (logits, new_batch_stats)`; in train mode
-      the `batch_stats` collection is updated (`mutable=["batch_stats"]`).
-
-    Example:
-      >>> apply_fn = linen_apply(models.create("resnet20", 10))
-      >>> logits, stats = apply_fn(variables["params"], variables["batch_stats"], x, True)
-    """
-
-    def apply_fn(params, batch_stats, images, train):
-        if not _has_stats(batch_stats):
-            return module.apply({"params": params}, images, train=train), batch_stats
-        variables = {"params": params, "batch_stats": batch_stats}
-        if not train:
-            return module.apply(variables, images, train=False), batch_stats
-        logits, updates = module.apply(variables, images, train=True, mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
-
-    return apply_fn
-
-
-def nnx_apply(graphdef: nnx.GraphDef, *rest: PyTree) -> ApplyFn:
-    """The apply function of a Flax NNX module, from its graph definition.
-
-    The module is rebuilt from `graphdef` and the given states at every call (`nnx.merge`), put in
-    train or eval mode (`module.train()` / `module.eval()`: batch norm uses and updates the batch
-    statistics, dropout is active) and called on the images.
-
-    Args:
-      graphdef: from `graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)`.
-      *rest: any further states of that split (e.g. `nnx.split(model, nnx.Param, nnx.BatchStat,
-        ...)`), passed unchanged to every call.
-
-    Returns:
-      `apply_fn(params, batch_stats, images, train) -> (logits, new_batch_stats)`. `params` and
-      `batch_stats` may be `nnx.State`s or plain nested dicts (`nnx.to_pure_dict`); the new
-      statistics come back in the same form.
-
-    Example:
-      >>> graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-      >>> apply_fn = nnx_apply(graphdef)
-      >>> logits, batch_stats = apply_fn(params, batch_stats, images, True)
-    """
-
-    def apply_fn(params, batch_stats, images, train):
-        # Plain arrays in: merge then makes fresh Variables in this trace, which batch norm may
-        # update (Variables of an `nnx.State` given from outside belong to another trace).
-        model = nnx.merge(graphdef, _pure(params), _pure(batch_stats), *map(_pure, rest))
-        if train:
-            model.train()
-        else:
-            model.eval()
-        logits = model(images)
-        if not train:
-            return logits, batch_stats
-        stats = nnx.state(model, nnx.BatchStat)
-        return logits, stats if isinstance(batch_stats, nnx.State) else nnx.to_pure_dict(stats)
-
-    return apply_fn
+Inputs = str | Callable[[Mapping[str, jax.Array]], Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,17 +225,55 @@ def create_train_state(
 # Helpers.
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
-    """Per-example softmax cross-entropy with integer labels (and optional label smoothing)."""
-    logits = logits.astype(jnp.float32)
-    if label_smoothing:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 def _pmean(tree: PyTree, axis_name: str | None) -> PyTree:
     return tree if axis_name is None else lax.pmean(tree, axis_name)
+
+
+def _psum(tree: PyTree, axis_name: str | None) -> PyTree:
+    return tree if axis_name is None else lax.psum(tree, axis_name)
+
+
+def _model_inputs(batch: Mapping[str, jax.Array], inputs: Inputs) -> Any:
+    """What the model is called on: `batch[inputs]`, or `inputs(batch)` for a function."""
+    if callable(inputs):
+        return inputs(batch)
+    if inputs not in batch:
+        raise KeyError(
+            f"inputs={inputs!r} is not a key of the batch (keys: {sorted(batch)}); pass the key "
+            "of the model's inputs or a function of the batch"
+        )
+    return batch[inputs]
+
+
+def _objective(terms, axis_name: str | None):
+    """`(loss, metrics, count)`: this device's share of the loss to differentiate, the metrics.
+
+    Without weights: the mean over this device's items; `count` is `None` and the caller averages
+    loss and gradients over devices (`pmean`), the arithmetic of a mean over equal shards. With
+    weights: `sum(loss * w) / count`, `count` the global `sum(w)`; the caller sums loss and
+    gradients over devices (`psum`), which makes them those of the global weighted mean. Metrics
+    come out reduced over the global batch either way.
+    """
+    if terms.weights is None:
+        metrics = {
+            name: _pmean(jnp.mean(jnp.asarray(value, jnp.float32)), axis_name)
+            for name, value in terms.metrics.items()
+        }
+        return jnp.mean(terms.loss), metrics, None
+    weights = lax.stop_gradient(jnp.asarray(terms.weights, jnp.float32))
+    count = _psum(jnp.sum(weights), axis_name)
+    # No valid item anywhere: loss and metrics 0 rather than 0 / 0.
+    count = jnp.where(count > 0, count, 1.0)
+    metrics = {
+        name: _psum(jnp.sum(jnp.asarray(value, jnp.float32) * weights), axis_name) / count
+        for name, value in terms.metrics.items()
+    }
+    return jnp.sum(terms.loss * weights) / count, metrics, count
+
+
+def _reduce(tree: PyTree, count: jax.Array | None, axis_name: str | None) -> PyTree:
+    """Per-device losses or gradients of `_objective` -> those of the global batch."""
+    return _pmean(tree, axis_name) if count is None else _psum(tree, axis_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,54 +283,59 @@ def _pmean(tree: PyTree, axis_name: str | None) -> PyTree:
 def search_step(
     state: SearchState,
     params: PyTree,
-    batch: dict[str, jax.Array],
+    batch: Mapping[str, jax.Array],
     *,
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
     axis_name: str | None = None,
-    label_smoothing: float = 0.0,
+    loss_fn: LossFn | None = None,
+    inputs: Inputs = "image",
 ) -> tuple[SearchState, dict[str, jax.Array]]:
     """One search step on this device's shard of the batch; only the scores are trained.
 
     Args:
       state: the `SearchState` (replicated when data-parallel).
       params: the frozen pre-trained params (replicated; never changed).
-      batch: `{'image': [b, H, W, C], 'label': [b]}` (this device's shard).
+      batch: this device's shard of the batch, e.g. `{'image': [b, H, W, C], 'label': [b]}` or
+        `{'inputs': [b, t], 'targets': [b, t], 'weights': [b, t]}`.
       apply_fn: the model's apply function (`linen_apply`, `nnx_apply`; static).
       tx: the search optimiser (from `search_optimizer`; static).
       axis_name: the data-parallel axis name, or `None` on one device.
-      label_smoothing: label smoothing of the cross-entropy (0 in the reference code).
+      loss_fn: `loss_fn(outputs, batch) -> LossTerms` (static); `None`:
+        `losses.classification()`, cross-entropy of `batch['label']`.
+      inputs: the key of the batch the model is called on, or a function of the batch (static).
 
     Returns:
-      `(new_state, metrics)`; metrics hold `loss`, `accuracy` (means over the global batch) and
-      `churn` (mask entries flipped by this step, all layers) and `churn_per_layer` (a dict
-      layer path -> entries flipped in that layer).
+      `(new_state, metrics)`; metrics hold `loss` and the loss function's metrics (means over
+      the global batch, weighted when the loss has weights; `accuracy` for the losses of
+      `losses`), `churn` (mask entries flipped by this step, all layers) and `churn_per_layer`
+      (a dict layer path -> entries flipped in that layer).
 
     Example:
       >>> step = jax.jit(partial(search_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
       >>> state, metrics = step(state, params, batch)
     """
+    loss_fn = classification() if loss_fn is None else loss_fn
     old_masks = current_masks(state.opt_state)
+    x = _model_inputs(batch, inputs)
 
-    def loss_fn(scores):
+    def objective(scores):
         weights = masked_weights(params, scores, old_masks)
-        logits, new_stats = apply_fn(weights, state.batch_stats, batch["image"], True)
-        loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
-        return loss, (logits, new_stats)
+        outputs, new_stats = apply_fn(weights, state.batch_stats, x, True)
+        loss, metrics, count = _objective(loss_fn(outputs, batch), axis_name)
+        return loss, (metrics, count, new_stats)
 
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.scores)
-    # Per-device gradients of the per-device mean loss; their mean is the gradient of the mean
-    # loss over the global batch (equal shards).
-    grads = _pmean(grads, axis_name)
+    (loss, (metrics, count, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.scores
+    )
+    grads = _reduce(grads, count, axis_name)
     new_stats = _pmean(new_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.scores)
     scores = optax.apply_updates(state.scores, updates)
-    new_masks = current_masks(opt_state)
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-    churn = mask_churn(old_masks, new_masks)
+    churn = mask_churn(old_masks, current_masks(opt_state))
     metrics = {
-        "loss": _pmean(loss, axis_name),
-        "accuracy": _pmean(accuracy, axis_name),
+        "loss": _reduce(loss, count, axis_name),
+        **metrics,
         "churn": churn.pop("total"),
         "churn_per_layer": churn,
     }
@@ -362,90 +352,118 @@ def search_step(
 
 def train_step(
     state: TrainState,
-    batch: dict[str, jax.Array],
+    batch: Mapping[str, jax.Array],
     *,
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
     axis_name: str | None = None,
-    label_smoothing: float = 0.0,
+    loss_fn: LossFn | None = None,
+    inputs: Inputs = "image",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One dense training step (params and batch statistics), for pre-training.
 
+    Takes the arguments of `search_step` (less the frozen params).
+
     Returns:
-      `(new_state, metrics)` with `loss` and `accuracy` (means over the global batch).
+      `(new_state, metrics)` with `loss` and the loss function's metrics (means over the global
+      batch, weighted when the loss has weights).
     """
+    loss_fn = classification() if loss_fn is None else loss_fn
+    x = _model_inputs(batch, inputs)
 
-    def loss_fn(params):
-        logits, new_stats = apply_fn(params, state.batch_stats, batch["image"], True)
-        loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
-        return loss, (logits, new_stats)
+    def objective(params):
+        outputs, new_stats = apply_fn(params, state.batch_stats, x, True)
+        loss, metrics, count = _objective(loss_fn(outputs, batch), axis_name)
+        return loss, (metrics, count, new_stats)
 
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = _pmean(grads, axis_name)
+    (loss, (metrics, count, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params
+    )
+    grads = _reduce(grads, count, axis_name)
     new_stats = _pmean(new_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-    metrics = {"loss": _pmean(loss, axis_name), "accuracy": _pmean(accuracy, axis_name)}
+    metrics = {"loss": _reduce(loss, count, axis_name), **metrics}
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
     return new_state, metrics
 
 
+def _masked_sum(value: jax.Array, valid: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """The sum of `value` over the valid items: a count in int32 for booleans without weights."""
+    if weights is not None:
+        return jnp.sum(jnp.asarray(value, jnp.float32) * weights)
+    if value.dtype == jnp.bool_:
+        return jnp.sum(value & valid, dtype=jnp.int32)
+    return jnp.sum(jnp.where(valid, value, 0.0), dtype=jnp.float32)
+
+
 def eval_step(
     params: PyTree,
     batch_stats: PyTree,
     masks: PyTree | None,
-    batch: dict[str, jax.Array],
+    batch: Mapping[str, jax.Array],
     *,
     apply_fn: ApplyFn,
     axis_name: str | None = None,
+    loss_fn: LossFn | None = None,
+    inputs: Inputs = "image",
 ) -> dict[str, jax.Array]:
-    """Summed evaluation counts over the valid examples of a (possibly padded) batch.
+    """Summed evaluation counts over the valid items of a (possibly padded) batch.
 
     Args:
       params: the parameters.
       batch_stats: the running statistics (eval mode uses them).
       masks: masks to apply (`W * M`), or `None` to evaluate the dense params.
-      batch: `{'image', 'label'}` and optionally `'mask'` (bool, True for real examples; padded
-        examples count nowhere). Without `'mask'` every example counts.
+      batch: e.g. `{'image', 'label'}`, and optionally `'mask'` (bool `[b]`, True for real
+        examples; padded examples count nowhere). Without `'mask'` every example counts.
       apply_fn: the model's apply function (static).
-      axis_name: the data-parallel axis name; counts are `psum`'d over it.
+      axis_name: the data-parallel axis name; the sums are `psum`'d over it.
+      loss_fn: as in `search_step` (static); `None`: `losses.classification()`.
+      inputs: as in `search_step` (static).
 
     Returns:
-      `{'correct': int32, 'correct_top5': int32, 'loss': float32 summed loss, 'count': int32
-      valid examples}` (`correct_top5`: the label among the 5 highest logits).
+      `{'loss': summed loss, 'count': valid items, **sums}` over the global batch, the sums of
+      the loss function's `sums`. Without loss weights `count` and boolean sums are int32; with
+      weights every item counts with its weight (`count` = summed weights, float32). For
+      `classification()`: `{'correct', 'correct_top5', 'loss', 'count'}` (`correct_top5`: the
+      label among the 5 highest logits); for `next_token()`: `{'correct', 'loss', 'count'}`,
+      the perplexity being `exp(loss / count)`.
     """
+    loss_fn = classification() if loss_fn is None else loss_fn
     weights = params if masks is None else apply_masks(params, masks)
-    logits, _ = apply_fn(weights, batch_stats, batch["image"], False)
-    labels = batch["label"]
+    outputs, _ = apply_fn(weights, batch_stats, _model_inputs(batch, inputs), False)
+    terms = loss_fn(outputs, batch)
     valid = batch.get("mask")
-    valid = jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    correct = (jnp.argmax(logits, -1) == labels) & valid
-    # Top-5 (top-k for fewer classes): the label's logit is beaten by fewer than 5 others. Ties
-    # count in the label's favour, as in the usual `topk(..).eq(label)` up to tie order.
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    beaten_by = jnp.sum(logits > label_logit, axis=-1)
-    correct_top5 = (beaten_by < min(5, logits.shape[-1])) & valid
-    losses = jnp.where(valid, cross_entropy(logits, labels), 0.0)
-    out = {
-        "correct": jnp.sum(correct, dtype=jnp.int32),
-        "correct_top5": jnp.sum(correct_top5, dtype=jnp.int32),
-        "loss": jnp.sum(losses, dtype=jnp.float32),
-        "count": jnp.sum(valid, dtype=jnp.int32),
-    }
-    return out if axis_name is None else lax.psum(out, axis_name)
+    if valid is None:
+        valid = jnp.ones(terms.loss.shape, bool)
+    else:
+        # A per-example mask applies to every token of the example.
+        valid = jnp.asarray(valid, bool)
+        valid = valid.reshape(valid.shape + (1,) * (terms.loss.ndim - valid.ndim))
+        valid = jnp.broadcast_to(valid, terms.loss.shape)
+    item_weights = None
+    if terms.weights is None:
+        count = jnp.sum(valid, dtype=jnp.int32)
+    else:
+        item_weights = jnp.where(valid, jnp.asarray(terms.weights, jnp.float32), 0.0)
+        count = jnp.sum(item_weights)
+    out = {name: _masked_sum(value, valid, item_weights) for name, value in terms.sums.items()}
+    out["loss"] = _masked_sum(terms.loss, valid, item_weights)
+    out["count"] = count
+    return _psum(out, axis_name)
 
 
 def bn_stats_step(
     params: PyTree,
     batch_stats: PyTree,
     masks: PyTree | None,
-    batch: dict[str, jax.Array],
+    batch: Mapping[str, jax.Array],
     *,
     apply_fn: ApplyFn,
     axis_name: str | None = None,
+    inputs: Inputs = "image",
 ) -> PyTree:
     """The running statistics after one train-mode forward pass of `W * M` over the batch.
 
@@ -456,13 +474,14 @@ def bn_stats_step(
       params: the parameters.
       batch_stats: the running statistics to update.
       masks: masks to apply (`W * M`), or `None` for the dense params.
-      batch: `{'image', ...}` (this device's shard).
+      batch: this device's shard of the batch.
       apply_fn: the model's apply function (static).
       axis_name: the data-parallel axis name; the statistics are averaged over it.
+      inputs: the key of the batch the model is called on, or a function of it (static).
 
     Returns:
       The updated running statistics.
     """
     weights = params if masks is None else apply_masks(params, masks)
-    _, stats = apply_fn(weights, batch_stats, batch["image"], True)
+    _, stats = apply_fn(weights, batch_stats, _model_inputs(batch, inputs), True)
     return _pmean(stats, axis_name)

@@ -30,8 +30,8 @@ import numpy as np
 
 from jackpots_jax._tree import map_budget, map_budget_with_path
 from jackpots_jax.experiment.context import Devices
+from jackpots_jax.losses import cross_entropy
 from jackpots_jax.masks import topk_masks
-from jackpots_jax.step import cross_entropy
 
 PyTree = Any
 CRITERIA = ("magnitude", "random", "snip", "wanda")

@@ -40,6 +40,7 @@ from jackpots_jax.experiment.hooks import (
 )
 from jackpots_jax.experiment.loop import train_loop
 from jackpots_jax.io.export import export_jackpot
+from jackpots_jax.losses import classification
 from jackpots_jax.masks import init_scores, mask_overlap
 from jackpots_jax.patterns import Pattern, is_structured
 from jackpots_jax.restriction import schedules
@@ -178,7 +179,7 @@ def pretrain(
         donate_state=True,
         apply_fn=ctx.network.apply_fn,
         tx=tx,
-        label_smoothing=recipe.label_smoothing,
+        loss_fn=classification(recipe.label_smoothing),
     )
     hooks = [
         TrainLog(
@@ -419,7 +420,7 @@ def search(
         donate_state=True,
         apply_fn=ctx.network.apply_fn,
         tx=tx,
-        label_smoothing=recipe.label_smoothing,
+        loss_fn=classification(recipe.label_smoothing),
     )
     kept = sum(int(np.size(w)) - int(b) for (_, w), (_, b) in _masked(params, budget))
     hooks = [

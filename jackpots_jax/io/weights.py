@@ -16,6 +16,8 @@ running mean).
 The ViTs (`ModelSpec.converter == 'vit'`) are not mapped here: `import_checkpoint` and
 `export_state_dict` hand them to `jackpots_jax.io.vit_weights` (timm safetensors, the `.npz` of
 vision_transformer and big_vision in; the timm layout out), so `weights.path` takes those files.
+The Llama-family language models (`converter == 'llama'`) go to `jackpots_jax.io.llama_weights`
+(GGUF files, Hugging Face safetensors files and folders in; the Hugging Face layout out).
 
 Export: a searched jackpot as a PyTorch-style state dict with torchvision / reference key names.
 The scheme, read back by the import:
@@ -414,8 +416,13 @@ def import_checkpoint(
     Raises:
       CheckpointMismatchError: the file does not match the model (the keys are listed).
     """
-    if models.spec(model_name).converter == "vit":
+    converter = models.spec(model_name).converter
+    if converter == "vit":
         return _vit_import(path, model_name, num_classes, allow_pickle, model_kwargs)
+    if converter == "llama":
+        from jackpots_jax.io import llama_weights
+
+        return llama_weights.import_for_model(path, model_name, num_classes, **model_kwargs)
     state = load_state_dict(path, allow_pickle=allow_pickle)
     return to_flax(state, model_name, num_classes, **model_kwargs)
 
@@ -629,6 +636,13 @@ def export_state_dict(
 
         config = vit.get_config(model_name, **model_kwargs)
         return vit_weights.export_timm(variables["params"], config, path, masks, scores=scores)
+    if models.spec(model_name).converter == "llama":
+        from jackpots_jax.io import llama_weights
+        from jackpots_jax.models import llama
+
+        vocab = np.shape(variables["params"]["embed"]["embedding"])[0]
+        config = llama.config_of(model_name, vocab, **model_kwargs)
+        return llama_weights.export_hf(variables["params"], config, path, masks, scores=scores)
     state = to_torch_state_dict(
         variables, masks, model_name, scores=scores, classifier=classifier, **model_kwargs
     )

@@ -11,10 +11,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jackpots_jax.models import layers, resnet, resnet_cifar, small, small_nnx, vgg, vit
+from jackpots_jax.models import layers, llama, resnet, resnet_cifar, small, small_nnx, vgg, vit
 from jackpots_jax.models.spec import ModelSpec, Network, linen_network, nnx_network
 
-_FAMILIES = (resnet_cifar, vgg, resnet, small, small_nnx, vit)
+_FAMILIES = (resnet_cifar, vgg, resnet, small, small_nnx, vit, llama)
 _SPECS: dict[str, ModelSpec] = {s.name: s for family in _FAMILIES for s in family.SPECS}
 
 
@@ -100,8 +100,9 @@ def network(name: str, num_classes: int, dtype: Any = jnp.float32, **options) ->
     return make(s, num_classes, dtype, options)
 
 
-def input_shape(name: str) -> tuple[int, int, int]:
-    """The `(height, width, channels)` of one input image the model is built for.
+def input_shape(name: str) -> tuple[int, ...]:
+    """The shape of one input: `(height, width, channels)` of an image the model is built for, or
+    `(seq_len,)` of a language model's token sequence.
 
     Raises:
       ValueError: an unknown name.

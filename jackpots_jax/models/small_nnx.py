@@ -4,7 +4,7 @@ The same network as `small.FashionCNN` (`fmnist_cnn`), layer for layer and name 
 `bn1`, `conv2`, `bn2`, `fc1`, `bn3`, `head`), so weights trained with either one load into the
 other and a search through either gives the same jackpot. It shows a model searched through the
 engine and the command line that is not a Linen module: the steps see only its apply function
-(`step.nnx_apply`).
+(`adapters.nnx_apply`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _batch_norm(features: int, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
 class FashionCNNNNX(nnx.Module):
     """Small conv net for 28x28 grey-scale images, as an NNX module.
 
-    Call `model.train()` or `model.eval()` to choose how batch norm runs (`step.nnx_apply` does).
+    Call `model.train()` or `model.eval()` to choose how batch norm runs (`adapters.nnx_apply`
+    does).
 
     Example:
       >>> model = FashionCNNNNX(num_classes=10, rngs=nnx.Rngs(0))

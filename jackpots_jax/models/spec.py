@@ -9,7 +9,7 @@ collects them. Nothing outside the family file looks at a model's class.
 `Network` is a spec built for a number of classes and a compute dtype: `init(key)` gives its
 variables as plain nested dicts `(params, batch_stats)` (the same layout for Linen and NNX models,
 so that budgets, checkpoints and the weight importer treat both alike), `apply_fn` is the apply
-function every step takes (`step.linen_apply` / `step.nnx_apply`).
+function every step takes (`adapters.linen_apply` / `adapters.nnx_apply`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jackpots_jax.step import linen_apply, nnx_apply
+from jackpots_jax.adapters import linen_apply, nnx_apply
 
 PyTree = Any
 KINDS = ("linen", "nnx")
-CONVERTERS = ("torch", "vit")
+CONVERTERS = ("torch", "vit", "llama")
 
 
 def _dotted(path: tuple[str, ...]) -> str:
@@ -78,7 +78,9 @@ class ModelSpec:
       build: `build(num_classes, dtype, **options)` returns a Linen module; for an NNX model
         `build(num_classes, dtype, *, rngs, **options)` returns the initialised NNX module. Its
         other keyword parameters are the model's options (`width` of a CIFAR ResNet).
-      input_shape: `(height, width, channels)` of the images the model is built for.
+      input_shape: the shape of one input: `(height, width, channels)` of the images the model
+        is built for, or `(seq_len,)` of a language model's token sequences.
+      input_dtype: the dtype of the inputs: `jnp.float32` images, or `jnp.int32` token ids.
       kind: `'linen'` or `'nnx'`.
       fixed_input_shape: the model accepts only `input_shape` (a flatten before a dense layer);
         otherwise any image size works (global pooling).
@@ -89,8 +91,9 @@ class ModelSpec:
         but the last (Flax attention kernels): what a structured pattern (N:M groups, blocks)
         runs along (`jj.layer_budgets(..., input_axes=)`).
       converter: how checkpoints of the model are read and written (`jackpots_jax.io.weights`):
-        `'torch'` through `torch` (the CNNs' PyTorch layout) or `'vit'` (the ViT importers of
-        `io.vit_weights`: timm safetensors, vision_transformer and big_vision `.npz`).
+        `'torch'` through `torch` (the CNNs' PyTorch layout), `'vit'` (the ViT importers of
+        `io.vit_weights`: timm safetensors, vision_transformer and big_vision `.npz`) or
+        `'llama'` (`io.llama_weights`: GGUF files, Hugging Face safetensors).
       layer_groups: how reports group per-layer statistics: a leaf path -> `{grouping: group}`
         (e.g. `{"block": "block 3", "kind": "attention"}` for a transformer's query kernel);
         `None`: by kind of kernel only (`conv` or `dense`, see `layer_groups`).
@@ -98,7 +101,8 @@ class ModelSpec:
 
     name: str
     build: Callable[..., Any]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
+    input_dtype: Any = jnp.float32
     kind: str = "linen"
     fixed_input_shape: bool = False
     classifier: str = "head"
@@ -172,7 +176,7 @@ def linen_network(spec: ModelSpec, num_classes: int, dtype: Any, options: Mappin
     module = spec.build(num_classes, dtype, **options)
 
     def init(key: jax.Array, input_shape: tuple[int, ...] | None = None):
-        x = jnp.zeros((1, *(input_shape or spec.input_shape)), jnp.float32)
+        x = jnp.zeros((1, *(input_shape or spec.input_shape)), spec.input_dtype)
         variables = module.init(key, x, train=False)
         return variables["params"], variables.get("batch_stats", {})
 
