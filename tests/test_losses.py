@@ -201,10 +201,20 @@ def test_weighted_token_loss_gradients_match_pytorch(loss_fn):
         np.testing.assert_allclose(grads, want_grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_label_smoothing_gradients_match_pytorch():
+def hand_smoothed(logits, batch, eps=0.2):
+    """Label smoothing written outside the library (the example of docs/engine.md)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, batch["label"][:, None], -1)[:, 0]
+    return LossTerms(loss=(1 - eps) * nll - eps * logp.mean(-1))
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [classification(0.2), hand_smoothed], ids=["classification", "hand"]
+)
+def test_label_smoothing_gradients_match_pytorch(loss_fn):
     run = setup(bn=False)
     state = create_train_state(run.params, {}, stash())
-    step = partial(train_step, apply_fn=run.apply_fn, tx=stash(), loss_fn=classification(0.2))
+    step = partial(train_step, apply_fn=run.apply_fn, tx=stash(), loss_fn=loss_fn)
     new, metrics = jax.jit(step)(state, run.batch)
 
     # The logits' gradient through PyTorch's smoothed cross-entropy, pulled back through the net.

@@ -48,9 +48,11 @@ NNX = ("fmnist_cnn_nnx",)
 
 VIT = ("vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_fmnist")
 
+LLM = ("llama", "smollm2_135m")  # tested in tests/test_llama.py
+
 
 def test_names_lists_every_model():
-    assert set(models.names()) == set(ALL) | set(NNX) | set(VIT)
+    assert set(models.names()) == set(ALL) | set(NNX) | set(VIT) | set(LLM)
 
 
 @pytest.mark.parametrize("name", VIT)

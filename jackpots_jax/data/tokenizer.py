@@ -69,7 +69,7 @@ class Tokenizer:
           ValueError: not a byte-level BPE (`tokenizer.ggml.model` other than `gpt2`), or a
             pre-tokenizer not in `PRE_TOKENIZERS` (use the model's `tokenizer.json` then).
         """
-        import tokenizers
+        tokenizers = _tokenizers()
         from tokenizers import decoders, models, pre_tokenizers
 
         if isinstance(path_or_metadata, dict):
@@ -121,8 +121,7 @@ class Tokenizer:
           FileNotFoundError: no such file.
           ValueError: a named BOS/EOS token that is not in the vocabulary.
         """
-        import tokenizers
-
+        tokenizers = _tokenizers()
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
@@ -145,6 +144,16 @@ class Tokenizer:
             return found
 
         return cls(tok, token_id(bos_token), token_id(eos_token))
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "the tokenizers need the `tokenizers` package: pip install 'jackpots_jax[lm]'"
+        ) from None
+    return tokenizers
 
 
 def _content(token: Any) -> str | None:

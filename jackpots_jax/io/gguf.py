@@ -46,9 +46,18 @@ class GGUFFile:
     types: Mapping[str, str]
 
 
-def _open(path: str):
-    import gguf
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(
+            "reading GGUF files needs the `gguf` package: pip install 'jackpots_jax[lm]'"
+        ) from None
+    return gguf
 
+
+def _open(path: str):
+    gguf = _gguf()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path!r}")
@@ -99,8 +108,7 @@ def read(path: str | os.PathLike) -> GGUFFile:
       FileContentError: not a GGUF file, or a tensor of a type not in `SUPPORTED` (named with its
         tensor).
     """
-    import gguf
-
+    gguf = _gguf()
     reader = _open(path)
     metadata = read_metadata(reader)
     tensors, types = {}, {}

@@ -404,7 +404,9 @@ def import_checkpoint(
     """Reads a checkpoint file and converts it: `to_flax(load_state_dict(path), ...)`.
 
     Args:
-      path: `.safetensors`, `.npz`, or a PyTorch file (`.pth`, `.pt`, ...; needs PyTorch).
+      path: `.safetensors`, `.npz`, or a PyTorch file (`.pth`, `.pt`, ...; needs PyTorch); for
+        a Llama-family model (`smollm2_135m`, `llama`) a `.gguf` file, a Hugging Face folder or
+        a `.safetensors` file with `config.json` beside it (`io.llama_weights`).
       model_name: a registered model (`jackpots_jax.models.names()`).
       num_classes: number of classes; by default read from the classifier's weight.
       allow_pickle: see `load_state_dict`.
