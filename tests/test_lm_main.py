@@ -270,16 +270,16 @@ def test_smollm2_search_moves_the_masks_and_lowers_the_loss():
     }
     network = models.network("smollm2_135m", tokenizer.vocab_size)
     variables, _, _ = llama_weights.import_for_model(path, "smollm2_135m", tokenizer.vocab_size)
-    params = variables["params"]
+    params = jax.tree.map(jax.numpy.asarray, variables["params"])
     budget = jj.layer_budgets(params, 0.5, "uniform", dense=llama.DENSE, pattern="2:4")
     scores, masks0 = jj.init_scores(params, budget, "magnitude")
     steps = 6
     tx = jj.search_optimizer(budget, learning_rate=0.1, weight_decay=0.0, total_steps=steps)
     state = jj.create_search_state(scores, tx)
     step = jax.jit(
-        lambda s, b: jj.search_step(
+        lambda s, p, b: jj.search_step(
             s,
-            params,
+            p,
             b,
             apply_fn=network.apply_fn,
             tx=tx,
@@ -289,7 +289,7 @@ def test_smollm2_search_moves_the_masks_and_lowers_the_loss():
     )
     losses = []
     for _ in range(steps):
-        state, out = step(state, batch)
+        state, out = step(state, params, batch)
         losses.append(float(out["loss"]))
     moved = sum(
         int(np.sum(np.asarray(a) != np.asarray(b)))
