@@ -246,7 +246,11 @@ def test_weights_do_not_fit_the_config(tiny_lm, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_search_moves_the_masks_and_lowers_the_loss():
-    """On the real SmolLM2-135M: a few 2:4 search steps on one batch of 16-token windows."""
+    """On the real SmolLM2-135M: eight 2:4 search steps on one batch of 16-token windows.
+
+    The loss of each step is that of the masks before its update: the last one is the loss after
+    seven updates, against the magnitude masks' at the first.
+    """
     import jax
 
     import jackpots_jax as jj
@@ -273,8 +277,10 @@ def test_smollm2_search_moves_the_masks_and_lowers_the_loss():
     params = jax.tree.map(jax.numpy.asarray, variables["params"])
     budget = jj.layer_budgets(params, 0.5, "uniform", dense=llama.DENSE, pattern="2:4")
     scores, masks0 = jj.init_scores(params, budget, "magnitude")
-    steps = 6
-    tx = jj.search_optimizer(budget, learning_rate=0.1, weight_decay=0.0, total_steps=steps)
+    # Swapping a pre-trained weight is a large move: a small learning rate (the scores start
+    # 0.01 apart) and its cosine decay over the steps let only the clearest swaps through.
+    steps = 8
+    tx = jj.search_optimizer(budget, learning_rate=0.02, weight_decay=0.0, total_steps=steps)
     state = jj.create_search_state(scores, tx)
     step = jax.jit(
         lambda s, p, b: jj.search_step(
