@@ -10,10 +10,11 @@ sparsity of every q/k/v/o and MLP kernel (embeddings, norms and the head stay de
 search of the masks (the weights frozen), and writes `results.json` and `report.md` (perplexities
 with their token counts; sparsity by block and by attention / MLP).
 
-This default is the short CPU schedule: 8 search steps of 2 windows per pattern and the first 8
-validation windows (1,024 targets). Measured on 2 shared AMD EPYC cores (see
-docs/lm_runner.md and docs/results/lm_smollm2/): the dense model and the pruned ones are
-evaluated on the same tokens, and the search lowers the training loss from the magnitude masks'.
+This default is the short CPU schedule: 8 search steps of 2 windows per pattern (learning rate
+0.02, see docs/results/lm_smollm2_lr_probe.txt) and the first 8 validation windows (1,022 scored
+tokens). Measured so far (docs/lm_runner.md, docs/results/lm_smollm2/): dense perplexity 28.555
+over those 1,022 tokens; on 2 shared AMD EPYC cores the rest of the job did not finish in the
+time there was, so the pruned and jackpot perplexities are still to be measured.
 
 The full schedule (an accelerator; every validation token, 256-token windows, 2 epochs of the
 training windows at batch 16):
