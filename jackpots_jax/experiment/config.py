@@ -39,14 +39,18 @@ def base_config() -> ml_collections.ConfigDict:
         float32).
       dataset: `name`, `data_dir` (tfds directory; '' for the default), `source_dir` (the
         Fashion-MNIST IDX files; '' to look for Debian's package), `num_train` / `num_eval` (use the
-        first N examples; 0 for all), `dtype`.
+        first N examples; 0 for all), `dtype`. A text corpus (`data.text.CORPORA`) makes a
+        language-model job: `source_dir` is where the corpus is ('' its default place),
+        `data_dir` the token cache, `seq_len` the tokens of a window (0: the model's default),
+        `num_train` / `num_eval` the first N windows; the tokenizer is the weights file's.
       weights: `path` of the pre-trained weights (a `.safetensors`, `.npz` or PyTorch file; '' for
-        `<workdir>/pretrain/model.safetensors`), `random` (search on random weights on purpose:
-        the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate ('' none);
-        `batch_stats`: the batch-norm statistics to evaluate with (a `batch_stats.npz`; '' for
-        the one next to `masks` when there is one, else the weights file's own);
-        `allow_other_weights`: evaluate `masks` whose `jackpot.json` records the fingerprint of
-        other weights than `path` (a warning names both; without it, an error).
+        `<workdir>/pretrain/model.safetensors`; a language model's GGUF file or Hugging Face
+        folder, '' for `smollm2_135m`'s packaged GGUF), `random` (search on random weights on
+        purpose: the edge-popup setting), `classifier`; `masks`: a `masks.npz` to evaluate
+        ('' none); `batch_stats`: the batch-norm statistics to evaluate with (a
+        `batch_stats.npz`; '' for the one next to `masks` when there is one, else the weights
+        file's own); `allow_other_weights`: evaluate `masks` whose `jackpot.json` records the
+        fingerprint of other weights than `path` (a warning names both; without it, an error).
       pretrain: dense training from scratch: `epochs`, `batch_size`, `learning_rate` (cosine to
         0), `momentum`, `nesterov`, `weight_decay`, `label_smoothing`, `augment`, `optimizer`
         (`sgd`, or `adamw` for the ViTs: `momentum` is its b1, weight decay on kernels only),
@@ -66,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
         error naming it, or held dense). An N:M pattern fixes the sparsity of every masked leaf
         at 1 - N/M: `sparsity` must say so (`2:4` needs `sparsity=0.5`), it is never overridden
         silently; block and channel patterns round each leaf's count down to whole tiles.
+        `patterns`: a language-model jackpot job searches each of these patterns in turn, all at
+        `sparsity` (empty: `pattern` alone).
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
       eval: `batch_size`, `every_epochs`.
       checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
@@ -99,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.num_train = 0
     c.dataset.num_eval = 0
     c.dataset.dtype = "float32"
+    c.dataset.seq_len = 0
 
     c.weights = ml_collections.ConfigDict()
     c.weights.path = ""
@@ -144,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.allow_empty_layers = False
     c.search.pattern = "unstructured"
     c.search.indivisible = "error"
+    c.search.patterns = ()
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -221,8 +229,14 @@ def check(
     _choice("model.name", c.model.name, models.names())
     _int("model.num_classes", c.model.num_classes, 0)
     _choice("model.dtype", c.model.dtype, DTYPES)
-    if c.dataset.name.split("/")[0] not in data.NAMES:
-        _fail("dataset.name", c.dataset.name, ", ".join(map(repr, data.NAMES)))
+    names = (*data.NAMES, *data.text.CORPORA)
+    if c.dataset.name.split("/")[0] not in names:
+        _fail("dataset.name", c.dataset.name, ", ".join(map(repr, names)))
+    _int("dataset.seq_len", c.dataset.seq_len, 0)
+    if c.dataset.name in data.text.CORPORA:
+        _check_language_model(c)
+    elif c.search.patterns:
+        _fail("search.patterns", c.search.patterns, "() for an image dataset (use search.pattern)")
     _int("dataset.num_train", c.dataset.num_train, 0)
     _int("dataset.num_eval", c.dataset.num_eval, 0)
     _choice("dataset.dtype", c.dataset.dtype, DTYPES)
@@ -288,7 +302,34 @@ def check(
     _int("log_every_steps", c.log_every_steps, 1)
 
 
-def _check_pattern(s: ml_collections.ConfigDict) -> None:
+def _check_language_model(c: ml_collections.ConfigDict) -> None:
+    """What a language-model job (a text corpus) cannot take."""
+    from jackpots_jax import models
+
+    if models.spec(c.model.name).converter != "llama":
+        llms = [n for n in models.names() if models.spec(n).converter == "llama"]
+        _fail(
+            "model.name",
+            c.model.name,
+            f"a language model for text corpus {c.dataset.name!r}: {', '.join(map(repr, llms))}",
+        )
+    if c.mode not in ("jackpot", "search", "evaluate", "prune", "export"):
+        _fail(
+            "mode",
+            c.mode,
+            "'jackpot', 'search', 'evaluate', 'prune' or 'export' for a language model",
+        )
+    for name in ("search.label_smoothing", "search.augment"):
+        group, field = name.split(".")
+        if c[group][field]:
+            _fail(name, c[group][field], "0 / False for a language model (next-token loss)")
+    for pattern in c.search.patterns:
+        copy = ml_collections.ConfigDict(c.search.to_dict())
+        copy.pattern = pattern
+        _check_pattern(copy, field="search.patterns")
+
+
+def _check_pattern(s: ml_collections.ConfigDict, field: str = "search.pattern") -> None:
     """`search.pattern` parses, and an N:M pattern agrees with `search.sparsity`."""
     from jackpots_jax.patterns import INDIVISIBLE, PATTERNS, Pattern
 
@@ -296,7 +337,7 @@ def _check_pattern(s: ml_collections.ConfigDict) -> None:
     try:
         Pattern.parse(s.pattern)
     except (TypeError, ValueError) as e:
-        _fail("search.pattern", s.pattern, f"{', '.join(PATTERNS)} ({e})")
+        _fail(field, s.pattern, f"{', '.join(PATTERNS)} ({e})")
     pattern_sparsity(s.pattern, s.sparsity, "search.sparsity")
 
 

@@ -24,6 +24,7 @@ from jackpots_jax.io import weights as weights_io
 from jackpots_jax.io.checkpoints import Checkpointer, fingerprint
 from jackpots_jax.io.errors import FileContentError
 from jackpots_jax.io.files import read_json_file, write_json
+from jackpots_jax.losses import LossFn, classification, next_token
 
 PyTree = Any
 PRETRAINED = os.path.join("pretrain", "model.safetensors")
@@ -65,6 +66,96 @@ class Data:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return data_lib.steps_per_epoch(self.info, batch_size, self.num_train)
+
+    # What the steps take from a batch of images: the model reads `image`, the loss `label`.
+    inputs = "image"
+    is_text = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.info.image_shape)
+
+    def loss_fn(self, label_smoothing: float = 0.0) -> LossFn:
+        return classification(label_smoothing)
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """A tokenized corpus and how this run reads it: windows of `seq_len` tokens (`data.text`).
+
+    `num_train` / `num_eval` keep the first N training / validation windows of the token streams
+    (None: all); evaluation scores every target of the validation windows kept, once.
+    """
+
+    tokens: data_lib.text.TextData
+    seq_len: int
+    num_train: int | None
+    num_eval: int | None
+    local_device_count: int
+
+    inputs = "inputs"
+    is_text = True
+
+    @property
+    def name(self) -> str:
+        return self.tokens.corpus
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.seq_len,)
+
+    def loss_fn(self, label_smoothing: float = 0.0) -> LossFn:
+        del label_smoothing  # refused for language models by the config check
+        return next_token()
+
+    def train_batches(self, batch_size: int, seed: int, augment: bool) -> data_lib.TrainIterator:
+        del augment  # nothing to augment in a token window
+        return data_lib.text.text_train_iterator(
+            self.tokens,
+            seq_len=self.seq_len,
+            global_batch_size=batch_size,
+            seed=seed,
+            local_device_count=self.local_device_count,
+        )
+
+    def eval_batches(self, batch_size: int):
+        return data_lib.text.text_eval_iterator(
+            self.tokens,
+            seq_len=self.seq_len,
+            global_batch_size=batch_size,
+            local_device_count=self.local_device_count,
+        )
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return data_lib.text.num_train_windows(len(self.tokens.train_tokens), self.seq_len) // (
+            batch_size
+        )
+
+
+def text_data(
+    tokens: data_lib.text.TextData,
+    *,
+    seq_len: int,
+    num_train: int | None,
+    num_eval: int | None,
+    local_device_count: int,
+) -> Text:
+    """`Text` over the first `num_train` training and `num_eval` validation windows (None: all).
+
+    A window of `seq_len` targets spans `seq_len + 1` tokens, and consecutive windows share one:
+    the first N windows are the first `N * seq_len + 1` tokens of the stream.
+    """
+    cut = {}
+    for field, n in (("train_tokens", num_train), ("validation_tokens", num_eval)):
+        if n:
+            cut[field] = getattr(tokens, field)[: n * seq_len + 1]
+    return Text(
+        dataclasses.replace(tokens, **cut), seq_len, num_train, num_eval, local_device_count
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +229,7 @@ class Context:
     workdir: str
     network: models.Network
     model_dtype: str  # the name, as in the config and the checkpoint identity
-    data: Data
+    data: Data | Text
     devices: Devices
     log: MetricsLog
     is_main: bool
@@ -147,6 +238,18 @@ class Context:
     log_every_steps: int
     eval_batch_size: int
     eval_every_epochs: int
+    # Compiled steps the phases reuse within the run (`Context.compiled`), by name.
+    _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def compiled(self, name: str, make):
+        """`make()` (a compiled step) the first time `name` is asked for, the same one after.
+
+        A step compiled once serves every evaluation of a run (dense, each pruned model, every
+        epoch), instead of one compilation each.
+        """
+        if name not in self._compiled:
+            self._compiled[name] = make()
+        return self._compiled[name]
 
     @property
     def model_name(self) -> str:
@@ -182,8 +285,8 @@ class Context:
 
 
 def random_variables(ctx: Context, seed: int) -> dict[str, PyTree]:
-    """Freshly initialised variables of the model, for the dataset's image shape."""
-    shape = tuple(ctx.data.info.image_shape)
+    """Freshly initialised variables of the model, for the dataset's input shape."""
+    shape = ctx.data.input_shape
     params, stats = jax.jit(lambda k: ctx.network.init(k, shape))(jax.random.key(seed))
     return {"params": params, "batch_stats": stats}
 
@@ -255,7 +358,10 @@ def save_weights(ctx: Context, variables: PyTree, path: str) -> None:
 
 def record_result(ctx: Context, row: Mapping[str, Any]) -> None:
     """Adds (or replaces, by `model`) a row of `<workdir>/results.json`."""
-    logging.info("%s: accuracy %.2f%%", row["model"], 100 * row["accuracy"])
+    if "perplexity" in row:
+        logging.info("%s: perplexity %.4f", row["model"], row["perplexity"])
+    else:
+        logging.info("%s: accuracy %.2f%%", row["model"], 100 * row["accuracy"])
     if not ctx.is_main:
         return
     rows = [r for r in results(ctx) if r["model"] != row["model"]]

