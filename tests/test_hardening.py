@@ -274,7 +274,12 @@ def evaluation(tmp_path):
     """`_masks_to_evaluate`'s inputs for fmnist_cnn: a context, a config and the params."""
     network = models.network("fmnist_cnn", 10)
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), network.abstract_variables())
-    ctx = types.SimpleNamespace(network=network, workdir=str(tmp_path), model_name="fmnist_cnn")
+    ctx = types.SimpleNamespace(
+        network=network,
+        workdir=str(tmp_path),
+        model_name="fmnist_cnn",
+        data=types.SimpleNamespace(is_text=False),
+    )
     c = config_lib.base_config()
     c.weights.masks = str(tmp_path / "export" / "masks.npz")
     os.makedirs(tmp_path / "export")
