@@ -78,11 +78,11 @@ def build(args):
     loss_fn = jj.losses.next_token()
     common = {"apply_fn": network.apply_fn, "loss_fn": loss_fn, "inputs": "inputs"}
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-    dense_state = jj.create_train_state(params, {}, tx)
+    dense_state = jj.engine.create_train_state(params, {}, tx)
     variants = [
         Variant(
             "dense",
-            lambda s, b: jj.train_step(s, b, tx=tx, **common),
+            lambda s, b: jj.engine.train_step(s, b, tx=tx, **common),
             dense_state,
             (batch,),
         )
@@ -100,11 +100,11 @@ def build(args):
                 rate=rate,
                 selection=args.selection,
             )
-            state = jj.create_search_state(scores, stx)
+            state = jj.engine.create_search_state(scores, stx)
             name = f"search {pattern} rate {rate:g}"
 
             def search(s, p, b, stx=stx):
-                return jj.search_step(s, p, b, tx=stx, **common)
+                return jj.engine.search_step(s, p, b, tx=stx, **common)
 
             variants.append(Variant(name, search, state, (params, batch)))
             states[name] = tree_bytes((state.scores, state.opt_state))

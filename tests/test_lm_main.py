@@ -281,9 +281,9 @@ def test_smollm2_search_moves_the_masks_and_lowers_the_loss():
     # 0.01 apart) and its cosine decay over the steps let only the clearest swaps through.
     steps = 8
     tx = jj.search_optimizer(budget, learning_rate=0.02, weight_decay=0.0, total_steps=steps)
-    state = jj.create_search_state(scores, tx)
+    state = jj.engine.create_search_state(scores, tx)
     step = jax.jit(
-        lambda s, p, b: jj.search_step(
+        lambda s, p, b: jj.engine.search_step(
             s,
             p,
             b,

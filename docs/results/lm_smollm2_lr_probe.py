@@ -33,9 +33,9 @@ scores, _ = jj.init_scores(params, budget, "magnitude")
 tx = jj.search_optimizer(
     budget, learning_rate=lr, momentum=momentum, weight_decay=0.0, total_steps=8, rate=rate
 )
-state = jj.create_search_state(scores, tx)
+state = jj.engine.create_search_state(scores, tx)
 step = jax.jit(
-    lambda s, p, b: jj.search_step(
+    lambda s, p, b: jj.engine.search_step(
         s, p, b, apply_fn=network.apply_fn, tx=tx, loss_fn=jj.losses.next_token(), inputs="inputs"
     )
 )
