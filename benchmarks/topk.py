@@ -37,7 +37,6 @@ import numpy as np
 from jax import lax
 
 import jackpots_jax as jj
-from jackpots_jax import models
 import jackpots_jax.models
 import jackpots_jax.select
 
@@ -76,7 +75,7 @@ def top_k_mask(s: jax.Array, k: int) -> jax.Array:
 
 def resnet50_kernels() -> dict[str, jax.ShapeDtypeStruct]:
     """Kernel shapes (ndim >= 2) of ResNet-50 for 1000 classes, from an abstract init."""
-    model = models.create("resnet50", 1000)
+    model = jj.models.create("resnet50", 1000)
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False)
