@@ -19,6 +19,7 @@ def _check(num_devices=8, **parallel):
         {},
         {"backend": "pmap"},
         {"backend": "jit", "fsdp": 8},
+        {"fsdp": 4},  # the default backend, 'auto', runs sharded state under jit by itself
         {"backend": "jit", "fsdp": 2, "data": 4},
         {"backend": "jit", "fsdp": 4, "rules": ("head/kernel=none", "conv.*=3")},
     ],
@@ -37,7 +38,10 @@ def test_good_parallel_fields_pass(parallel):
             {"backend": "jit", "fsdp": 2, "data": 2},
             "`parallel.data` is 2; allowed: 0 (all devices not on 'fsdp') or 4",
         ),
-        ({"backend": "shard_map", "fsdp": 2}, "`parallel.backend` is 'shard_map'; allowed: 'jit'"),
+        (
+            {"backend": "shard_map", "fsdp": 2},
+            "`parallel.backend` is 'shard_map'; allowed: 'auto' or 'jit'",
+        ),
         ({"backend": "pmap", "fsdp": 4}, "pmap and shard_map run data parallelism only"),
         ({"rules": ("head/kernel",)}, "`parallel.rules` is ('head/kernel',)"),
         ({"rules": ("head/kernel=two",)}, "'pattern=dim' entries"),
