@@ -358,6 +358,49 @@ def test_unfinished_save_is_ignored(tmp_path, states):
     assert sorted(os.listdir(tmp_path)) == ["2", "3"]
 
 
+@pytest.mark.parametrize("attempt", range(3))  # thread timing varies: try it a few times
+def test_a_full_disk_is_reported_once_and_the_next_save_works(tmp_path, states, attempt):
+    """A save that hits ENOSPC half-way raises `CheckpointWriteError` (an `OSError` with that
+    errno) and leaves nothing; once space is back, the next save and `close` succeed. (Orbax keeps
+    the failed write's error in its thread and raises it again from every later wait.)"""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from jackpots_jax.io.checkpoints import CheckpointWriteError
+
+    handler = ocp.handlers.JsonCheckpointHandler
+    original = handler._save_fn
+    full = {"on": True}
+
+    async def fill_the_disk(self, x, directory):
+        if full["on"] and f"{os.sep}2.orbax-checkpoint-tmp" in os.fspath(directory):
+            path = directory / self._filename
+            path.write_text('{"partial')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+        return await original(self, x, directory)
+
+    handler._save_fn = fill_the_disk
+    try:
+        with Checkpointer(tmp_path, identity=IDENTITY, save_every_steps=1) as ckpt:
+            assert ckpt.save(1, states[1], {"at": 1})
+            with pytest.raises(CheckpointWriteError) as failed:
+                ckpt.save(2, states[2], {"at": 2})
+            assert failed.value.errno == errno.ENOSPC
+            assert "the checkpoint of step 2 could not be written" in str(failed.value)
+            assert "the newest complete checkpoint is step 1" in str(failed.value)
+            assert sorted(os.listdir(tmp_path)) == ["1"]
+            full["on"] = False  # space freed
+            assert ckpt.save(3, states[3], {"at": 3})
+        assert sorted(os.listdir(tmp_path)) == ["1", "3"]
+    finally:
+        handler._save_fn = original
+    with Checkpointer(tmp_path, identity=IDENTITY, save_every_steps=1) as ckpt:
+        restored, extra, step = ckpt.restore(states[0])
+    assert step == 3 and extra == {"at": 3}
+    assert_bit_identical(restored, states[3])
+
+
 def test_no_readable_checkpoint_raises(tmp_path, states):
     with Checkpointer(tmp_path, identity=IDENTITY, save_every_steps=1) as ckpt:
         ckpt.save(1, states[1], {})

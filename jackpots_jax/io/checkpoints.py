@@ -119,13 +119,20 @@ def _errno(err: BaseException) -> int | None:
 
 
 def _wait_for_orbax_threads(timeout: float = 120.0) -> None:
-    """Waits for orbax's writer threads (its futures; their class lives in orbax) to end."""
+    """Waits for orbax's writer threads (its futures; their class lives in orbax) to end.
+
+    Called after a failed save: orbax's threads re-raise their own error from `join`, and the
+    save's other items fail the same way (a full disk); that error is the one being reported.
+    """
     deadline = time.monotonic() + timeout
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and type(thread).__module__.startswith(
             "orbax."
         ):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - the same failure as the one `save` reports
+                pass
 
 
 def _reason(what: str, err: BaseException) -> str:
@@ -330,14 +337,23 @@ class Checkpointer:
             # process ending soon after (an error found before any step) leaves printing tracebacks.
             cleanup_tmp_directories=False,
         )
+        self._options = options
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._remove_unfinished()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        # An error is already on its way out (a failed save, an interrupted step): closing must
+        # not replace it with a second report of the same failure from orbax's threads.
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - logged; the first error is the one reported
+            logging.warning("closing the checkpoints in %s after an error: %s", self.directory, err)
 
     def latest_step(self) -> int | None:
         """The newest saved step (whether or not it is readable), or `None`."""
@@ -399,7 +415,7 @@ class Checkpointer:
             _wait_for_orbax_threads()
             # No barrier: the other processes may not have failed, and would never reach it.
             self._remove_unfinished(sync=False)
-            self._manager.reload()
+            self._reopen()
             code = _errno(err)
             newest = self._manager.latest_step()
             kept = (
@@ -548,6 +564,21 @@ class Checkpointer:
                         logging.warning("could not remove %s: %s", path, err)
         if sync and jax.process_count() > 1:
             ocp.multihost.sync_global_processes(f"jackpots_unfinished_{next(_barriers)}")
+
+    def _reopen(self) -> None:
+        """A fresh orbax manager on the folder after a failed save.
+
+        Orbax keeps the failed save's error in its writer thread and raises it again from every
+        later `wait_until_finished` (and so from `close` and the next `save`), whether or not the
+        save itself already raised it; which of the two happens first depends on thread timing.
+        The failure is reported once, by `save`; the old manager is dropped.
+        """
+        old = self._manager
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - the same failure, already reported by `save`
+            pass
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def close(self) -> None:
         """Waits for pending work and releases the manager."""
