@@ -40,6 +40,7 @@ from jackpots_jax.masks import (
     mask_churn,
     mask_overlap,
     masked_weights,
+    scores_from_masks,
     topk_masks,
 )
 from jackpots_jax.patterns import PATTERNS, Pattern, Structured
@@ -91,6 +92,7 @@ __all__ = [
     "refresh_masks",
     "replace_masks",
     "schedules",
+    "scores_from_masks",
     "search_optimizer",
     "short_restriction",
     "sparsity_report",

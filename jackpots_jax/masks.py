@@ -304,16 +304,7 @@ def init_scores(
         masks = topk_masks(magnitudes, budget)
         if method == "weight_magnitude":
             return magnitudes, masks
-        scores = map_budget(
-            lambda p, m: jnp.where(
-                unit_view(m, p) if _tiled(p) else m,
-                jnp.asarray(1.0, dtype),
-                jnp.asarray(1.0 - gap, dtype),
-            ),
-            budget,
-            masks,
-        )
-        return scores, masks
+        return scores_from_masks(masks, budget, gap=gap, dtype=dtype), masks
 
     leaves = [name for name, b in named_leaves(budget) if b is not None]
     keys = dict(zip(leaves, jax.random.split(key, max(len(leaves), 1)), strict=False))
@@ -332,6 +323,58 @@ def init_scores(
 
     scores = map_budget_with_path(draw, budget, params)
     return scores, topk_masks(scores, budget, rank_by=rank_by)
+
+
+def scores_from_masks(
+    masks: PyTree, budget: PyTree, *, gap: float = 0.01, dtype: Any = jnp.float32
+) -> PyTree:
+    """Scores whose masks are `masks`: 1.0 where kept, `1 - gap` where pruned.
+
+    The paper's magnitude init for any initial mask: a search can start from a one-shot
+    baseline's mask (Wanda's, SparseGPT's; a "prior", as MaskLLM calls it) exactly as it starts
+    from magnitude pruning's, with the same barrier `gap` between kept and pruned weights.
+    `init_scores(params, budget, 'magnitude')` is
+    `scores_from_masks(magnitude_masks, budget)`.
+
+    Args:
+      masks: bool masks with the budget's structure, keeping exactly the budget's count in
+        every leaf (under N:M, N of every group; tiled patterns: element or unit masks).
+      budget: from `layer_budgets`.
+      gap: > 0, the barrier between kept and pruned scores.
+      dtype: dtype of the scores.
+
+    Returns:
+      Scores with the budget's structure; `topk_masks(scores, budget)` gives back `masks`.
+
+    Raises:
+      ValueError: `gap` is not in (0, 1), or a leaf's mask keeps another number of weights than
+        its budget (checked on concrete masks; under `jit` the count is the caller's to keep).
+    """
+    if not 0 < gap < 1:
+        raise ValueError(
+            f"`gap` must be in (0, 1) (kept scores must rank above pruned), got {gap!r}"
+        )
+
+    problems = []
+
+    def score(name, p, m):
+        m = unit_view(m, p) if _tiled(p) else jnp.asarray(m, bool)
+        if not isinstance(m, jax.core.Tracer):
+            size = int(np.prod(p.score_shape)) if is_structured(p) else int(np.size(m))
+            pruned = int(p) // p.unit if is_structured(p) else int(p)
+            kept = int(np.count_nonzero(np.asarray(m)))
+            if np.size(m) != size or kept != size - pruned:
+                what = f"tiles of {p.unit} weights" if _tiled(p) else "entries"
+                problems.append(
+                    f"the mask of {name!r} keeps {kept} of {np.size(m)} {what}; its budget "
+                    f"keeps {size - pruned} of {size}"
+                )
+        return jnp.where(m, jnp.asarray(1.0, dtype), jnp.asarray(1.0 - gap, dtype))
+
+    scores = map_budget_with_path(score, budget, masks)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return scores
 
 
 def _tiled(entry: Any) -> bool:

@@ -303,3 +303,43 @@ def test_sparsegpt_errors_name_the_problem():
         baselines.sparsegpt(kernel, gram)
     with pytest.raises(KeyError, match="no Gram matrices for masked leaf 'k'"):
         baselines.sparsegpt_masks({"k": kernel}, {"k": 3}, {})
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:4"])
+def test_a_baseline_mask_as_the_search_init(pattern):
+    """`scores_from_masks` (a prior): the selection of its scores is the baseline's mask, kept
+    scores 1.0 and pruned ones 1 - gap, as the paper's magnitude init; a mask that keeps another
+    count than the budget is refused naming the leaf."""
+    rng = np.random.default_rng(3)
+    params = {
+        "a": {"kernel": rng.normal(size=(16, 8)).astype(np.float32)},
+        "b": {"kernel": rng.normal(size=(8, 12)).astype(np.float32)},
+    }
+    budget = jj.layer_budgets(params, 0.5, rule="uniform", pattern=pattern)
+    norms = {
+        "a/kernel": rng.uniform(0.1, 3.0, size=16).astype(np.float32),
+        "b/kernel": rng.uniform(0.1, 3.0, size=8).astype(np.float32),
+    }
+    comparison = "layer" if pattern.startswith("block") else "output"
+    masks = baselines.wanda_masks(params, budget, norms, comparison=comparison)
+    scores = jj.scores_from_masks(masks, budget, gap=0.05)
+    again = jj.topk_masks(scores, budget)
+    for name in ("a", "b"):
+        mask = np.asarray(masks[name]["kernel"])
+        np.testing.assert_array_equal(np.asarray(again[name]["kernel"]), mask)
+        s = np.asarray(scores[name]["kernel"])
+        unit = (
+            patterns.unit_view(mask, budget[name]["kernel"])
+            if pattern.startswith("block")
+            else mask
+        )
+        np.testing.assert_array_equal(s, np.where(np.asarray(unit), 1.0, 0.95).astype(np.float32))
+    # The paper's magnitude init is this function of the magnitude masks.
+    init, init_masks = jj.init_scores(params, budget, "magnitude", gap=0.05)
+    from_masks = jj.scores_from_masks(init_masks, budget, gap=0.05)
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(init[name]["kernel"], from_masks[name]["kernel"])
+    wrong = dict(masks, a={"kernel": np.ones((16, 8), bool)})
+    what = "8 of 8 tiles of 16 weights" if pattern == "block:4" else "128 of 128 entries"
+    with pytest.raises(ValueError, match=f"the mask of 'a/kernel' keeps {what}; its budget"):
+        jj.scores_from_masks(wrong, budget)
