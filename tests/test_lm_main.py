@@ -203,13 +203,17 @@ def test_tiny_language_model_jackpot(tiny_lm, tmp_path):
             np.exp(magnitude_nll / count),
             rtol=1e-4,
         )
-        losses = [
-            r["loss"]
+        train = [
+            r
             for r in metrics(workdir)
             if r.get("phase") == f"search_{tag}" and r.get("kind") == "train"
         ]
+        losses = [r["loss"] for r in train]
         assert len(losses) == 16
+        # Speed in tokens: a window of SEQ_LEN targets per example, not images.
+        assert all(r["tokens_per_s"] > 0 and "images_per_s" not in r for r in train)
         assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert " tok/s" in proc.stderr and " img/s" not in proc.stderr
     report = (workdir / "report.md").read_text()
     assert "## Sparsity by block (2:4)" in report and "| block 1 |" in report
     assert "## Sparsity by kind (unstructured)" in report and "| attention |" in report

@@ -89,3 +89,10 @@ def test_progress_shows_the_step_and_the_numbers(capsys, enabled):
         assert err == ""
         return
     assert "search" in err and "6/10" in err and "loss 0.2500 acc 50.00% 1,234 img/s" in err
+
+
+def test_progress_of_a_language_model_counts_tokens(capsys):
+    progress = Progress("search", total=10)
+    progress.update(3, 2.5, 0.25, 5120.0, "tok/s")
+    progress.close()
+    assert "loss 2.5000 acc 25.00% 5,120 tok/s" in capsys.readouterr().err

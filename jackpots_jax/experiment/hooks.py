@@ -17,8 +17,15 @@ from jackpots_jax.io.files import json_round_trip
 PyTree = Any
 
 
+# What a training example is made of, and how the progress bar abbreviates it per second.
+UNITS = {"images": "img/s", "tokens": "tok/s"}
+
+
 class TrainLog(Hook):
     """A `train` metrics record and a progress update at every logging point of the loop.
+
+    The record's speed is `images_per_s` (an image batch) or `tokens_per_s` (`unit="tokens"`,
+    `per_example` the tokens of one window of a language model's batch).
 
     On start it drops the phase's records past the step the loop starts from (a run resumed from
     its checkpoint, or restarted from scratch, logs those steps again).
@@ -34,7 +41,12 @@ class TrainLog(Hook):
         batch_size: int,
         learning_rate: optax.Schedule,
         show_progress: bool,
+        unit: str = "images",
+        per_example: int = 1,
     ):
+        if unit not in UNITS:
+            raise ValueError(f"unknown `unit` {unit!r}; allowed: {', '.join(UNITS)}")
+        self.unit, self.per_example = unit, int(per_example)
         self.metrics_log, self.phase = log, phase
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.batch_size, self.learning_rate = batch_size, learning_rate
@@ -46,6 +58,7 @@ class TrainLog(Hook):
         self.progress = Progress(self.phase, self.total_steps, step, self.show_progress)
 
     def log(self, step, sums, num_steps, seconds) -> None:
+        examples = num_steps * self.batch_size
         record = {
             "phase": self.phase,
             "kind": "train",
@@ -54,12 +67,14 @@ class TrainLog(Hook):
             "loss": float(sums["loss"]) / num_steps,
             "accuracy": float(sums["accuracy"]) / num_steps,
             "learning_rate": float(self.learning_rate(step - 1)),
-            "images_per_s": num_steps * self.batch_size / max(seconds, 1e-9),
+            f"{self.unit}_per_s": examples * self.per_example / max(seconds, 1e-9),
         }
         if "churn" in sums:
             record["churn"] = int(sums["churn"])
         self.metrics_log.write(record)
-        self.progress.update(step, record["loss"], record["accuracy"], record["images_per_s"])
+        self.progress.update(
+            step, record["loss"], record["accuracy"], record[f"{self.unit}_per_s"], UNITS[self.unit]
+        )
 
     def end(self, step: int) -> None:
         if self.progress is not None:

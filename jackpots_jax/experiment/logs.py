@@ -185,10 +185,12 @@ class Progress:
             mininterval=1.0,
         )
 
-    def update(self, step: int, loss: float, accuracy: float, images_per_s: float) -> None:
-        """Moves the bar to `step` and shows the window's loss, accuracy and images per second."""
+    def update(
+        self, step: int, loss: float, accuracy: float, per_second: float, unit: str = "img/s"
+    ) -> None:
+        """Moves the bar to `step` and shows the window's loss, accuracy and speed (`unit`)."""
         self._bar.set_postfix_str(
-            f"loss {loss:.4f} acc {100 * accuracy:.2f}% {images_per_s:,.0f} img/s", refresh=False
+            f"loss {loss:.4f} acc {100 * accuracy:.2f}% {per_second:,.0f} {unit}", refresh=False
         )
         self._bar.update(step - self._bar.n)
 

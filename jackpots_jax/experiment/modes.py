@@ -43,7 +43,7 @@ from absl import logging
 from jackpots_jax import data, models, parallel
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import config as config_lib
-from jackpots_jax.experiment import context, phases, recipes, report, studies
+from jackpots_jax.experiment import context, lm, phases, recipes, report, studies
 from jackpots_jax.experiment import workdir as workdir_lib
 from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Context
@@ -70,7 +70,7 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     mesh = parallel.make_mesh(num_devices, fsdp=config.parallel.fsdp)
     local_devices = mesh.devices.size // jax.process_count()
     if c.name in data.text.CORPORA:
-        tokens = _text_tokens(config)
+        tokens = lm.text_tokens(config)
         num_classes = config.model.num_classes or tokens.vocab_size
     else:
         info = data.prepare(c.name, c.data_dir or None, source_dir=c.source_dir or None)
@@ -95,7 +95,7 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
         if tokens.vocab_size > network.num_classes:
             raise ConfigError(
                 f"config field `model.num_classes` is {network.num_classes}, but the tokenizer "
-                f"of {_lm_weights_path(config)!r} has {tokens.vocab_size} ids; allowed: at least "
+                f"of {lm.weights_path(config)!r} has {tokens.vocab_size} ids; allowed: at least "
                 "the tokenizer's vocabulary (0: the tokenizer's)"
             )
         dataset = context.text_data(
@@ -143,77 +143,9 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
     )
 
 
-def _lm_weights_path(config: Config) -> str:
-    """A language model's `weights.path`; '' means the packaged GGUF for `smollm2_135m`.
-
-    Raises:
-      ConfigError: no path for a model that has no packaged weights.
-      FileNotFoundError: the packaged GGUF is not installed (says how to install it).
-    """
-    if config.weights.path:
-        return config.weights.path
-    if config.model.name == "smollm2_135m":
-        from jackpots_jax.io.llama_weights import smollm2_gguf_path
-
-        return smollm2_gguf_path()
-    raise ConfigError(
-        f"config field `weights.path` is '' for the language model {config.model.name!r}; "
-        "allowed: a GGUF file or a Hugging Face folder (config.json, model.safetensors and "
-        "tokenizer.json): its tokenizer makes the text data"
-    )
-
-
-def _text_tokens(config: Config):
-    """The corpus of `dataset.name` tokenized by the tokenizer of the weights file (cached)."""
-    from jackpots_jax.data.tokenizer import Tokenizer
-
-    path = _lm_weights_path(config)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"no language model at {path!r} (`weights.path`): give a GGUF file or a Hugging Face "
-            "folder (config.json, model.safetensors, tokenizer.json)"
-        )
-    try:
-        if path.endswith(".gguf"):
-            tokenizer = Tokenizer.from_gguf(path)
-        else:
-            folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-            tokenizer = Tokenizer.from_file(folder)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no tokenizer.json beside the weights {path!r} (`weights.path`): a Hugging Face "
-            "checkpoint needs its tokenizer.json (a GGUF file holds its own tokenizer)"
-        ) from None
-    except (ValueError, KeyError) as e:
-        raise FileContentError(f"`weights.path`: the tokenizer of {path!r}: {e}") from None
-    c = config.dataset
-    try:
-        return data.text.prepare_text(
-            c.name,
-            tokenizer,
-            cache_dir=c.data_dir or None,
-            corpus_path=c.source_dir or None,
-        )
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"`dataset.name` {c.name!r} (`dataset.source_dir`): {e}") from None
-    except ValueError as e:
-        raise ConfigError(
-            f"config field `dataset.name` is {c.name!r}, tokenized by the tokenizer of {path!r} "
-            f"(`weights.path`): {e}"
-        ) from None
-
-
-def _weights_recipe(ctx: Context, config: Config) -> recipes.WeightsRecipe:
-    """The config's `weights` group; a language model's default is its packaged GGUF."""
-    weights = recipes.weights_recipe(config, ctx.workdir)
-    if ctx.data.is_text:
-        weights = dataclasses.replace(weights, path=_lm_weights_path(config), named=True)
-    return weights
-
-
 def _weights(ctx: Context, config: Config) -> tuple[dict[str, PyTree], PyTree | None, str]:
     """The pre-trained variables the config names, their masks (or None), their fingerprint."""
-    return context.pretrained(ctx, _weights_recipe(ctx, config))
+    return context.pretrained(ctx, lm.weights_recipe(ctx, config))
 
 
 def _pattern_note(config: Config) -> str:
@@ -350,7 +282,7 @@ def _masks_to_evaluate(ctx: Context, config: Config, params: PyTree, weights_fin
         logging.warning("%s (search.allow_empty_layers=True)", message)
     saved = summary.get("weights_fingerprint")
     if saved is not None and saved != weights_fingerprint:
-        weights_path = _weights_recipe(ctx, config).path
+        weights_path = lm.weights_recipe(ctx, config).path
         message = (
             f"{where} was searched over other weights than {weights_path} "
             f"(`weights.path`): its {summary_path} records the weights fingerprint {saved}, these "
@@ -384,7 +316,7 @@ def run_evaluate(ctx: Context, config: Config) -> None:
             "jackpot's accuracy is reproduced only with the batch_stats.npz exported with its "
             "masks (set `--config.weights.batch_stats`)",
             config.weights.masks,
-            _weights_recipe(ctx, config).path,
+            lm.weights_recipe(ctx, config).path,
             BATCH_STATS,
         )
     sparsity = 0.0 if masks is None else phases.masks_sparsity(masks, params)
@@ -504,84 +436,9 @@ def _pretrain(ctx: Context, config: Config) -> dict[str, PyTree]:
     )
 
 
-def _patterns(config: Config) -> tuple[str, ...]:
-    return tuple(config.search.patterns) or (config.search.pattern,)
-
-
-def _tag(pattern: str) -> str:
-    """A pattern as a folder name: `2:4` -> `2of4`."""
-    return pattern.replace(":", "of")
-
-
-def run_language_model_jackpot(ctx: Context, config: Config) -> None:
-    """Dense perplexity, then for each of `search.patterns` magnitude pruning and a search.
-
-    Each search checkpoints in `<workdir>/search_<pattern>` and exports to
-    `<workdir>/export_<pattern>` (`2:4` written `2of4`); `report.md` gathers the rows and the
-    sparsity of every search by block and by kind (attention, MLP).
-    """
-    variables, _, weights_fingerprint = _weights(ctx, config)
-    params = variables["params"]
-    base = recipes.search_recipe(config)
-    searches = {p: dataclasses.replace(base, pattern=p) for p in _patterns(config)}
-    budgets = {p: r.budget(params, ctx.network.spec) for p, r in searches.items()}  # errors first
-    dense = phases.evaluate(ctx, params, {}, None)
-    context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
-    searched, magnitude = {}, {}
-    for pattern, recipe in searches.items():
-        _, magnitude[pattern] = init_scores(params, budgets[pattern], "magnitude")
-        row = phases.evaluate(ctx, params, {}, magnitude[pattern])
-        sparsity = phases.masks_sparsity(magnitude[pattern], params)
-        context.record_result(
-            ctx,
-            {"model": f"magnitude pruning ({pattern})", "sparsity": sparsity, **row},
-        )
-        state, budget = phases.search(
-            ctx,
-            params,
-            {},
-            recipe,
-            seed=config.seed,
-            fingerprint=weights_fingerprint,
-            allow_schedule_change=config.checkpoint.allow_schedule_change,
-            phase=f"search_{_tag(pattern)}",
-        )
-        row = {
-            "model": f"jackpot ({pattern})",
-            "sparsity": phases.masks_sparsity(state.masks, params),
-            "note": f"{recipe.init} init, {recipe.rule} budget, "
-            f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
-            **phases.evaluate(ctx, params, {}, state.masks),
-        }
-        context.record_result(ctx, row)
-        phases.export(
-            ctx,
-            params,
-            state,
-            budget,
-            config=config.to_dict(),
-            metrics=row,
-            fingerprint=weights_fingerprint,
-            directory=f"export_{_tag(pattern)}",
-        )
-        searched[pattern] = jax.device_get(state.masks)
-    if ctx.is_main:
-        path = phases.write_lm_report(
-            ctx,
-            params,
-            searched,
-            {p: jax.device_get(m) for p, m in magnitude.items()},
-            title=f"Lottery jackpots: {ctx.model_name} on {config.dataset.name}, "
-            f"{ctx.data.seq_len}-token windows",
-            config=config.to_dict(),
-        )
-        print(report.results_table(context.results(ctx)))
-        print(f"\nreport: {path}")
-
-
 def run_jackpot(ctx: Context, config: Config) -> None:
     if ctx.data.is_text:
-        return run_language_model_jackpot(ctx, config)
+        return lm.run_jackpot(ctx, config)
     recipe = recipes.search_recipe(config)
     weights = recipes.weights_recipe(config, ctx.workdir)
     if weights.missing():

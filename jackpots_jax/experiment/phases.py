@@ -177,6 +177,7 @@ def pretrain(
             batch_size=recipe.batch_size,
             learning_rate=lr,
             show_progress=ctx.is_main,
+            **_throughput(ctx),
         ),
         EvaluateEveryEpochs(
             ctx.log,
@@ -294,6 +295,7 @@ def search(
             batch_size=recipe.batch_size,
             learning_rate=optax.cosine_decay_schedule(recipe.learning_rate, total_steps),
             show_progress=ctx.is_main,
+            **_throughput(ctx),
         ),
         ChurnPerEpoch(ctx.log, phase, kept),
         EvaluateEveryEpochs(
@@ -358,6 +360,13 @@ def _optimizer(ctx: Context, recipe: SearchRecipe, budget: PyTree, scores: PyTre
         selection=ctx.devices.search_selection,
         layout=ctx.devices.layout(scores),
     )
+
+
+def _throughput(ctx: Context) -> dict[str, Any]:
+    """`TrainLog`'s speed unit: images, or the tokens of a language model's windows."""
+    if ctx.data.is_text:
+        return {"unit": "tokens", "per_example": ctx.data.seq_len}
+    return {}
 
 
 def _masked(params: PyTree, budget: PyTree):

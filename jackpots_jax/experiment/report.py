@@ -15,7 +15,8 @@ PNG.
 Metric records (one JSON dict per line):
 
 * `{"phase", "kind": "train", "step", "epoch", "loss", "accuracy", "learning_rate",
-  "images_per_s"}` (search lines may carry `"churn"` too);
+  "images_per_s"}` (`"tokens_per_s"` for a language model; search lines may carry `"churn"`
+  too);
 * `{"phase", "kind": "eval", "step", "epoch", "accuracy", "loss", "count"}`;
 * `{"phase": "search", "kind": "churn", "epoch", "churn", "churn_per_layer", "kept"}`: entries
   flipped during that search epoch, summed over its steps.

@@ -1,0 +1,170 @@
+"""Language-model jobs of the command line: the text corpus, the weights, the jackpot job.
+
+A config whose `dataset.name` is a text corpus (`data.text.CORPORA`) runs a Llama-family model:
+`text_tokens` tokenizes the corpus with the tokenizer the weights carry, `weights_recipe` points
+`weights.path` '' at the packaged SmolLM2 GGUF, and `run_jackpot` is the `jackpot` mode (dense
+perplexity, then magnitude pruning and a search for each of `search.patterns`). The other modes
+(`search`, `evaluate`, `prune`, `export`) are the image modes of `experiment.modes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from jackpots_jax import data
+from jackpots_jax.experiment import context, phases, recipes, report
+from jackpots_jax.experiment.config import ConfigError
+from jackpots_jax.experiment.context import Context
+from jackpots_jax.io.errors import FileContentError
+from jackpots_jax.masks import init_scores
+
+PyTree = Any
+Config = ml_collections.ConfigDict
+
+
+def weights_path(config: Config) -> str:
+    """A language model's `weights.path`; '' means the packaged GGUF for `smollm2_135m`.
+
+    Raises:
+      ConfigError: no path for a model that has no packaged weights.
+      FileNotFoundError: the packaged GGUF is not installed (says how to install it).
+    """
+    if config.weights.path:
+        return config.weights.path
+    if config.model.name == "smollm2_135m":
+        from jackpots_jax.io.llama_weights import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    raise ConfigError(
+        f"config field `weights.path` is '' for the language model {config.model.name!r}; "
+        "allowed: a GGUF file or a Hugging Face folder (config.json, model.safetensors and "
+        "tokenizer.json): its tokenizer makes the text data"
+    )
+
+
+def text_tokens(config: Config):
+    """The corpus of `dataset.name` tokenized by the tokenizer of the weights file (cached)."""
+    from jackpots_jax.data.tokenizer import Tokenizer
+
+    path = weights_path(config)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no language model at {path!r} (`weights.path`): give a GGUF file or a Hugging Face "
+            "folder (config.json, model.safetensors, tokenizer.json)"
+        )
+    try:
+        if path.endswith(".gguf"):
+            tokenizer = Tokenizer.from_gguf(path)
+        else:
+            folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+            tokenizer = Tokenizer.from_file(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no tokenizer.json beside the weights {path!r} (`weights.path`): a Hugging Face "
+            "checkpoint needs its tokenizer.json (a GGUF file holds its own tokenizer)"
+        ) from None
+    except (ValueError, KeyError) as e:
+        raise FileContentError(f"`weights.path`: the tokenizer of {path!r}: {e}") from None
+    c = config.dataset
+    try:
+        return data.text.prepare_text(
+            c.name,
+            tokenizer,
+            cache_dir=c.data_dir or None,
+            corpus_path=c.source_dir or None,
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"`dataset.name` {c.name!r} (`dataset.source_dir`): {e}") from None
+    except ValueError as e:
+        raise ConfigError(
+            f"config field `dataset.name` is {c.name!r}, tokenized by the tokenizer of {path!r} "
+            f"(`weights.path`): {e}"
+        ) from None
+
+
+def weights_recipe(ctx: Context, config: Config) -> recipes.WeightsRecipe:
+    """The config's `weights` group; a language model's default is its packaged GGUF."""
+    weights = recipes.weights_recipe(config, ctx.workdir)
+    if ctx.data.is_text:
+        weights = dataclasses.replace(weights, path=weights_path(config), named=True)
+    return weights
+
+
+def _patterns(config: Config) -> tuple[str, ...]:
+    return tuple(config.search.patterns) or (config.search.pattern,)
+
+
+def _tag(pattern: str) -> str:
+    """A pattern as a folder name: `2:4` -> `2of4`."""
+    return pattern.replace(":", "of")
+
+
+def run_jackpot(ctx: Context, config: Config) -> None:
+    """Dense perplexity, then for each of `search.patterns` magnitude pruning and a search.
+
+    Each search checkpoints in `<workdir>/search_<pattern>` and exports to
+    `<workdir>/export_<pattern>` (`2:4` written `2of4`); `report.md` gathers the rows and the
+    sparsity of every search by block and by kind (attention, MLP).
+    """
+    variables, _, weights_fingerprint = context.pretrained(ctx, weights_recipe(ctx, config))
+    params = variables["params"]
+    base = recipes.search_recipe(config)
+    searches = {p: dataclasses.replace(base, pattern=p) for p in _patterns(config)}
+    budgets = {p: r.budget(params, ctx.network.spec) for p, r in searches.items()}  # errors first
+    dense = phases.evaluate(ctx, params, {}, None)
+    context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
+    searched, magnitude = {}, {}
+    for pattern, recipe in searches.items():
+        _, magnitude[pattern] = init_scores(params, budgets[pattern], "magnitude")
+        row = phases.evaluate(ctx, params, {}, magnitude[pattern])
+        sparsity = phases.masks_sparsity(magnitude[pattern], params)
+        context.record_result(
+            ctx,
+            {"model": f"magnitude pruning ({pattern})", "sparsity": sparsity, **row},
+        )
+        state, budget = phases.search(
+            ctx,
+            params,
+            {},
+            recipe,
+            seed=config.seed,
+            fingerprint=weights_fingerprint,
+            allow_schedule_change=config.checkpoint.allow_schedule_change,
+            phase=f"search_{_tag(pattern)}",
+        )
+        row = {
+            "model": f"jackpot ({pattern})",
+            "sparsity": phases.masks_sparsity(state.masks, params),
+            "note": f"{recipe.init} init, {recipe.rule} budget, "
+            f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
+            **phases.evaluate(ctx, params, {}, state.masks),
+        }
+        context.record_result(ctx, row)
+        phases.export(
+            ctx,
+            params,
+            state,
+            budget,
+            config=config.to_dict(),
+            metrics=row,
+            fingerprint=weights_fingerprint,
+            directory=f"export_{_tag(pattern)}",
+        )
+        searched[pattern] = jax.device_get(state.masks)
+    if ctx.is_main:
+        path = phases.write_lm_report(
+            ctx,
+            params,
+            searched,
+            {p: jax.device_get(m) for p, m in magnitude.items()},
+            title=f"Lottery jackpots: {ctx.model_name} on {config.dataset.name}, "
+            f"{ctx.data.seq_len}-token windows",
+            config=config.to_dict(),
+        )
+        print(report.results_table(context.results(ctx)))
+        print(f"\nreport: {path}")
