@@ -219,6 +219,98 @@ def test_tiny_language_model_jackpot(tiny_lm, tmp_path):
     assert "## Sparsity by kind (unstructured)" in report and "| attention |" in report
 
 
+def _kernel_inputs_torch(model, inputs):
+    """Each projection's inputs `[rows, in]` on a batch of windows, by PyTorch forward hooks."""
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for kind, module in (("attn", layer.self_attn), ("mlp", layer.mlp)):
+            for proj, linear in module.named_children():
+                if hasattr(linear, "weight"):
+                    name = f"layers/{i}/{kind}/{proj}/kernel"
+
+                    def hook(_, args, __, name=name):
+                        seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+
+                    hooks.append(linear.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.from_numpy(inputs))
+    for h in hooks:
+        h.remove()
+    return {k: v.numpy() for k, v in seen.items()}
+
+
+def _wanda_2of4(model, norms):
+    """Wanda's 2:4 masks (Sun et al.): per output, in every 4 consecutive inputs keep the two
+    largest |W_ij| ||X_j||_2 (ties to the lower input)."""
+    out = {}
+    for name, norm in norms.items():
+        i, kind, proj = name.split("/")[1:4]
+        layer = getattr(model.model.layers[int(i)], "self_attn" if kind == "attn" else "mlp")
+        w = np.abs(getattr(layer, proj).weight.detach().double().numpy().T)  # [in, out]
+        score = (w * norm[:, None]).reshape(w.shape[0] // 4, 4, w.shape[1])
+        rank = np.argsort(np.argsort(-score, axis=1, kind="stable"), axis=1)
+        out[name] = (rank < 2).reshape(w.shape)
+    return out
+
+
+@pytest.mark.slow
+def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
+    """Wanda and SparseGPT rows beside magnitude pruning, and searches from magnitude's and from
+    SparseGPT's mask. The Wanda row is checked against Wanda written here on PyTorch activations
+    of the same calibration windows."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    windows = 6
+    proc = run_main(
+        "lm_smollm2.py:tiny",
+        workdir,
+        *_args(tiny_lm, cache),
+        "--config.search.patterns=('2:4',)",
+        "--config.search.inits=('magnitude', 'sparsegpt')",
+        "--config.prune.baselines=('wanda', 'sparsegpt')",
+        f"--config.prune.calibration_windows={windows}",
+        "--config.prune.calibration_batch=4",  # a last batch of 2
+        "--config.search.max_steps=8",
+        timeout=900,
+    )
+    check_ok(proc)
+    rows = results(workdir)
+    assert set(rows) == {
+        "dense",
+        "magnitude pruning (2:4)",
+        "Wanda (2:4)",
+        "SparseGPT mask, weights frozen (2:4)",
+        "SparseGPT, weights changed (2:4)",
+        "jackpot (2:4, from magnitude)",
+        "jackpot (2:4, from sparsegpt)",
+    }
+    for row in rows.values():
+        assert row["sparsity"] == pytest.approx(0.0 if row is rows["dense"] else 0.5)
+
+    # The calibration windows: `windows` of the training stream drawn with the seed (0).
+    (cache_file,) = glob.glob(str(cache / "fortunes-*.npz"))
+    with np.load(cache_file) as f:
+        train, valid = f["train_tokens"], f["validation_tokens"]
+    available = (len(train) - 1) // SEQ_LEN
+    chosen = np.sort(np.random.default_rng(0).choice(available, windows, replace=False))
+    calibration = train[chosen[:, None] * SEQ_LEN + np.arange(SEQ_LEN)]
+    model = tiny_lm["model"]
+    acts = _kernel_inputs_torch(model, calibration)
+    wanda = _wanda_2of4(model, {k: np.sqrt((x**2).sum(0)) for k, x in acts.items()})
+    inputs, targets, weights = _validation_windows(valid, SEQ_LEN, bos=256)
+    nll, count = _torch_nll(_masked_model(model, wanda), inputs, targets, weights)
+    np.testing.assert_allclose(rows["Wanda (2:4)"]["perplexity"], np.exp(nll / count), rtol=1e-4)
+
+    masks = {}
+    for init in ("magnitude", "sparsegpt"):
+        with np.load(workdir / f"export_2of4_{init}" / "masks.npz") as f:
+            masks[init] = {k: f[k].astype(bool) for k in f.files}
+        for name, mask in masks[init].items():
+            groups = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1]).sum(1)
+            assert (groups == 2).all(), (init, name)
+    # Two starting masks, two jackpots.
+    assert any((masks["magnitude"][k] != masks["sparsegpt"][k]).any() for k in masks["magnitude"])
+
+
 def test_missing_text_data(tiny_lm, tmp_path):
     missing = tmp_path / "no_corpus"
     proc = run_main(
@@ -231,6 +323,21 @@ def test_missing_text_data(tiny_lm, tmp_path):
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert str(missing) in line and "dataset" in line
+
+
+def test_more_calibration_windows_than_the_text_holds(tiny_lm, tmp_path):
+    proc = run_main(
+        "lm_smollm2.py:tiny",
+        tmp_path / "run",
+        *_args(tiny_lm, tmp_path / "cache"),
+        "--config.prune.baselines=('wanda',)",
+        "--config.prune.calibration_windows=100000",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "`prune.calibration_windows` is 100000" in line and "allowed: 1 to" in line
+    assert not (tmp_path / "run" / "results.json").exists()  # before any evaluation
 
 
 def test_weights_do_not_fit_the_config(tiny_lm, tmp_path):

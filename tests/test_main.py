@@ -479,6 +479,10 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
         (["--config.search.sparsity=1.0"], "`search.sparsity` is 1.0"),
         (["--config.search.batch_size=12"], "`search.batch_size` is 12"),
         (["--config.search.rule=magnitude"], "`search.rule` is 'magnitude'"),
+        # Calibrated one-shot baselines and priors are a language model's.
+        (["--config.prune.baselines=('wanda',)"], "`prune.baselines` is ('wanda',)"),
+        (["--config.search.init=sparsegpt"], "a language model also takes 'wanda'"),
+        (["--config.search.inits=('magnitude',)"], "`search.inits` is ('magnitude',)"),
     ],
 )
 def test_bad_config_values(tmp_path, fmnist_source, overrides, message):

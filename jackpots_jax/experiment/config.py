@@ -20,6 +20,9 @@ import ml_collections
 SCHEDULES = ("constant", "cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
 VARIANTS = ("pretrain", "tiny", "tiny_pretrain")
+# One-shot baselines calibrated on a language model's inputs: rows of its jackpot job
+# (`prune.baselines`) and masks a search can start from (`search.init`, `search.inits`).
+CALIBRATED = ("wanda", "sparsegpt")
 
 
 class ConfigError(ValueError):
@@ -71,8 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
         at 1 - N/M: `sparsity` must say so (`2:4` needs `sparsity=0.5`), it is never overridden
         silently; block and channel patterns round each leaf's count down to whole tiles.
         `patterns`: a language-model jackpot job searches each of these patterns in turn, all at
-        `sparsity` (empty: `pattern` alone).
-      prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`.
+        `sparsity` (empty: `pattern` alone). `inits`: a language-model jackpot job runs one
+        search per pattern from each of these inits (empty: `init` alone); a language model
+        also takes the inits `wanda` and `sparsegpt`: the search starts from that one-shot
+        baseline's mask (`jj.scores_from_masks`, with `gap`).
+      prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`;
+        for a language model, `baselines` (one-shot rows besides magnitude pruning: `wanda`,
+        `sparsegpt`, the latter as two rows, its mask over the frozen weights and its updated
+        weights), calibrated on `calibration_windows` training windows drawn with the seed,
+        `calibration_batch` windows at a time; `sparsegpt_blocksize`, `sparsegpt_damp`.
       eval: `batch_size`, `every_epochs`.
       checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
         schedule fields changed since its checkpoint, e.g. `search.epochs` or
@@ -152,10 +162,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.pattern = "unstructured"
     c.search.indivisible = "error"
     c.search.patterns = ()
+    c.search.inits = ()
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
     c.prune.bn_batches = 100
+    c.prune.baselines = ()
+    c.prune.calibration_windows = 32
+    c.prune.calibration_batch = 4
+    c.prune.sparsegpt_blocksize = 128
+    c.prune.sparsegpt_damp = 0.01
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 1000
@@ -235,8 +251,11 @@ def check(
     _int("dataset.seq_len", c.dataset.seq_len, 0)
     if c.dataset.name in data.text.CORPORA:
         _check_language_model(c)
-    elif c.search.patterns:
-        _fail("search.patterns", c.search.patterns, "() for an image dataset (use search.pattern)")
+    else:
+        for name in ("search.patterns", "search.inits", "prune.baselines"):
+            group, field = name.split(".")
+            if value := c[group][field]:
+                _fail(name, value, "() for an image dataset (a field of language-model jobs)")
     _int("dataset.num_train", c.dataset.num_train, 0)
     _int("dataset.num_eval", c.dataset.num_eval, 0)
     _choice("dataset.dtype", c.dataset.dtype, DTYPES)
@@ -257,7 +276,18 @@ def check(
     s = c.search
     _number("search.sparsity", s.sparsity, 0.0, 1.0, hi_open=True)
     _choice("search.rule", s.rule, tuple(r for r in RULES if r != "explicit"))
-    _choice("search.init", s.init, tuple(INIT_METHODS))
+    text = c.dataset.name in data.text.CORPORA
+    for field, init in (("search.init", s.init), *(("search.inits", i) for i in s.inits)):
+        if init in CALIBRATED and not text:
+            _fail(field, init, f"{', '.join(map(repr, INIT_METHODS))} (a language model also "
+                  "takes 'wanda' and 'sparsegpt', calibrated on its text)")  # fmt: skip
+        _choice(field, init, (*INIT_METHODS, *CALIBRATED) if text else tuple(INIT_METHODS))
+    for method in c.prune.baselines:
+        _choice("prune.baselines", method, CALIBRATED)
+    _int("prune.calibration_windows", c.prune.calibration_windows, 1)
+    _int("prune.calibration_batch", c.prune.calibration_batch, 1)
+    _int("prune.sparsegpt_blocksize", c.prune.sparsegpt_blocksize, 1)
+    _number("prune.sparsegpt_damp", c.prune.sparsegpt_damp, 0.0, math.inf)
     if not 0 < s.gap < 1:
         _fail("search.gap", s.gap, "a number in (0, 1)")
     for pattern in s.dense or ():

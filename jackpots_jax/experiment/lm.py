@@ -14,11 +14,15 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from absl import logging
 
-from jackpots_jax import data
+from jackpots_jax import baselines, data
+from jackpots_jax._tree import named_leaves
 from jackpots_jax.experiment import context, phases, recipes, report
-from jackpots_jax.experiment.config import ConfigError
+from jackpots_jax.experiment.config import CALIBRATED, ConfigError
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.io.errors import FileContentError
 from jackpots_jax.masks import init_scores
@@ -104,58 +108,158 @@ def _tag(pattern: str) -> str:
     return pattern.replace(":", "of")
 
 
-def run_jackpot(ctx: Context, config: Config) -> None:
-    """Dense perplexity, then for each of `search.patterns` magnitude pruning and a search.
+def calibration_stats(
+    ctx: Context,
+    params: PyTree,
+    budget: PyTree,
+    *,
+    num_windows: int,
+    batch_size: int,
+    seed: int,
+    gram: bool,
+) -> dict[str, baselines.CalibrationStats]:
+    """Statistics of every masked kernel's inputs on `num_windows` training windows.
 
-    Each search checkpoints in `<workdir>/search_<pattern>` and exports to
-    `<workdir>/export_<pattern>` (`2:4` written `2of4`); `report.md` gathers the rows and the
-    sparsity of every search by block and by kind (attention, MLP).
+    The windows are drawn without replacement with `seed` from the training stream (in order of
+    their position), run through the dense model `batch_size` at a time (`kernel_inputs`, under
+    one `jit`), and folded into `baselines.update_stats`: input norms for Wanda and, with
+    `gram`, `X^T X` for SparseGPT.
+
+    Raises:
+      ConfigError: more windows asked for than the training stream holds.
+    """
+    from jackpots_jax.models import llama
+
+    text, seq_len = ctx.data.tokens, ctx.data.seq_len
+    available = data.text.num_train_windows(len(text.train_tokens), seq_len)
+    if num_windows > available:
+        raise ConfigError(
+            f"config field `prune.calibration_windows` is {num_windows}, but the training text "
+            f"holds {available} windows of {seq_len} tokens; allowed: 1 to {available}"
+        )
+    windows = np.sort(np.random.default_rng(seed).choice(available, num_windows, replace=False))
+    dims = {n: int(np.shape(w)[0]) for n, w in named_leaves(params) if n in _masked(budget)}
+    graphdef = ctx.network.module
+
+    @jax.jit
+    def fold(stats, params, tokens):
+        return baselines.update_stats(stats, llama.kernel_inputs(graphdef, params, tokens))
+
+    stats = baselines.init_stats(dims, gram=gram)
+    for start in range(0, num_windows, batch_size):
+        batch = data.text.train_windows(
+            text.train_tokens, windows[start : start + batch_size], seq_len, text.bos_id
+        )
+        stats = fold(stats, params, jnp.asarray(batch["inputs"]))
+    return stats
+
+
+def _masked(budget: PyTree) -> set[str]:
+    return {n for n, b in named_leaves(budget) if b is not None}
+
+
+def run_jackpot(ctx: Context, config: Config) -> None:
+    """Dense perplexity, then for each of `search.patterns` one-shot rows and searches.
+
+    For every pattern: magnitude pruning; the calibrated baselines of `prune.baselines` (Wanda's
+    mask; SparseGPT's mask over the frozen weights, and SparseGPT with its updated weights); then
+    one search from each init of `search.inits` (or `search.init`), `wanda` and `sparsegpt`
+    starting from that baseline's mask. A search checkpoints in `<workdir>/search_<pattern>`
+    and exports to `<workdir>/export_<pattern>` (`2:4` written `2of4`; with several inits,
+    `_<init>` is appended); `report.md` gathers the rows and the sparsity of every search by
+    block and by kind (attention, MLP).
     """
     variables, _, weights_fingerprint = context.pretrained(ctx, weights_recipe(ctx, config))
     params = variables["params"]
     base = recipes.search_recipe(config)
     searches = {p: dataclasses.replace(base, pattern=p) for p in _patterns(config)}
     budgets = {p: r.budget(params, ctx.network.spec) for p, r in searches.items()}  # errors first
+    inits = tuple(config.search.inits) or (config.search.init,)
+    methods = tuple(config.prune.baselines)
+    calibrated = set(methods) | (set(inits) & set(CALIBRATED))
+    stats = None
+    if calibrated:
+        p = config.prune
+        stats = calibration_stats(
+            ctx,
+            params,
+            next(iter(budgets.values())),
+            num_windows=p.calibration_windows,
+            batch_size=p.calibration_batch,
+            seed=config.seed,
+            gram="sparsegpt" in calibrated,
+        )
+        logging.info(
+            "calibration: %d training windows of %d tokens", p.calibration_windows, ctx.data.seq_len
+        )
     dense = phases.evaluate(ctx, params, {}, None)
     context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
     searched, magnitude = {}, {}
     for pattern, recipe in searches.items():
-        _, magnitude[pattern] = init_scores(params, budgets[pattern], "magnitude")
-        row = phases.evaluate(ctx, params, {}, magnitude[pattern])
-        sparsity = phases.masks_sparsity(magnitude[pattern], params)
-        context.record_result(
-            ctx,
-            {"model": f"magnitude pruning ({pattern})", "sparsity": sparsity, **row},
-        )
-        state, budget = phases.search(
-            ctx,
-            params,
-            {},
-            recipe,
-            seed=config.seed,
-            fingerprint=weights_fingerprint,
-            allow_schedule_change=config.checkpoint.allow_schedule_change,
-            phase=f"search_{_tag(pattern)}",
-        )
-        row = {
-            "model": f"jackpot ({pattern})",
-            "sparsity": phases.masks_sparsity(state.masks, params),
-            "note": f"{recipe.init} init, {recipe.rule} budget, "
-            f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
-            **phases.evaluate(ctx, params, {}, state.masks),
-        }
-        context.record_result(ctx, row)
-        phases.export(
-            ctx,
-            params,
-            state,
-            budget,
-            config=config.to_dict(),
-            metrics=row,
-            fingerprint=weights_fingerprint,
-            directory=f"export_{_tag(pattern)}",
-        )
-        searched[pattern] = jax.device_get(state.masks)
+        budget = budgets[pattern]
+        _, magnitude[pattern] = init_scores(params, budget, "magnitude")
+        oneshot = {"magnitude": magnitude[pattern]}
+        rows = [("magnitude", "magnitude pruning", params, magnitude[pattern])]
+        if "wanda" in calibrated:
+            oneshot["wanda"] = baselines.wanda_masks(params, budget, stats)
+            rows.append(("wanda", "Wanda", params, oneshot["wanda"]))
+        if "sparsegpt" in calibrated:
+            masks, weights = baselines.sparsegpt_masks(
+                params,
+                budget,
+                stats,
+                blocksize=config.prune.sparsegpt_blocksize,
+                percdamp=config.prune.sparsegpt_damp,
+            )
+            oneshot["sparsegpt"] = masks
+            rows.append(("sparsegpt", "SparseGPT mask, weights frozen", params, masks))
+            rows.append(("sparsegpt", "SparseGPT, weights changed", weights, masks))
+        for method, name, weights, masks in rows:
+            if method != "magnitude" and method not in methods:
+                continue  # a prior of a search only, not a row asked for
+            row = phases.evaluate(ctx, weights, {}, masks)
+            context.record_result(
+                ctx,
+                {
+                    "model": f"{name} ({pattern})",
+                    "sparsity": phases.masks_sparsity(masks, params),
+                    **row,
+                },
+            )
+        for init in inits:
+            label = pattern if len(inits) == 1 else f"{pattern}, from {init}"
+            tag = _tag(pattern) if len(inits) == 1 else f"{_tag(pattern)}_{init}"
+            state, budget = phases.search(
+                ctx,
+                params,
+                {},
+                dataclasses.replace(recipe, init=init),
+                seed=config.seed,
+                fingerprint=weights_fingerprint,
+                allow_schedule_change=config.checkpoint.allow_schedule_change,
+                phase=f"search_{tag}",
+                prior=oneshot.get(init) if init in CALIBRATED else None,
+            )
+            row = {
+                "model": f"jackpot ({label})",
+                "sparsity": phases.masks_sparsity(state.masks, params),
+                "note": f"{init} init, {recipe.rule} budget, "
+                f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
+                **phases.evaluate(ctx, params, {}, state.masks),
+            }
+            context.record_result(ctx, row)
+            phases.export(
+                ctx,
+                params,
+                state,
+                budget,
+                config=config.to_dict(),
+                metrics=row,
+                fingerprint=weights_fingerprint,
+                directory=f"export_{tag}",
+            )
+            searched[label] = jax.device_get(state.masks)
+            magnitude[label] = magnitude[pattern]
     if ctx.is_main:
         path = phases.write_lm_report(
             ctx,

@@ -41,7 +41,7 @@ from jackpots_jax.experiment.hooks import (
 from jackpots_jax.experiment.loop import train_loop
 from jackpots_jax.experiment.recipes import SearchRecipe, TrainRecipe
 from jackpots_jax.io.export import export_jackpot
-from jackpots_jax.masks import init_scores, mask_overlap
+from jackpots_jax.masks import init_scores, mask_overlap, scores_from_masks
 from jackpots_jax.models.spec import layer_groups
 from jackpots_jax.patterns import is_structured
 from jackpots_jax.sparsity import sparsity_report
@@ -256,8 +256,13 @@ def search(
     fingerprint: str,
     allow_schedule_change: bool = False,
     phase: str = "search",
+    prior: PyTree | None = None,
 ) -> tuple[Any, PyTree]:
     """The jackpot search from frozen `params`; returns the final `SearchState` and its budget.
+
+    The initial scores are `recipe.init`'s, or with `prior` (masks at the recipe's budget, e.g. a
+    one-shot baseline's) `scores_from_masks(prior, budget, gap=recipe.gap)`: the search starts
+    from that mask as the paper's magnitude init starts from magnitude pruning's.
 
     Resumes from `<workdir>/search/checkpoints` when a checkpoint of the same run is there; one of
     other weights (`fingerprint`), budget or model is refused, and so is one made under another
@@ -268,9 +273,12 @@ def search(
     budget = recipe.budget(params, ctx.network.spec)
     total_steps, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
     key_init, key_state = jax.random.split(jax.random.key(seed + 2))
-    scores, _ = init_scores(
-        params, budget, recipe.init, key_init, gap=recipe.gap, rank_by=recipe.rank_by
-    )
+    if prior is None:
+        scores, _ = init_scores(
+            params, budget, recipe.init, key_init, gap=recipe.gap, rank_by=recipe.rank_by
+        )
+    else:
+        scores = scores_from_masks(prior, budget, gap=recipe.gap)
     tx = _optimizer(ctx, recipe, budget, scores, total_steps)
     state = create_search_state(
         scores, tx, batch_stats=batch_stats, rng=jax.random.key_data(key_state)
