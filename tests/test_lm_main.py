@@ -255,23 +255,12 @@ def _wanda_2of4(model, norms):
 
 @pytest.mark.slow
 def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
-    """Wanda and SparseGPT rows beside magnitude pruning, and searches from magnitude's and from
-    SparseGPT's mask. The Wanda row is checked against Wanda written here on PyTorch activations
-    of the same calibration windows."""
+    """`configs/lm_2of4.py:tiny`: Wanda and SparseGPT rows beside magnitude pruning, and searches
+    from magnitude's, Wanda's and SparseGPT's masks. The Wanda row is checked against Wanda
+    written here on PyTorch activations of the same calibration windows."""
     workdir, cache = tmp_path / "run", tmp_path / "cache"
-    windows = 6
-    proc = run_main(
-        "lm_smollm2.py:tiny",
-        workdir,
-        *_args(tiny_lm, cache),
-        "--config.search.patterns=('2:4',)",
-        "--config.search.inits=('magnitude', 'sparsegpt')",
-        "--config.prune.baselines=('wanda', 'sparsegpt')",
-        f"--config.prune.calibration_windows={windows}",
-        "--config.prune.calibration_batch=4",  # a last batch of 2
-        "--config.search.max_steps=8",
-        timeout=900,
-    )
+    windows = 6  # prune.calibration_windows of the tiny variant
+    proc = run_main("lm_2of4.py:tiny", workdir, *_args(tiny_lm, cache), timeout=900)
     check_ok(proc)
     rows = results(workdir)
     assert set(rows) == {
@@ -281,6 +270,7 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
         "SparseGPT mask, weights frozen (2:4)",
         "SparseGPT, weights changed (2:4)",
         "jackpot (2:4, from magnitude)",
+        "jackpot (2:4, from wanda)",
         "jackpot (2:4, from sparsegpt)",
     }
     for row in rows.values():
@@ -301,14 +291,15 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
     np.testing.assert_allclose(rows["Wanda (2:4)"]["perplexity"], np.exp(nll / count), rtol=1e-4)
 
     masks = {}
-    for init in ("magnitude", "sparsegpt"):
+    for init in ("magnitude", "wanda", "sparsegpt"):
         with np.load(workdir / f"export_2of4_{init}" / "masks.npz") as f:
             masks[init] = {k: f[k].astype(bool) for k in f.files}
         for name, mask in masks[init].items():
             groups = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1]).sum(1)
             assert (groups == 2).all(), (init, name)
-    # Two starting masks, two jackpots.
-    assert any((masks["magnitude"][k] != masks["sparsegpt"][k]).any() for k in masks["magnitude"])
+    # Other starting masks, other jackpots.
+    for init in ("wanda", "sparsegpt"):
+        assert any((masks["magnitude"][k] != masks[init][k]).any() for k in masks[init]), init
 
 
 def test_missing_text_data(tiny_lm, tmp_path):

@@ -1,0 +1,58 @@
+r"""2:4 masks for a language model against the one-shot baselines: MaskLLM's table, on SmolLM2-135M.
+
+    python -m jackpots_jax.main --config configs/lm_2of4.py --workdir workdir/lm_2of4
+
+The job of `configs/lm_smollm2.py` (the packaged SmolLM2-135M-Instruct GGUF, CPython's help
+topics in 128-token windows, every q/k/v/o and MLP kernel masked, the weights frozen) with the
+rows of MaskLLM's table (Fang et al. 2024), all at 2:4:
+
+* dense; one-shot magnitude pruning; Wanda; SparseGPT's mask over the frozen weights; SparseGPT
+  with its updated weights (the only row that changes weights);
+* a jackpot search from each of three initial masks: magnitude's (the paper's init), Wanda's and
+  SparseGPT's (the "prior" of MaskLLM), each kept / pruned at scores 1 / 1 - gap.
+
+Wanda and SparseGPT are calibrated on `prune.calibration_windows` (32) training windows of 128
+tokens drawn with the seed: 4,096 tokens (the SparseGPT paper used 128 x 2,048). Each layer is
+pruned from the dense model's inputs to it (not in sequence through the pruned layers).
+
+Variants:
+
+* default: 2:4, the short CPU schedule of `lm_smollm2.py` with 16 search steps of 2 windows;
+* `both`: also unstructured 50% (a second table);
+* `full`: for an accelerator: every validation token, 256-token windows, 128 calibration
+  windows, 2 epochs of the training windows at batch 16, both patterns;
+* `tiny`: the random two-block Llama of `tests/test_lm_main.py`.
+"""
+
+import importlib.util
+import os
+
+VARIANTS = ("", "both", "full", "tiny")
+
+
+def _smollm2_config(arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_smollm2.py")
+    spec = importlib.util.spec_from_file_location("_lm_smollm2_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+    if arg not in (None, *VARIANTS):
+        raise ValueError(
+            f"unknown variant {arg!r} of configs/lm_2of4.py; allowed: 'both', 'full', 'tiny'"
+        )
+    config = _smollm2_config(arg if arg in ("full", "tiny") else None)
+    config.search.patterns = ("2:4", "unstructured") if arg in ("both", "full") else ("2:4",)
+    config.search.inits = ("magnitude", "wanda", "sparsegpt")
+    config.prune.baselines = ("wanda", "sparsegpt")
+    if arg in (None, "", "both"):
+        config.search.max_steps = 16
+    if arg == "full":
+        config.prune.calibration_windows = 128
+    if arg == "tiny":
+        config.prune.calibration_windows = 6
+        config.prune.calibration_batch = 4  # a last batch of 2
+        config.search.max_steps = 8
+    return config
