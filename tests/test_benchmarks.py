@@ -1,0 +1,101 @@
+"""The benchmark scripts run at their smallest size and check what they measure.
+
+A benchmark is run rarely and by hand; an import it lost or an argument it no longer passes shows
+only then. Each script here runs in a process of its own at its smallest size, and the test reads
+what the script itself checked: `topk.py` compares every mask it times with a sort-based mask,
+`step.py` prints a ratio for every variant, `memory.py` runs one real step at the widths it
+found. (`gpu_model.py` has its own test, `test_gpu_model.py`; `input_pipeline.py` and
+`vit_fmnist_recipe.py` read the whole Fashion-MNIST and are left to be run by hand;
+`sparse_speed.py` needs PyTorch with CUDA.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # each script sets the devices it needs
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{script} exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    """The rows of a whitespace-aligned table whose lines start with `first_cell`."""
+    return [line.split() for line in out.splitlines() if line.startswith(first_cell)]
+
+
+def test_topk_masks_equal_sort_based_masks():
+    out = run_benchmark("topk.py", "--quick", "--repeats", "1")
+    rows = [line for line in out.splitlines() if "jj.topk_masks" in line or "refresh" in line]
+    assert rows, out
+    # The last column, "masks identical", is `yes` for every method timed.
+    assert all(line.split()[-1] == "yes" for line in rows), out
+
+
+def test_step_benchmark_prints_a_ratio_per_variant():
+    out = run_benchmark(
+        "step.py",
+        "--models", "fmnist_cnn", "--batch", "8", "--steps", "1", "--repeats", "1",
+        "--warmup", "1",
+    )  # fmt: skip
+    rows = table_rows(out, "fmnist_cnn")
+    variants = {" ".join(r[3:-7]) for r in rows}
+    assert {"dense", "no refresh"} <= variants and any("search" in v for v in variants), out
+    for r in rows:
+        seconds, ratio = float(r[-7]), float(r[-5])
+        assert seconds > 0 and ratio > 0, r
+
+
+def test_memory_benchmark_fits_a_wider_model_when_sharded():
+    out = run_benchmark(
+        "memory.py", "--quick", "--cap-mib", "2", "--step", "128", "--limit", "2048"
+    )
+    widths = {int(f): int(w) for f, w in re.findall(r"fsdp (\d+): largest width (\d+)", out)}
+    assert set(widths) == {1, 8}, out
+    # Sharding the state over 8 devices fits a wider model under the same cap.
+    assert widths[8] > widths[1], out
+
+
+def test_lm_step_benchmark_writes_its_rows(tmp_path):
+    path = tmp_path / "lm_step.json"
+    run_benchmark(
+        "lm_step.py", "--quick", "--seq-len", "16", "--batch", "1", "--steps", "1",
+        "--repeats", "1", "--patterns", "2:4", "--rates", "1", "--json", str(path),
+    )  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    names = [r["variant"] for r in rows]
+    assert names == ["dense", "search 2:4 rate 1"], names
+    assert all(r["s_per_step"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
+
+
+def test_baselines_reconstruction_orders_the_methods(tmp_path):
+    path = tmp_path / "baselines.json"
+    run_benchmark(
+        "baselines_reconstruction.py", "--dim", "32", "--samples", "256", "--out", str(path)
+    )
+    rows = json.loads(path.read_text())["rows"]
+    error = {(r["pattern"], r["method"]): r["calibration"] for r in rows}
+    for pattern in {p for p, _ in error}:
+        # SparseGPT updates the kept weights to fit the calibration inputs: it reconstructs them
+        # better than magnitude pruning, which only drops weights.
+        assert error[pattern, "sparsegpt (weights changed)"] < error[pattern, "magnitude"], error
