@@ -176,6 +176,17 @@ def topk_masks(
     if rank_by not in RANK_BY:
         raise ValueError(f"unknown `rank_by` {rank_by!r}; allowed: {', '.join(RANK_BY)}")
     select.resolve(selection)
+    masked = map_budget(lambda _, s: s, budget, scores)
+    kept = None if current is None else map_budget(lambda _, c: c, budget, current)
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((masked, kept))):
+        # Called eagerly: one compiled program. Op by op, the selection of every leaf would be
+        # compiled on its own (a language model's 200 kernels: tens of thousands of small
+        # programs, enough to exhaust the process's memory mappings on CPU).
+        return jax.jit(
+            lambda s, c: topk_masks(
+                s, budget, c, rank_by=rank_by, selection=selection, layout=layout
+            )
+        )(masked, kept)
     trees = (scores,) if current is None else (scores, current)
     leaves = budget_leaves(budget, *trees)
     out: list[Any] = [None] * len(leaves)
