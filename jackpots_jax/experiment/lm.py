@@ -247,14 +247,13 @@ def run_jackpot(ctx: Context, config: Config) -> None:
                 f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
                 **phases.evaluate(ctx, params, {}, state.masks),
             }
-            context.record_result(ctx, row)
-            phases.export(
+            phases.record_jackpot(
                 ctx,
                 params,
                 state,
                 budget,
+                row,
                 config=config.to_dict(),
-                metrics=row,
                 fingerprint=weights_fingerprint,
                 directory=f"export_{tag}",
             )

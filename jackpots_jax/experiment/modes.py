@@ -389,15 +389,8 @@ def _search(ctx: Context, config: Config, variables: PyTree, weights_fingerprint
         + _pattern_note(config),
         **result,
     }
-    context.record_result(ctx, row)
-    phases.export(
-        ctx,
-        params,
-        state,
-        budget,
-        config=config.to_dict(),
-        metrics=row,
-        fingerprint=weights_fingerprint,
+    phases.record_jackpot(
+        ctx, params, state, budget, row, config=config.to_dict(), fingerprint=weights_fingerprint
     )
     return state
 

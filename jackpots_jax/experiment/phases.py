@@ -29,6 +29,7 @@ from jackpots_jax.experiment.context import (
     PRETRAINED,
     Context,
     random_variables,
+    record_result,
     results,
     save_weights,
 )
@@ -382,6 +383,31 @@ def _masked(params: PyTree, budget: PyTree):
     for name, w in named_leaves(params):
         if by_name.get(name) is not None:
             yield (name, w), (name, by_name[name])
+
+
+def record_jackpot(
+    ctx: Context,
+    params: PyTree,
+    state: Any,
+    budget: PyTree,
+    row: Mapping[str, Any],
+    *,
+    config: Mapping[str, Any],
+    fingerprint: str,
+    directory: str = "export",
+) -> None:
+    """A searched jackpot's `row` into `results.json`, and the jackpot with it to `directory`."""
+    record_result(ctx, row)
+    export(
+        ctx,
+        params,
+        state,
+        budget,
+        config=config,
+        metrics=row,
+        fingerprint=fingerprint,
+        directory=directory,
+    )
 
 
 def export(
