@@ -342,6 +342,52 @@ def test_gguf_quantized_dequantizes_like_the_block_format(tmp_path, qname):
     )
 
 
+def _decode_other(raw: np.ndarray, qname: str) -> np.ndarray:
+    """F16, BF16, Q5_0 and Q5_1 by hand. BF16 is the top half of a float32; Q5_0 blocks (22
+    bytes) are `d, qh, qs` with `x = d * (q - 16)`, Q5_1 blocks (24 bytes) `d, m, qh, qs` with
+    `x = d * q + m`, where `q` is a nibble of `qs` (elements 0-15 low, 16-31 high) and bit `j`
+    of the little-endian 32-bit `qh` is element `j`'s fifth bit."""
+    rows = raw.shape[0]
+    if qname == "F16":
+        return raw.astype(np.float32)
+    if qname == "BF16":
+        halves = raw.copy().view(np.uint16).astype(np.uint32)
+        return (halves << 16).view(np.float32).reshape(rows, -1)
+    size = 22 if qname == "Q5_0" else 24
+    blocks = raw.reshape(-1, size)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    at = 2 if qname == "Q5_0" else 4
+    qh = blocks[:, at : at + 4].copy().view("<u4")  # [blocks, 1]
+    qs = blocks[:, at + 4 :]
+    low = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.uint32)
+    high = (qh >> np.arange(32, dtype=np.uint32)) & 1
+    q = (low | (high << 4)).astype(np.float32)
+    if qname == "Q5_0":
+        return (d * (q - 16)).reshape(rows, -1)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (d * q + m).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qname", ["F16", "BF16", "Q5_0", "Q5_1"])
+def test_gguf_half_and_five_bit_types_decode_by_hand(tmp_path, qname):
+    qtype = gguf.GGMLQuantizationType[qname]
+    hf = _hf_model("llama", hidden_size=64, intermediate_size=96, head_dim=16)
+    stored = _write_gguf(tmp_path / "m.gguf", hf, qtype)
+    found = gguf_io.read(tmp_path / "m.gguf")
+    assert found.types["blk.0.ffn_up.weight"] == qname
+    for name in ("blk.0.ffn_down.weight", "blk.1.attn_v.weight", "token_embd.weight"):
+        want = _decode_other(stored[name], qname)
+        np.testing.assert_array_equal(found.tensors[name], want, err_msg=name)
+        # Close to the float32 weights the file was made from: the format, not noise.
+        w = hf.state_dict()[
+            {"blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+             "blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj.weight",
+             "token_embd.weight": "model.embed_tokens.weight"}[name]
+        ].numpy()  # fmt: skip
+        tol = {"F16": 1e-3, "BF16": 1e-2, "Q5_0": 0.1, "Q5_1": 0.1}[qname]
+        assert np.abs(want - w).max() <= tol * np.abs(w).max(), name
+
+
 def test_gguf_unsupported_tensor_type_is_named(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
     writer.add_tensor(
