@@ -17,7 +17,7 @@ pruned from the dense model's inputs to it (not in sequence through the pruned l
 
 Variants:
 
-* default: 2:4, the short CPU schedule of `lm_smollm2.py` with 64 search steps of 2 windows at
+* default: 2:4, the short CPU schedule of `lm_smollm2.py`: 64 search steps of 2 windows at
   learning rate 0.0005 (`docs/results/lm_2of4_lr_probe_2026-12-04/`);
 * `both`: also unstructured 50% (a second table);
 * `full`: for an accelerator: every validation token, 256-token windows, 128 calibration
@@ -48,12 +48,6 @@ def get_config(arg: str | None = None):
     config.search.patterns = ("2:4", "unstructured") if arg in ("both", "full") else ("2:4",)
     config.search.inits = ("magnitude", "wanda", "sparsegpt")
     config.prune.baselines = ("wanda", "sparsegpt")
-    if arg in (None, "", "both"):
-        # docs/results/lm_2of4_lr_probe_2026-12-04: from SparseGPT's 2:4 mask, 64 steps at lr
-        # 0.0005 and 0.002 lowered the validation perplexity (132.13 -> 113.62 and 116.06); 16
-        # steps at the 0.02 of lm_smollm2.py raised it (-> 248.21).
-        config.search.max_steps = 64
-        config.search.learning_rate = 0.0005
     if arg == "full":
         config.prune.calibration_windows = 128
     if arg == "tiny":

@@ -10,11 +10,10 @@ sparsity of every q/k/v/o and MLP kernel (embeddings, norms and the head stay de
 search of the masks (the weights frozen), and writes `results.json` and `report.md` (perplexities
 with their token counts; sparsity by block and by attention / MLP).
 
-This default is the short CPU schedule: 8 search steps of 2 windows per pattern (learning rate
-0.02, see docs/results/lm_smollm2_lr_probe.txt) and the first 8 validation windows (1,022 scored
-tokens). Measured so far (docs/lm_runner.md, docs/results/lm_smollm2/): dense perplexity 28.555
-over those 1,022 tokens; on 2 shared AMD EPYC cores the rest of the job did not finish in the
-time there was, so the pruned and jackpot perplexities are still to be measured.
+This default is the short CPU schedule: 64 search steps of 2 windows per pattern at learning
+rate 0.0005 (on the validation perplexity, 0.0005 and 0.002 improved a 2:4 mask where 0.02 made
+it worse: docs/results/lm_2of4_lr_probe_2026-12-04/) and the first 8 validation windows (1,022
+scored tokens). What it measured is in docs/lm_runner.md.
 
 The full schedule (an accelerator; every validation token, 256-token windows, 2 epochs of the
 training windows at batch 16):
@@ -46,9 +45,9 @@ def get_config(arg: str | None = None):
     config.search.rule = "uniform"  # every kernel 50% sparse, as 2:4 makes it
     config.search.init = "magnitude"
     config.search.epochs = 1
-    config.search.max_steps = 8
+    config.search.max_steps = 64
     config.search.batch_size = 2
-    config.search.learning_rate = 0.02  # docs/results/lm_smollm2_lr_probe.txt
+    config.search.learning_rate = 0.0005  # docs/results/lm_2of4_lr_probe_2026-12-04/
     config.search.momentum = 0.9
     config.search.weight_decay = 0.0
     config.search.rate.schedule = "constant"
