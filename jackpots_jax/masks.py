@@ -178,7 +178,8 @@ def topk_masks(
     select.resolve(selection)
     masked = map_budget(lambda _, s: s, budget, scores)
     kept = None if current is None else map_budget(lambda _, c: c, budget, current)
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((masked, kept))):
+    arrays = jax.tree.leaves((masked, kept))
+    if arrays and not any(isinstance(x, jax.core.Tracer) for x in arrays):
         # Called eagerly: one compiled program. Op by op, the selection of every leaf would be
         # compiled on its own (a language model's 200 kernels: tens of thousands of small
         # programs, enough to exhaust the process's memory mappings on CPU).
