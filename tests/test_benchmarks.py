@@ -68,8 +68,9 @@ def test_step_benchmark_prints_a_ratio_per_variant():
 
 def test_memory_benchmark_fits_a_wider_model_when_sharded():
     out = run_benchmark(
-        "memory.py", "--quick", "--cap-mib", "2", "--step", "128", "--limit", "2048"
-    )
+        "memory.py", "--cap-mib", "1", "--layers", "2", "--batch", "8", "--step", "128",
+        "--limit", "1024",
+    )  # fmt: skip
     widths = {int(f): int(w) for f, w in re.findall(r"fsdp (\d+): largest width (\d+)", out)}
     assert set(widths) == {1, 8}, out
     # Sharding the state over 8 devices fits a wider model under the same cap.
