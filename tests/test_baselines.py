@@ -334,11 +334,15 @@ def test_a_baseline_mask_as_the_search_init(pattern):
             else mask
         )
         np.testing.assert_array_equal(s, np.where(np.asarray(unit), 1.0, 0.95).astype(np.float32))
-    # The paper's magnitude init is this function of the magnitude masks.
-    init, init_masks = jj.init_scores(params, budget, "magnitude", gap=0.05)
-    from_masks = jj.scores_from_masks(init_masks, budget, gap=0.05)
-    for name in ("a", "b"):
-        np.testing.assert_array_equal(init[name]["kernel"], from_masks[name]["kernel"])
+    # The paper's magnitude init (now built on it) against magnitude masks by a stable sort.
+    init, _ = jj.init_scores(params, budget, "magnitude", gap=0.05)
+    for name in ("a", "b") if not pattern.startswith("block") else ():
+        w = np.abs(params[name]["kernel"])
+        nm = (2, 4) if pattern == "2:4" else None
+        want = ref_masks(w, w.size // 2, comparison="layer", nm=nm)
+        np.testing.assert_array_equal(
+            init[name]["kernel"], np.where(want, 1.0, 0.95).astype(np.float32), name
+        )
     wrong = dict(masks, a={"kernel": np.ones((16, 8), bool)})
     what = "8 of 8 tiles of 16 weights" if pattern == "block:4" else "128 of 128 entries"
     with pytest.raises(ValueError, match=f"the mask of 'a/kernel' keeps {what}; its budget"):

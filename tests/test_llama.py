@@ -316,7 +316,7 @@ def test_gguf_qwen2_is_read_without_permutation(tmp_path):
     )
 
 
-@pytest.mark.parametrize("qname", ["Q8_0", "Q4_1", "Q4_0"])
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_1", "Q4_0", "F16", "BF16", "Q5_0", "Q5_1"])
 def test_gguf_quantized_dequantizes_like_the_block_format(tmp_path, qname):
     qtype = gguf.GGMLQuantizationType[qname]
     hf = _hf_model("llama", hidden_size=64, intermediate_size=96, head_dim=16)
@@ -324,11 +324,15 @@ def test_gguf_quantized_dequantizes_like_the_block_format(tmp_path, qname):
     found = gguf_io.read(tmp_path / "m.gguf")
     assert found.types["blk.0.ffn_up.weight"] == qname
     for name in ("blk.0.ffn_down.weight", "blk.1.attn_v.weight", "token_embd.weight"):
-        np.testing.assert_array_equal(found.tensors[name], _decode_blocks(stored[name], qtype))
+        want = _decode(stored[name], qname)
+        np.testing.assert_array_equal(found.tensors[name], want, name)
+        # Close to the float32 weights the file was made from: the format, not noise.
+        w = hf.state_dict()[_HF_NAMES[name]].numpy()
+        assert np.abs(want - w).max() <= _TOLERANCE[qname] * np.abs(w).max(), name
     heads = hf.config.num_key_value_heads
     np.testing.assert_array_equal(
         found.tensors["blk.0.attn_k.weight"],
-        gguf_io.unpermute_heads(_decode_blocks(stored["blk.0.attn_k.weight"], qtype), heads),
+        gguf_io.unpermute_heads(_decode(stored["blk.0.attn_k.weight"], qname), heads),
     )
     # The logits are those of the Hugging Face model holding the dequantized weights.
     config, params, _ = llama_weights.import_checkpoint(tmp_path / "m.gguf")
@@ -368,24 +372,20 @@ def _decode_other(raw: np.ndarray, qname: str) -> np.ndarray:
     return (d * q + m).reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qname", ["F16", "BF16", "Q5_0", "Q5_1"])
-def test_gguf_half_and_five_bit_types_decode_by_hand(tmp_path, qname):
-    qtype = gguf.GGMLQuantizationType[qname]
-    hf = _hf_model("llama", hidden_size=64, intermediate_size=96, head_dim=16)
-    stored = _write_gguf(tmp_path / "m.gguf", hf, qtype)
-    found = gguf_io.read(tmp_path / "m.gguf")
-    assert found.types["blk.0.ffn_up.weight"] == qname
-    for name in ("blk.0.ffn_down.weight", "blk.1.attn_v.weight", "token_embd.weight"):
-        want = _decode_other(stored[name], qname)
-        np.testing.assert_array_equal(found.tensors[name], want, err_msg=name)
-        # Close to the float32 weights the file was made from: the format, not noise.
-        w = hf.state_dict()[
-            {"blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
-             "blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj.weight",
-             "token_embd.weight": "model.embed_tokens.weight"}[name]
-        ].numpy()  # fmt: skip
-        tol = {"F16": 1e-3, "BF16": 1e-2, "Q5_0": 0.1, "Q5_1": 0.1}[qname]
-        assert np.abs(want - w).max() <= tol * np.abs(w).max(), name
+_HF_NAMES = {
+    "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+    "blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj.weight",
+    "token_embd.weight": "model.embed_tokens.weight",
+}
+# Largest error of each format, as a share of the tensor's largest |w|.
+_TOLERANCE = {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.02, "Q5_0": 0.1, "Q5_1": 0.1}
+_TOLERANCE |= {"Q4_0": 0.2, "Q4_1": 0.2}
+
+
+def _decode(raw: np.ndarray, qname: str) -> np.ndarray:
+    if qname in ("Q8_0", "Q4_0", "Q4_1"):
+        return _decode_blocks(raw, gguf.GGMLQuantizationType[qname])
+    return _decode_other(raw, qname)
 
 
 def test_gguf_unsupported_tensor_type_is_named(tmp_path):
