@@ -316,7 +316,7 @@ def init_scores(
         masks = topk_masks(magnitudes, budget)
         if method == "weight_magnitude":
             return magnitudes, masks
-        return scores_from_masks(masks, budget, gap=gap, dtype=dtype), masks
+        return _barrier_scores(masks, budget, gap, dtype, check=False), masks
 
     leaves = [name for name, b in named_leaves(budget) if b is not None]
     keys = dict(zip(leaves, jax.random.split(key, max(len(leaves), 1)), strict=False))
@@ -352,7 +352,7 @@ def scores_from_masks(
       masks: bool masks with the budget's structure, keeping exactly the budget's count in
         every leaf (under N:M, N of every group; tiled patterns: element or unit masks).
       budget: from `layer_budgets`.
-      gap: > 0, the barrier between kept and pruned scores.
+      gap: in (0, 1), the barrier between kept and pruned scores.
       dtype: dtype of the scores.
 
     Returns:
@@ -367,11 +367,16 @@ def scores_from_masks(
             f"`gap` must be in (0, 1) (kept scores must rank above pruned), got {gap!r}"
         )
 
+    return _barrier_scores(masks, budget, gap, dtype, check=True)
+
+
+def _barrier_scores(masks: PyTree, budget: PyTree, gap: float, dtype: Any, *, check: bool):
+    """`scores_from_masks`; `check=False` for masks `topk_masks` made (no host round trip)."""
     problems = []
 
     def score(name, p, m):
         m = unit_view(m, p) if _tiled(p) else jnp.asarray(m, bool)
-        if not isinstance(m, jax.core.Tracer):
+        if check and not isinstance(m, jax.core.Tracer):
             size = int(np.prod(p.score_shape)) if is_structured(p) else int(np.size(m))
             pruned = int(p) // p.unit if is_structured(p) else int(p)
             kept = int(np.count_nonzero(np.asarray(m)))
