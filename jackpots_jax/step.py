@@ -132,9 +132,7 @@ def create_search_state(
     return SearchState(
         step=jnp.zeros((), jnp.int32),
         scores=scores,
-        # One compiled program: eagerly, the selection would dispatch (and compile) its ops leaf
-        # by leaf, which for a 200-kernel language model exhausts XLA's CPU code memory.
-        opt_state=jax.jit(tx.init)(scores),
+        opt_state=tx.init(scores),
         batch_stats={} if batch_stats is None else batch_stats,
         rng=jax.random.key_data(jax.random.key(0)) if rng is None else rng,
     )
