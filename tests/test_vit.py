@@ -16,10 +16,11 @@ from flax import nnx
 import jackpots_jax as jj
 from jackpots_jax import models
 from jackpots_jax._tree import named_leaves, path_str
+from jackpots_jax.io import torch_weights
 from jackpots_jax.io import vit_weights as vit_convert
-from jackpots_jax.io import weights
 from jackpots_jax.io.errors import CheckpointMismatchError
 from jackpots_jax.models import vit
+from jackpots_jax.models.spec import layer_groups
 
 TORCH_REASON = "PyTorch is needed to check the ViT importers against PyTorch (pip install torch)"
 
@@ -203,6 +204,22 @@ def test_leaf_paths_and_shapes_of_a_block():
     got = {name: tuple(x.shape) for name, x in named_leaves(params)}
     assert got == want
     assert all(x.dtype == jnp.float32 for _, x in named_leaves(params))
+
+
+def test_layer_groups_of_every_masked_kernel_by_block_and_kind():
+    """The ViT's `layer_groups`, read by the report and the studies, on the 2-block model's masked
+    kernels: written out by hand from the leaf names above."""
+    c = dataclasses.replace(SMALL, depth=2)
+    shapes = dict(named_leaves(nnx.state(abstract_model(c), nnx.Param)))
+    want_block, want_kind = {"embedding/kernel": "embedding"}, {"embedding/kernel": "embedding"}
+    for i in range(2):
+        for leaf in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2"):
+            name = f"blocks/{i}/{leaf}/kernel"
+            want_block[name] = f"block {i}"
+            want_kind[name] = "attention" if leaf.startswith("attn") else "MLP"
+    masked = {n: tuple(shapes[n].shape) for n in want_block}
+    want = {"block": want_block, "kind": want_kind}
+    assert layer_groups(models.spec("vit_fmnist"), masked) == want
 
 
 def test_gap_pool_has_no_class_token():
@@ -487,7 +504,7 @@ def test_cnn_checkpoint_given_to_a_vit():
     cnn = models.create("fmnist_cnn", 10)
     variables = jax.eval_shape(lambda: cnn.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
     variables = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), variables)
-    state = weights.to_torch_state_dict(variables, None, "fmnist_cnn")
+    state = torch_weights.to_torch_state_dict(variables, None, "fmnist_cnn")
     with pytest.raises(CheckpointMismatchError, match="looks like a CNN checkpoint") as err:
         vit_convert.to_nnx(state, "vit_fmnist")
     assert "conv1.weight" in err.value.unexpected

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -456,11 +455,8 @@ def write_report(
     records = report.read_metrics(ctx.log.path) if os.path.exists(ctx.log.path) else []
     sparsity = sparsity_report(masks, params)
     groups = None
-    if any(_BLOCK.match(name) for name in sparsity["layers"]):
-        groups = {
-            "block": report.sparsity_by_group(sparsity, _block_of),
-            "kind": report.sparsity_by_group(sparsity, _kind_of),
-        }
+    if ctx.network.spec.layer_groups is not None:  # models that declare groups (the ViTs)
+        groups = _sparsity_groups(ctx, sparsity, params)
     return report.write_report(
         ctx.workdir,
         title=title,
@@ -505,11 +501,8 @@ def write_lm_report(
     groups, notes = {}, list(_LM_NOTES)
     for pattern, masks in searched.items():
         sparsity = sparsity_report(masks, params)
-        masked = {n for n, r in sparsity["layers"].items() if r.get("masked", True)}
-        shapes = {n: np.shape(w) for n, w in named_leaves(params) if n in masked}
-        by = layer_groups(ctx.network.spec, shapes)
-        for grouping, of in by.items():
-            groups[f"{grouping} ({pattern})"] = report.sparsity_by_group(sparsity, of.get)
+        for grouping, table in _sparsity_groups(ctx, sparsity, params).items():
+            groups[f"{grouping} ({pattern})"] = table
         total = mask_overlap(masks, magnitude[pattern])["total"]
         notes.append(
             f"{pattern}: the jackpot keeps {100 * total['b_in_a']:.2f}% of the weights magnitude "
@@ -542,21 +535,14 @@ def _baselines(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]
     return {r["model"]: r for r in rows if r.get("model") in names}
 
 
-# Transformer layers (`blocks/<i>/attn/...`, `blocks/<i>/mlp/...`, as `models.vit` names them).
-_BLOCK = re.compile(r"^blocks/(\d+)/")
-
-
-def _block_of(name: str) -> str:
-    found = _BLOCK.match(name)
-    return f"block {found[1]}" if found else name.split("/")[0]
-
-
-def _kind_of(name: str) -> str:
-    if "/attn/" in name:
-        return "attention"
-    if "/mlp/" in name:
-        return "MLP"
-    return name.split("/")[0]
+def _sparsity_groups(
+    ctx: Context, sparsity: Mapping[str, Any], params: PyTree
+) -> dict[str, dict[str, Any]]:
+    """The masked layers' sparsity summed in each grouping of the model's `layer_groups`."""
+    masked = {n for n, r in sparsity["layers"].items() if r.get("masked", True)}
+    shapes = {n: np.shape(w) for n, w in named_leaves(params) if n in masked}
+    by = layer_groups(ctx.network.spec, shapes)
+    return {g: report.sparsity_by_group(sparsity, of.get) for g, of in by.items()}
 
 
 def masks_sparsity(masks: PyTree, params: PyTree) -> float:

@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -393,6 +394,17 @@ def masked_paths(config: ViTConfig) -> tuple[str, ...]:
 INPUT_AXES = ((r"attn/(query|key|value)/kernel$", 1), (r"attn/out/kernel$", 2))
 
 
+def layer_groups(path: str) -> dict[str, str]:
+    """How reports group a masked kernel: `{"block": "block i", "kind": "attention" | "MLP"}`
+    for the encoder blocks (`blocks/<i>/attn/...`, `blocks/<i>/mlp/...`); a kernel outside the
+    blocks (the patch embedding) is its own group in both groupings."""
+    found = re.match(r"blocks/(\d+)/(attn|mlp)/", path)
+    if not found:
+        top = path.split("/")[0]
+        return {"block": top, "kind": top}
+    return {"block": f"block {found[1]}", "kind": "attention" if found[2] == "attn" else "MLP"}
+
+
 def _spec(name: str):
     from jackpots_jax.models.spec import ModelSpec
 
@@ -433,6 +445,7 @@ def _spec(name: str):
         torch=None,  # not the CNNs' layer map: checkpoints go through `io.vit_weights`
         input_axes=INPUT_AXES,
         converter="vit",
+        layer_groups=layer_groups,
     )
 
 
