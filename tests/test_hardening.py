@@ -31,7 +31,7 @@ from jackpots_jax.experiment.logs import MetricsLog
 from jackpots_jax.experiment.loop import Interrupted, Terminated, raise_terminated, train_loop
 from jackpots_jax.experiment.report import read_metrics
 from jackpots_jax.experiment.workdir import LOCK, WorkdirError, claim
-from jackpots_jax.io import vit_weights, weights
+from jackpots_jax.io import formats, vit_weights
 from jackpots_jax.io.errors import CheckpointMismatchError, FileContentError, MissingDependencyError
 from jackpots_jax.models import vit
 
@@ -244,14 +244,14 @@ def test_weights_files_of_other_formats_or_needing_pytorch(tmp_path, monkeypatch
     h5 = tmp_path / "model.h5"
     h5.write_bytes(b"\x89HDF\r\n")
     with pytest.raises(FileContentError) as e:
-        weights.load_state_dict(h5)
+        formats.load_state_dict(h5)
     assert f"unknown format of {str(h5)!r}" in str(e.value)
     assert "allowed suffixes: .safetensors, .npz, .pth" in str(e.value)
     pth = tmp_path / "model.pth"
     pth.write_bytes(b"PK")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(MissingDependencyError, match="needs PyTorch, which is not installed"):
-        weights.load_state_dict(pth)
+        formats.load_state_dict(pth)
 
 
 def test_a_vit_jackpot_with_a_non_binary_mask_is_a_file_error():

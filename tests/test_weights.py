@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from jackpots_jax import models
-from jackpots_jax.io import weights
+from jackpots_jax.io import formats, torch_weights, weights
+from jackpots_jax.io.errors import CheckpointMismatchError
 
 TORCH_REASON = "PyTorch is needed to check the importers against PyTorch (pip install torch)"
 
@@ -133,7 +134,7 @@ def test_import_matches_pytorch(ref, tmp_path, case):
 def test_reference_masks_and_scores_are_transposed_like_kernels(ref):
     torch_model = ref.randomize(ref.build("resnet20", 10, masked=True), seed=2)
     state = torch_model.state_dict()
-    variables, scores, masks = weights.to_flax(state, "resnet20")
+    variables, scores, masks = torch_weights.to_flax(state, "resnet20")
     conv = "layer2.0.conv1"
     np.testing.assert_array_equal(
         masks["layer2_0"]["conv1"]["kernel"],
@@ -159,7 +160,7 @@ def test_export_round_trip_and_back_into_pytorch(ref, tmp_path, name, hw, option
     import torch
 
     torch_model = ref.randomize(ref.build(name, 10, **options), seed=3)
-    variables, scores, masks = weights.to_flax(torch_model.state_dict(), name)
+    variables, scores, masks = torch_weights.to_flax(torch_model.state_dict(), name)
     x = images(hw)
     jax_out = jax_logits(name, variables, masks, x)
 
@@ -175,7 +176,7 @@ def test_export_round_trip_and_back_into_pytorch(ref, tmp_path, name, hw, option
         )
         jax.tree.map(np.testing.assert_array_equal, masks2, masks, is_leaf=lambda t: t is None)
         jax.tree.map(np.testing.assert_array_equal, scores2, scores, is_leaf=lambda t: t is None)
-        rewritten = weights.to_torch_state_dict(again, masks2, name, scores=scores2)
+        rewritten = torch_weights.to_torch_state_dict(again, masks2, name, scores=scores2)
         assert rewritten.keys() == written.keys()
         for key in written:
             np.testing.assert_array_equal(rewritten[key], written[key])
@@ -183,7 +184,7 @@ def test_export_round_trip_and_back_into_pytorch(ref, tmp_path, name, hw, option
     # An unmasked PyTorch module with the same layout takes the export strictly, minus the masks.
     plain_options = {k: v for k, v in options.items() if k != "masked"}
     plain = ref.build(name, 10, **plain_options).eval()
-    exported = weights.load_state_dict(tmp_path / "jackpot.safetensors")
+    exported = formats.load_state_dict(tmp_path / "jackpot.safetensors")
     mask_keys = {k for k in exported if k.endswith((".b_mask", ".mask"))}
     assert bool(mask_keys) == bool(options.get("masked"))
     plain.load_state_dict(
@@ -213,7 +214,7 @@ def zeros_state(name, num_classes=10, **kwargs):
     x = jax.ShapeDtypeStruct((1, *models.input_shape(name)), jnp.float32)
     abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-    return weights.to_torch_state_dict(variables, None, name, **kwargs)
+    return torch_weights.to_torch_state_dict(variables, None, name, **kwargs)
 
 
 def test_missing_unexpected_and_misshapen_keys_are_named():
@@ -221,8 +222,8 @@ def test_missing_unexpected_and_misshapen_keys_are_named():
     del state["layer2.0.conv1.weight"]
     state["layer1.0.conv3.weight"] = np.zeros((16, 16, 3, 3), np.float32)
     state["bn1.running_var"] = np.ones(17, np.float32)
-    with pytest.raises(weights.CheckpointMismatchError) as err:
-        weights.to_flax(state, "resnet20")
+    with pytest.raises(CheckpointMismatchError) as err:
+        torch_weights.to_flax(state, "resnet20")
     message = str(err.value)
     assert err.value.missing == ["layer2.0.conv1.weight"]
     assert err.value.unexpected == ["layer1.0.conv3.weight"]
@@ -245,8 +246,8 @@ def test_missing_unexpected_and_misshapen_keys_are_named():
 )
 def test_checkpoint_of_another_architecture(source, source_kwargs, target, hint):
     state = zeros_state(source, **source_kwargs)
-    with pytest.raises(weights.CheckpointMismatchError) as err:
-        weights.to_flax(state, target)
+    with pytest.raises(CheckpointMismatchError) as err:
+        torch_weights.to_flax(state, target)
     assert hint in str(err.value)
     assert err.value.missing or err.value.unexpected or err.value.mismatched
     for key in err.value.missing[:3] + err.value.unexpected[:3]:
@@ -255,52 +256,52 @@ def test_checkpoint_of_another_architecture(source, source_kwargs, target, hint)
 
 def test_wrong_num_classes_names_the_classifier():
     state = zeros_state("resnet20", num_classes=10)
-    with pytest.raises(weights.CheckpointMismatchError, match="fc.weight: \\[10, 64, 1, 1\\] vs"):
-        weights.to_flax(state, "resnet20", num_classes=100)
+    with pytest.raises(CheckpointMismatchError, match="fc.weight: \\[10, 64, 1, 1\\] vs"):
+        torch_weights.to_flax(state, "resnet20", num_classes=100)
 
 
 def test_non_binary_mask_is_an_error():
     state = zeros_state("resnet20")
     state["conv1.b_mask"] = np.full(state["conv1.weight"].shape, 0.5, np.float32)
     with pytest.raises(ValueError, match="conv1.b_mask"):
-        weights.to_flax(state, "resnet20")
+        torch_weights.to_flax(state, "resnet20")
 
 
 def test_mask_of_wrong_shape_is_an_error():
     state = zeros_state("resnet20")
     state["conv1.b_mask"] = np.ones((16, 3, 1, 1), np.float32)
-    with pytest.raises(weights.CheckpointMismatchError, match="conv1.b_mask"):
-        weights.to_flax(state, "resnet20")
+    with pytest.raises(CheckpointMismatchError, match="conv1.b_mask"):
+        torch_weights.to_flax(state, "resnet20")
 
 
 def test_conv_bias_is_folded_into_the_running_mean():
     state = zeros_state("resnet20")
     state["conv1.bias"] = np.arange(16, dtype=np.float32)
     state["bn1.running_mean"] = np.full(16, 3.0, np.float32)
-    variables, _, _ = weights.to_flax(state, "resnet20")
+    variables, _, _ = torch_weights.to_flax(state, "resnet20")
     np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["mean"], 3.0 - np.arange(16))
     # Only a conv bias in front of a batch norm is folded; any other extra bias is unexpected.
     state = zeros_state("fmnist_cnn")
     state["fc1.bias"] = np.zeros(128, np.float32)
-    with pytest.raises(weights.CheckpointMismatchError, match="unexpected: fc1.bias"):
-        weights.to_flax(state, "fmnist_cnn")
+    with pytest.raises(CheckpointMismatchError, match="unexpected: fc1.bias"):
+        torch_weights.to_flax(state, "fmnist_cnn")
 
 
 def test_export_rejects_variables_of_another_model():
     state = zeros_state("resnet20")
-    variables, _, _ = weights.to_flax(state, "resnet20")
-    with pytest.raises(weights.CheckpointMismatchError, match="variables do not match model"):
-        weights.to_torch_state_dict(variables, None, "resnet32")
+    variables, _, _ = torch_weights.to_flax(state, "resnet20")
+    with pytest.raises(CheckpointMismatchError, match="variables do not match model"):
+        torch_weights.to_torch_state_dict(variables, None, "resnet32")
     bad_masks = {"conv1": {"kernel": np.ones((3, 3, 3, 8), bool)}}
-    with pytest.raises(weights.CheckpointMismatchError, match="masks: params/conv1/kernel"):
-        weights.to_torch_state_dict(variables, bad_masks, "resnet20")
+    with pytest.raises(CheckpointMismatchError, match="masks: params/conv1/kernel"):
+        torch_weights.to_torch_state_dict(variables, bad_masks, "resnet20")
     with pytest.raises(ValueError, match="classifier must be"):
-        weights.to_torch_state_dict(variables, None, "resnet20", classifier="dense")
+        torch_weights.to_torch_state_dict(variables, None, "resnet20", classifier="dense")
 
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model name 'resnet99'"):
-        weights.to_flax(zeros_state("resnet20"), "resnet99")
+        torch_weights.to_flax(zeros_state("resnet20"), "resnet99")
 
 
 def test_small_model_round_trip_without_torch(tmp_path, monkeypatch):
@@ -332,17 +333,17 @@ def test_pytorch_files_without_pytorch_say_how_to_install(tmp_path, monkeypatch)
     path = tmp_path / "model.pth"
     path.write_bytes(b"")
     with pytest.raises(ImportError, match="pip install torch"):
-        weights.load_state_dict(path)
+        formats.load_state_dict(path)
     with pytest.raises(ImportError, match="pip install torch"):
-        weights.save_state_dict({"a": np.zeros(2)}, tmp_path / "out.pt")
+        formats.save_state_dict({"a": np.zeros(2)}, tmp_path / "out.pt")
 
 
 def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        weights.load_state_dict(tmp_path / "nope.safetensors")
+        formats.load_state_dict(tmp_path / "nope.safetensors")
     (tmp_path / "model.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="allowed suffixes"):
-        weights.load_state_dict(tmp_path / "model.h5")
+        formats.load_state_dict(tmp_path / "model.h5")
 
 
 def test_importing_the_converter_does_not_import_torch():
@@ -358,8 +359,8 @@ def test_nnx_cnn_takes_the_weights_of_the_linen_cnn(tmp_path):
     weights.export_state_dict(variables, None, "fmnist_cnn", path)
     again, _, _ = weights.import_checkpoint(path, "fmnist_cnn_nnx")
     jax.tree.map(np.testing.assert_array_equal, again, variables)
-    rewritten = weights.to_torch_state_dict(again, None, "fmnist_cnn_nnx")
-    assert rewritten.keys() == weights.load_state_dict(path).keys()
+    rewritten = torch_weights.to_torch_state_dict(again, None, "fmnist_cnn_nnx")
+    assert rewritten.keys() == formats.load_state_dict(path).keys()
 
 
 def test_written_weights_respect_the_umask(tmp_path):
@@ -375,3 +376,24 @@ def test_written_weights_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert sorted(os.listdir(tmp_path)) == ["w22.safetensors", "w7.safetensors"]
+
+
+def test_every_converter_named_by_a_spec_is_one_module_with_both_directions():
+    """`ModelSpec.converter` names and `io.weights.CONVERTERS` agree, every registered model's
+    converter exists, and each converter module reads and writes with the one signature the
+    dispatch calls (keyword `allow_pickle`, `scores`, `classifier`)."""
+    import importlib
+    import inspect
+
+    spec_lib = importlib.import_module("jackpots_jax.models.spec")
+
+    assert set(weights.CONVERTERS) == set(spec_lib.CONVERTERS)
+    assert {models.spec(n).converter for n in models.names()} <= set(weights.CONVERTERS)
+    for name, module in weights.CONVERTERS.items():
+        read = inspect.signature(module.import_for_model).parameters
+        write = inspect.signature(module.export_for_model).parameters
+        assert list(read)[:3] == ["path", "model_name", "num_classes"], name
+        assert read["allow_pickle"].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert list(write)[:4] == ["variables", "masks", "model_name", "path"], name
+        for key in ("scores", "classifier"):
+            assert write[key].kind is inspect.Parameter.KEYWORD_ONLY, (name, key)

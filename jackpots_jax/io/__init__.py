@@ -2,9 +2,10 @@
 
 * `checkpoints`: resume a search or a training run exactly (`Checkpointer`, `fingerprint`);
 * `export`: what a finished search leaves (`export_jackpot`, `masks_from_npz`);
-* `weights`: PyTorch-style state dicts <-> Flax variables of the registered models
-  (`import_checkpoint`, `export_state_dict`), one converter per family (`vit_weights` for the
-  ViTs) chosen by the model's spec;
+* `weights`: checkpoint files <-> Flax variables of the registered models (`import_checkpoint`,
+  `export_state_dict`), one converter module per weight family chosen by the model's spec:
+  `torch_weights` (the CNNs' PyTorch state dicts), `vit_weights` (timm, vision_transformer,
+  big_vision), `llama_weights` (GGUF via `gguf`, Hugging Face safetensors);
 * `formats`: the files of state dicts (safetensors, npz, PyTorch pickles);
 * `files`: the atomic file writer and the JSON conversion every file uses;
 * `errors`: `CheckpointMismatchError`, raised by all of them when a file does not fit.

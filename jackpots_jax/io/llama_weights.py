@@ -385,9 +385,15 @@ def _same(a: LlamaConfig, b: LlamaConfig) -> list[tuple[str, Any, Any]]:
 
 
 def import_for_model(
-    path: str | os.PathLike, model_name: str, num_classes: int | None, **options
+    path: str | os.PathLike,
+    model_name: str,
+    num_classes: int | None = None,
+    *,
+    allow_pickle: bool = False,
+    **options,
 ) -> tuple[dict, None, dict | None]:
-    """`import_checkpoint` for a registered model (`io.weights.import_checkpoint`'s Llama case).
+    """`import_checkpoint` for a registered model (`io.weights.import_checkpoint`'s Llama case;
+    `allow_pickle` is unused: GGUF and safetensors files hold no pickles).
 
     Returns:
       `(variables, None, masks)`: `{'params', 'batch_stats': {}}` and the masks or `None`.
@@ -407,6 +413,23 @@ def import_for_model(
             "--config.model.kwargs.<field>",
         )
     return {"params": params, "batch_stats": {}}, None, masks
+
+
+def export_for_model(
+    variables: Mapping,
+    masks: Mapping | None,
+    model_name: str,
+    path: str | os.PathLike,
+    *,
+    scores: Mapping | None = None,
+    classifier: str | None = None,
+    **options,
+) -> dict[str, np.ndarray]:
+    """`export_hf` of a registered model, its vocabulary read from the embedding
+    (`io.weights.export_state_dict`'s Llama case; `classifier` is for the CNNs and ignored)."""
+    vocab = np.shape(variables["params"]["embed"]["embedding"])[0]
+    config = config_of(model_name, vocab, **options)
+    return export_hf(variables["params"], config, path, masks, scores=scores)
 
 
 def export_hf(

@@ -643,3 +643,46 @@ def _check_params(flat, flat_masks, flat_scores, abstract, config, num_classes) 
             unexpected=unexpected,
             mismatched=mismatched,
         )
+
+
+def import_for_model(
+    path: str | os.PathLike,
+    model_name: str,
+    num_classes: int | None = None,
+    *,
+    allow_pickle: bool = False,
+    **options,
+) -> tuple[dict, PyTree | None, PyTree | None]:
+    """A ViT checkpoint (timm safetensors, vision_transformer / big_vision `.npz`, or an export
+    of this package) as the plain-dict variables of the registry's ViT `model_name`
+    (`io.weights.import_checkpoint`'s ViT case): `(variables, scores, masks)`, the scores and
+    masks `None` where absent, in the structure of `variables['params']`."""
+    config = vit.get_config(model_name, **options)
+    state, scores, masks = import_checkpoint(path, config, num_classes, allow_pickle=allow_pickle)
+    params = jax.tree.map(
+        np.asarray, nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+    )
+
+    def like_params(tree):
+        if tree is None:
+            return None
+        found = {n: np.asarray(v) for n, v in named_leaves(tree) if v is not None}
+        return jax.tree_util.tree_map_with_path(lambda p, _: found.get(path_str(p)), params)
+
+    return {"params": params, "batch_stats": {}}, like_params(scores), like_params(masks)
+
+
+def export_for_model(
+    variables: Mapping,
+    masks: PyTree | None,
+    model_name: str,
+    path: str | os.PathLike,
+    *,
+    scores: PyTree | None = None,
+    classifier: str | None = None,
+    **options,
+) -> dict[str, np.ndarray]:
+    """`export_timm` of the registry's ViT `model_name` (`io.weights.export_state_dict`'s ViT
+    case; `classifier` is for the CNNs and ignored: a ViT's head is always a linear layer)."""
+    config = vit.get_config(model_name, **options)
+    return export_timm(variables["params"], config, path, masks, scores=scores)

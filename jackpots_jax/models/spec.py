@@ -42,9 +42,9 @@ def _norm_after(path: tuple[str, ...]) -> tuple[str, ...]:
 class TorchLayout:
     """How a model's parameters are named and shaped in PyTorch checkpoints.
 
-    The importer and exporter (`jackpots_jax.io.weights`) map every Flax module holding a
-    `kernel` (conv: HWIO <-> OIHW; dense: `[in, out]` <-> `[out, in]`) or batch-norm parameters
-    and statistics to the PyTorch module named by `module_name`.
+    The CNNs' importer and exporter (`jackpots_jax.io.torch_weights`) map every Flax module
+    holding a `kernel` (conv: HWIO <-> OIHW; dense: `[in, out]` <-> `[out, in]`) or batch-norm
+    parameters and statistics to the PyTorch module named by `module_name`.
 
     Attributes:
       module_name: the PyTorch module name (key prefix) of a Flax module path, e.g.
@@ -90,10 +90,10 @@ class ModelSpec:
       input_axes: `(regular expression, count)` pairs for kernels whose input axes are not all
         but the last (Flax attention kernels): what a structured pattern (N:M groups, blocks)
         runs along (`jj.layer_budgets(..., input_axes=)`).
-      converter: how checkpoints of the model are read and written (`jackpots_jax.io.weights`):
-        `'torch'` through `torch` (the CNNs' PyTorch layout), `'vit'` (the ViT importers of
-        `io.vit_weights`: timm safetensors, vision_transformer and big_vision `.npz`) or
-        `'llama'` (`io.llama_weights`: GGUF files, Hugging Face safetensors).
+      converter: how checkpoints of the model are read and written (`jackpots_jax.io.weights`'
+        table `CONVERTERS`): `'torch'` (`io.torch_weights`: the CNNs' PyTorch layout through
+        `torch`), `'vit'` (`io.vit_weights`: timm safetensors, vision_transformer and big_vision
+        `.npz`) or `'llama'` (`io.llama_weights`: GGUF files, Hugging Face safetensors).
       layer_groups: how reports group per-layer statistics: a leaf path -> `{grouping: group}`
         (e.g. `{"block": "block 3", "kind": "attention"}` for a transformer's query kernel);
         `None`: by kind of kernel only (`conv` or `dense`, see `layer_groups`).
