@@ -6,6 +6,7 @@ the masks equal and the scores and batch-norm statistics to float tolerance (the
 devices reorders float sums); every layer keeps exactly its budget; the statistics move.
 """
 
+import json
 import pathlib
 import re
 
@@ -112,3 +113,28 @@ def test_the_readme_engine_loop_on_four_fsdp_shards_equals_one_device():
         jax.device_get(state.scores),
         jax.device_get(want.scores),
     )
+
+
+def test_the_readme_results_table_is_the_committed_results_file():
+    """Every row of the README's default-job table, read back from the `results.json` of the run
+    directory the README names under it (accuracy, top-5 and loss as the runner rounds them)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("| model | sparsity | accuracy | top-5 | loss |") :]
+    table = section[: section.index("\n\n")].splitlines()[2:]
+    run_dir = re.search(r"`(docs/results/[^`]+)/`", section).group(1)
+    rows = {r["model"]: r for r in json.loads((ROOT / run_dir / "results.json").read_text())}
+    bn = "magnitude pruning + BN re-estimation"
+    names = {
+        "dense": "dense",
+        "one-shot magnitude pruning, no search": "magnitude pruning",
+        f"{bn} (100 batches)": bn,
+        "**jackpot (search), weights unchanged**": "jackpot (search)",
+    }
+    assert len(table) == len(names)
+    for line in table:
+        label, sparsity, accuracy, top5, loss = (c.strip() for c in line.strip("|").split("|"))
+        row = rows[names[label]]
+        assert sparsity == f"{100 * row['sparsity']:.2f}%"
+        assert accuracy.strip("*") == f"{100 * row['accuracy']:.2f}%"
+        assert top5 == f"{100 * row['top5_accuracy']:.2f}%"
+        assert loss == f"{row['loss']:.4f}"
