@@ -151,7 +151,7 @@ run "${tpu[@]}" scp "$archive" "$name:jackpots_jax.tar.gz" "${where[@]}" --worke
 [[ $dry -eq 1 ]] || rm -f "$archive"
 install="rm -rf ~/jackpots_jax && mkdir -p ~/jackpots_jax && tar -xzf ~/jackpots_jax.tar.gz -C ~/jackpots_jax"
 install+=" && cd ~/jackpots_jax && python3 -m venv .venv"
-install+=" && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q 'jax[tpu]' -e ."
+install+=" && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q 'jax[tpu]' -e '.[lm]'"
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$install"
 
 # 3. The bucket, on every worker.

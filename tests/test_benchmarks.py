@@ -4,7 +4,8 @@ A benchmark is run rarely and by hand; an import it lost or an argument it no lo
 only then. Each script here runs in a process of its own at its smallest size, and the test reads
 what the script itself checked: `topk.py` compares every mask it times with a sort-based mask,
 `step.py` prints a ratio for every variant, `memory.py` runs one real step at the widths it
-found. (`gpu_model.py` has its own test, `test_gpu_model.py`; `input_pipeline.py` and
+found; `lm_memory.py`'s sizes are compared in-process with what placed arrays hold.
+(`gpu_model.py` has its own test, `test_gpu_model.py`; `input_pipeline.py` and
 `vit_fmnist_recipe.py` read the whole Fashion-MNIST and are left to be run by hand;
 `sparse_speed.py` needs PyTorch with CUDA.)
 """
@@ -100,3 +101,49 @@ def test_baselines_reconstruction_orders_the_methods(tmp_path):
         # SparseGPT updates the kept weights to fit the calibration inputs: it reconstructs them
         # better than magnitude pruning, which only drops weights.
         assert error[pattern, "sparsegpt (weights changed)"] < error[pattern, "magnitude"], error
+
+
+def test_lm_memory_sizes_what_placed_arrays_hold():
+    """`lm_memory.py`'s bytes per device, from shapes only, against the bytes that the same search
+    state and weights hold once materialised and placed on this process's 8 CPU devices by
+    `jj.parallel` (a tiny Llama whose dimensions 8 divides for some leaves, not for others, so
+    both sharded and whole leaves are counted)."""
+    import jax
+    import numpy as np
+
+    import jackpots_jax as jj
+    from jackpots_jax import models
+    from jackpots_jax.models import llama
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import lm_memory
+    finally:
+        sys.path.pop(0)
+    options = dict(hidden_size=20, intermediate_size=40, num_layers=2, num_heads=2, num_kv_heads=1)
+    params, state = lm_memory.abstract_search(
+        "llama", 100, options, sparsity=0.5, pattern="2:4", rate=0.5
+    )
+    network = models.network("llama", 100, jax.numpy.float32, **options)
+    real_params, _ = network.init(jax.random.key(0))
+    budget = jj.layer_budgets(real_params, 0.5, "uniform", dense=llama.DENSE, pattern="2:4")
+    tx = jj.search_optimizer(budget, learning_rate=0.1, total_steps=1000, rate=0.5)
+    scores, _ = jj.init_scores(real_params, budget, "magnitude")
+    real_state = jj.engine.create_search_state(scores, tx)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), real_state) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), state
+    )
+    mesh = jj.parallel.make_mesh(fsdp=8)
+    placed = jj.parallel.state_bytes(jj.parallel.place_state(real_state, mesh))
+    weights = jj.parallel.state_bytes(jj.parallel.place(real_params, mesh))
+    assert set(placed.values()) == {lm_memory.per_device(state, 8)}
+    assert set(weights.values()) == {lm_memory.per_device(params, 8)}
+    # Both kinds of leaf occur: some split eight ways, some whole on every device.
+    dims = jax.tree.leaves(
+        jj.parallel.fsdp_dims(params, mesh), is_leaf=lambda x: x is None or isinstance(x, int)
+    )
+    assert None in dims and any(d is not None for d in dims)
+    row = lm_memory.table(params, state, [1, 8])[0]
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    steps_and_keys = total - row["scores"] - row["optimizer"] - row["masks"]
+    assert 0 <= steps_and_keys <= 64  # the step counts and the PRNG key, nothing else

@@ -204,7 +204,7 @@ def test_tpu_pod_dry_run_prints_every_command_and_runs_none(tmp_path):
     install, mount, job = lines[3:]
     for line in (install, mount, job):
         assert line.startswith(f"{tpu} ssh jj --zone us-central2-b --worker=all --command ")
-    assert "jax[tpu]" in install and "pip install" in install
+    assert "jax[tpu]" in install and "pip install" in install and "[lm]" in install
     assert "gcsfuse --implicit-dirs my-bucket" in mount
     assert job.endswith(
         "--command 'cd ~/jackpots_jax && .venv/bin/python -m jackpots_jax.main --config "
