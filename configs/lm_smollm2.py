@@ -55,7 +55,8 @@ def get_config(arg: str | None = None):
 
     config.prune.reestimate_bn = False  # no batch norm in a decoder
     config.eval.batch_size = 8
-    config.eval.every_epochs = 0  # evaluated once, after each search
+    config.eval.every_epochs = 0  # the search's single epoch is cut short by max_steps
+    config.eval.every_steps = 16  # validation perplexity against the tokens searched
     config.checkpoint.every_steps = 50
     config.log_every_steps = 1
 
@@ -71,6 +72,8 @@ def get_config(arg: str | None = None):
         config.search.batch_size = 16
         config.eval.batch_size = 16
         config.log_every_steps = 10
+        config.eval.every_steps = 0
+        config.eval.every_epochs = 1
     if arg == "tiny":
         _tiny(config)
     return config
@@ -92,4 +95,5 @@ def _tiny(config):
     config.search.learning_rate = 0.5
     config.eval.batch_size = 16
     config.checkpoint.every_steps = 8
+    config.eval.every_steps = 8
     config.log_every_steps = 1

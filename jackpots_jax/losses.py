@@ -15,6 +15,7 @@ the `count` of items, so that accuracies and perplexities (`exp(loss / count)`) 
 Example:
   >>> loss_fn = losses.classification(label_smoothing=0.1)   # batch['label'] [b]
   >>> loss_fn = losses.next_token()   # batch['targets'] [b, t], batch['weights'] [b, t]
+  >>> loss_fn = losses.kl_to_dense()  # KL from the dense model's outputs (`search_step` adds them)
   >>> state, metrics = search_step(state, params, batch, apply_fn=apply_fn, tx=tx,
   ...                              loss_fn=loss_fn, inputs="inputs")
 """
@@ -135,4 +136,71 @@ def next_token() -> LossFn:
             sums={"correct": correct},
         )
 
+    return loss_fn
+
+
+# The batch key under which `search_step` passes the dense model's outputs to a loss function
+# that asks for them (`needs_dense_outputs`).
+DENSE_OUTPUTS = "dense_outputs"
+
+
+def kl_to_dense(temperature: float = 1.0) -> LossFn:
+    """KL divergence from the dense model's next-item distribution to the masked model's.
+
+    The per-item loss is `KL(p || q) = sum_v p_v (log p_v - log q_v)` with `p = softmax(dense / T)`
+    and `q = softmax(masked / T)` over the last axis, scaled by `T**2` (so that its gradient keeps
+    its size as `T` changes); with `T = 1` it is the cross-entropy to the dense model's
+    distribution less that distribution's entropy. The dense outputs come from the batch under
+    `DENSE_OUTPUTS`: the returned function has `needs_dense_outputs = True`, and `search_step`
+    then runs the model on the unmasked frozen weights (no gradient, `train=False`, the state's
+    batch statistics) and adds its outputs to the batch before calling it. A search thus learns
+    the mask that keeps the dense model's predictions, not the corpus's next tokens.
+
+    `batch['weights']` weighs the items as in `next_token` (padding counts nowhere); with
+    `batch['targets']` the metric `accuracy` and the count `correct` are reported as there, and
+    the metric `nll` is the masked model's negative log-likelihood of the targets (so a log
+    shows both what is optimised and the perplexity it buys).
+
+    Args:
+      temperature: `T > 0` (1: the models' own distributions).
+
+    Returns:
+      `loss_fn(outputs [..., classes], batch) -> LossTerms`, with `needs_dense_outputs = True`.
+
+    Raises:
+      ValueError: `temperature` is not a positive number.
+
+    Example:
+      >>> loss_fn = kl_to_dense()
+      >>> terms = loss_fn(logits, {"targets": targets, DENSE_OUTPUTS: dense_logits})
+    """
+    if not temperature > 0:
+        raise ValueError(f"kl_to_dense: temperature must be > 0, got {temperature!r}")
+
+    def loss_fn(outputs, batch):
+        if DENSE_OUTPUTS not in batch:
+            raise KeyError(
+                f"kl_to_dense needs the dense model's outputs in batch[{DENSE_OUTPUTS!r}] "
+                "(`search_step` adds them; elsewhere add them yourself)"
+            )
+        logits = outputs.astype(jnp.float32)
+        dense = jax.lax.stop_gradient(batch[DENSE_OUTPUTS]).astype(jnp.float32)
+        log_p = jax.nn.log_softmax(dense / temperature, axis=-1)
+        log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
+        kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * temperature**2
+        weights = batch.get("weights")
+        metrics, sums = {}, {}
+        if "targets" in batch:
+            targets = batch["targets"]
+            correct = jnp.argmax(logits, -1) == targets
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            metrics, sums = {"accuracy": correct, "nll": nll}, {"correct": correct}
+        return LossTerms(
+            loss=kl,
+            weights=None if weights is None else jnp.asarray(weights, jnp.float32),
+            metrics=metrics,
+            sums=sums,
+        )
+
+    loss_fn.needs_dense_outputs = True
     return loss_fn

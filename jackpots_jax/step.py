@@ -50,7 +50,7 @@ from jax import lax
 # `linen_apply`, `nnx_apply` and `cross_entropy` lived here first; importing them from this module
 # keeps working.
 from jackpots_jax.adapters import ApplyFn, linen_apply, nnx_apply
-from jackpots_jax.losses import LossFn, classification, cross_entropy
+from jackpots_jax.losses import DENSE_OUTPUTS, LossFn, classification, cross_entropy
 from jackpots_jax.masks import apply_masks, mask_churn, masked_weights
 from jackpots_jax.restriction import current_masks, search_optimizer
 
@@ -231,7 +231,10 @@ def search_step(
       tx: the search optimiser (from `search_optimizer`; static).
       axis_name: the data-parallel axis name, or `None` on one device.
       loss_fn: `loss_fn(outputs, batch) -> LossTerms` (static); `None`:
-        `losses.classification()`, cross-entropy of `batch['label']`.
+        `losses.classification()`, cross-entropy of `batch['label']`. A loss function with
+        `needs_dense_outputs = True` (`losses.kl_to_dense()`) also gets the dense model's
+        outputs in `batch[losses.DENSE_OUTPUTS]`: one more forward pass, on the unmasked frozen
+        weights, with the state's batch statistics, `train=False`, no gradient.
       inputs: the key of the batch the model is called on, or a function of the batch (static).
 
     Returns:
@@ -247,6 +250,9 @@ def search_step(
     loss_fn = classification() if loss_fn is None else loss_fn
     old_masks = current_masks(state.opt_state)
     x = _model_inputs(batch, inputs)
+    if getattr(loss_fn, "needs_dense_outputs", False):
+        dense, _ = apply_fn(params, state.batch_stats, x, False)
+        batch = {**batch, DENSE_OUTPUTS: lax.stop_gradient(dense)}
 
     def objective(scores):
         weights = masked_weights(params, scores, old_masks)

@@ -210,6 +210,14 @@ def test_tiny_language_model_jackpot(tiny_lm, tmp_path):
         ]
         losses = [r["loss"] for r in train]
         assert len(losses) == 16
+        # `eval.every_steps=8`: the validation curve; its last point is the final jackpot's row.
+        curve = [
+            r
+            for r in metrics(workdir)
+            if r.get("phase") == f"search_{tag}" and r.get("kind") == "eval"
+        ]
+        assert [r["step"] for r in curve] == [8, 16]
+        assert curve[-1]["perplexity"] == row["perplexity"]
         # Speed in tokens: a window of SEQ_LEN targets per example, not images.
         assert all(r["tokens_per_s"] > 0 and "images_per_s" not in r for r in train)
         assert np.mean(losses[-4:]) < np.mean(losses[:4])
@@ -256,13 +264,20 @@ def _wanda_2of4(model, norms):
 @pytest.mark.slow
 def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
     """`configs/lm_2of4.py:tiny`: Wanda and SparseGPT rows beside magnitude pruning, and searches
-    from magnitude's, Wanda's and SparseGPT's masks. The Wanda row is checked against Wanda
-    written here on PyTorch activations of the same calibration windows."""
+    from magnitude's, Wanda's and SparseGPT's masks, on the KL divergence to the dense model
+    (`search.loss=kl`). The Wanda row is checked against Wanda written here on PyTorch
+    activations of the same calibration windows."""
     workdir, cache = tmp_path / "run", tmp_path / "cache"
     windows = 6  # prune.calibration_windows of the tiny variant
-    proc = run_main("lm_2of4.py:tiny", workdir, *_args(tiny_lm, cache), timeout=900)
+    args = (*_args(tiny_lm, cache), "--config.search.loss=kl")
+    proc = run_main("lm_2of4.py:tiny", workdir, *args, timeout=900)
     check_ok(proc)
     rows = results(workdir)
+    # The searches minimised the KL (positive: the masked model is not the dense one), and
+    # logged the next-token NLL beside it; the rows say which loss.
+    train = [r for r in metrics(workdir) if r.get("kind") == "train"]
+    assert train and all(r["loss"] > 0 and r["nll"] > r["loss"] for r in train)
+    assert "loss: KL to the dense model" in rows["jackpot (2:4, from wanda)"]["note"]
     assert set(rows) == {
         "dense",
         "magnitude pruning (2:4)",

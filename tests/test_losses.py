@@ -322,3 +322,83 @@ def test_inputs_by_function_and_a_missing_key_is_named():
     assert_trees_equal(by_key, by_function)
     with pytest.raises(KeyError, match="inputs='image' is not a key of the batch"):
         eval_step(params, {}, None, batch, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL to the dense model: PyTorch's kl_div, and the dense outputs the search step adds.
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_to_dense_gradients_match_pytorch(temperature):
+    """The weighted mean of per-token KL(p_dense || q_masked) at temperature T (times T**2), its
+    gradient and the `nll` metric, against PyTorch's `kl_div` and `cross_entropy` in float64,
+    the dense logits given in the batch."""
+    params, batch = lm_params(), lm_batch(4)
+    dense = np.asarray(lm_apply(lm_params(seed=5), {}, batch["inputs"], False)[0])
+    batch = {**batch, jj.losses.DENSE_OUTPUTS: dense}
+    state = create_train_state(params, {}, stash())
+    loss_fn = jj.losses.kl_to_dense(temperature)
+    step = partial(train_step, apply_fn=lm_apply, tx=stash(), loss_fn=loss_fn, inputs="inputs")
+    new, metrics = jax.jit(step)(state, batch)
+
+    p = {k: torch.tensor(np.asarray(v[next(iter(v))], np.float64), requires_grad=True)
+         for k, v in params.items()}  # fmt: skip
+    h = torch.tanh(p["embed"][torch.tensor(np.asarray(batch["inputs"]))] @ p["proj"])
+    logits = (h @ p["head"]).reshape(-1, V)
+    log_q = torch.log_softmax(logits / temperature, -1)
+    log_p = torch.log_softmax(
+        torch.tensor(dense, dtype=torch.float64).reshape(-1, V) / temperature, -1
+    )
+    kl = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    w = torch.tensor(np.asarray(batch["weights"], np.float64)).reshape(-1)
+    loss = (kl * w).sum() / w.sum() * temperature**2
+    loss.backward()
+    targets = torch.tensor(np.asarray(batch["targets"]), dtype=torch.long).reshape(-1)
+    nll = torch.nn.functional.cross_entropy(logits.detach(), targets, reduction="none")
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss.detach()), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["nll"]), float((nll * w).sum() / w.sum()), rtol=1e-5)
+    for name in params:
+        grads = np.asarray(new.opt_state[name][next(iter(params[name]))])
+        np.testing.assert_allclose(grads, p[name].grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_the_search_step_gives_kl_to_dense_the_unmasked_models_outputs():
+    """`search_step` with `kl_to_dense()` equals the same step whose loss reads dense logits that
+    the test computed itself from the unmasked params; the masked model starts away from dense
+    (loss > 0) and the loss is zero when nothing is masked."""
+    params, batch = lm_params(2), lm_batch(8, seed=3)
+    budget = jj.layer_budgets(params, 0.5, "uniform")
+    scores, _ = jj.init_scores(params, budget, "kaiming", key=jax.random.PRNGKey(4))
+    tx = jj.search_optimizer(budget, learning_rate=50.0, total_steps=4)
+    kl = jj.losses.kl_to_dense()
+    dense = lm_apply(params, {}, batch["inputs"], False)[0]
+
+    def given_dense(outputs, b):
+        return kl(outputs, {**b, jj.losses.DENSE_OUTPUTS: dense})
+
+    kw = dict(apply_fn=lm_apply, tx=tx, inputs="inputs")
+    a = b = jj.engine.create_search_state(scores, tx)
+    for _ in range(3):
+        a, ma = jax.jit(partial(search_step, loss_fn=kl, **kw))(a, params, batch)
+        b, mb = jax.jit(partial(search_step, loss_fn=given_dense, **kw))(b, params, batch)
+        np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+        assert float(ma["loss"]) > 1e-3
+        jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a.scores, b.scores)
+        jax.tree.map(np.testing.assert_array_equal, a.masks, b.masks)
+
+    nothing = jax.tree.map(
+        lambda n: None if n is None else 0 * n, budget, is_leaf=lambda x: x is None
+    )
+    scores0, _ = jj.init_scores(params, nothing, "magnitude")
+    tx0 = jj.search_optimizer(nothing, learning_rate=1.0, total_steps=1)
+    state0 = jj.engine.create_search_state(scores0, tx0)
+    step0 = partial(search_step, apply_fn=lm_apply, tx=tx0, loss_fn=kl, inputs="inputs")
+    _, m0 = jax.jit(step0)(state0, params, batch)
+    assert abs(float(m0["loss"])) < 1e-6
+
+
+def test_kl_to_dense_errors_name_what_is_wrong():
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        jj.losses.kl_to_dense(0)
+    with pytest.raises(KeyError, match="dense_outputs"):
+        jj.losses.kl_to_dense()(jnp.zeros((2, V)), {"targets": jnp.zeros(2, jnp.int32)})

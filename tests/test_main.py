@@ -483,6 +483,7 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
         (["--config.prune.baselines=('wanda',)"], "`prune.baselines` is ('wanda',)"),
         (["--config.search.init=sparsegpt"], "a language model also takes 'wanda'"),
         (["--config.search.inits=('magnitude',)"], "`search.inits` is ('magnitude',)"),
+        (["--config.search.loss=kl"], "a language model also takes 'kl'"),
     ],
 )
 def test_bad_config_values(tmp_path, fmnist_source, overrides, message):

@@ -77,13 +77,19 @@ def base_config() -> ml_collections.ConfigDict:
         `sparsity` (empty: `pattern` alone). `inits`: a language-model jackpot job runs one
         search per pattern from each of these inits (empty: `init` alone); a language model
         also takes the inits `wanda` and `sparsegpt`: the search starts from that one-shot
-        baseline's mask (`jj.scores_from_masks`, with `gap`).
+        baseline's mask (`jj.scores_from_masks`, with `gap`). `loss`: what a search minimises:
+        `cross_entropy` (the task's: of the labels, or a language model's next-token negative
+        log-likelihood) or, for a language model, `kl` (the KL divergence from the dense
+        model's next-token distribution, `jj.losses.kl_to_dense()`; one more forward pass per
+        step). Evaluation always reports the task's loss (perplexity for text).
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`;
         for a language model, `baselines` (one-shot rows besides magnitude pruning: `wanda`,
         `sparsegpt`, the latter as two rows, its mask over the frozen weights and its updated
         weights), calibrated on `calibration_windows` training windows drawn with the seed,
         `calibration_batch` windows at a time; `sparsegpt_blocksize`, `sparsegpt_damp`.
-      eval: `batch_size`, `every_epochs`.
+      eval: `batch_size`, `every_epochs`, `every_steps` (a search is also evaluated every this
+        many steps, for a curve of the validation figures against the examples or tokens seen;
+        0: never).
       checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
         schedule fields changed since its checkpoint, e.g. `search.epochs` or
         `search.learning_rate`, is an error unless this is True; then it continues under the new
@@ -163,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.indivisible = "error"
     c.search.patterns = ()
     c.search.inits = ()
+    c.search.loss = "cross_entropy"
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -176,6 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 1000
     c.eval.every_epochs = 1
+    c.eval.every_steps = 0
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
@@ -284,6 +292,9 @@ def check(
         _choice(field, init, (*INIT_METHODS, *CALIBRATED) if text else tuple(INIT_METHODS))
     for method in c.prune.baselines:
         _choice("prune.baselines", method, CALIBRATED)
+    if s.loss == "kl" and not text:
+        _fail("search.loss", s.loss, "'cross_entropy' (a language model also takes 'kl')")
+    _choice("search.loss", s.loss, ("cross_entropy", "kl"))
     _int("prune.calibration_windows", c.prune.calibration_windows, 1)
     _int("prune.calibration_batch", c.prune.calibration_batch, 1)
     _int("prune.sparsegpt_blocksize", c.prune.sparsegpt_blocksize, 1)
@@ -304,6 +315,7 @@ def check(
         _fail("search.epochs", 0, "at least 1 (or set `search.max_steps`)")
     _int("prune.bn_batches", c.prune.bn_batches, 1)
     _int("eval.every_epochs", c.eval.every_epochs, 0)
+    _int("eval.every_steps", c.eval.every_steps, 0)
     _int("checkpoint.every_steps", c.checkpoint.every_steps, 1)
     _int("checkpoint.keep", c.checkpoint.keep, 1)
     _choice("parallel.backend", c.parallel.backend, ("auto", *BACKENDS))

@@ -238,6 +238,7 @@ class Context:
     log_every_steps: int
     eval_batch_size: int
     eval_every_epochs: int
+    eval_every_steps: int = 0  # a search also evaluated every this many steps (0: never)
     # Compiled steps the phases reuse within the run (`Context.compiled`), by name.
     _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optax
 from absl import logging
 
@@ -71,6 +72,9 @@ class TrainLog(Hook):
         }
         if "churn" in sums:
             record["churn"] = int(sums["churn"])
+        for name, value in sums.items():  # the loss function's other metrics, e.g. `nll`
+            if name not in record and name != "churn_per_layer" and np.ndim(value) == 0:
+                record[name] = float(value) / num_steps
         self.metrics_log.write(record)
         self.progress.update(
             step, record["loss"], record["accuracy"], record[f"{self.unit}_per_s"], UNITS[self.unit]
@@ -121,21 +125,47 @@ class ChurnPerEpoch(Hook):
 
 
 class EvaluateEveryEpochs(Hook):
-    """Evaluates the state every `every` epochs and after the last step: an `eval` record."""
+    """Evaluates the state every `every` epochs and after the last step: an `eval` record.
 
-    def __init__(self, log: MetricsLog, phase: str, every: int, total_steps: int, evaluate_fn):
+    With `every_steps`, also after every `every_steps`-th step (a curve within an epoch; once per
+    step when both fall on it). Its records are written after that step's checkpoint: a run
+    killed between the two lacks that one record after resuming.
+    """
+
+    def __init__(
+        self,
+        log: MetricsLog,
+        phase: str,
+        every: int,
+        total_steps: int,
+        evaluate_fn,
+        every_steps: int = 0,
+    ):
         self.metrics_log, self.phase, self.every = log, phase, every
         self.total_steps, self.evaluate_fn = total_steps, evaluate_fn
+        self.every_steps, self.evaluated_at = every_steps, None
 
     def end_of_epoch(self, step: int, epoch: int, state: PyTree) -> None:
         if not self.every or (epoch % self.every and step != self.total_steps):
             return
+        self._evaluate(step, epoch, state)
+
+    def after_step(self, step: int, state: PyTree) -> None:
+        if self.every_steps and step % self.every_steps == 0 and self.evaluated_at != step:
+            self._evaluate(step, None, state)
+
+    def _evaluate(self, step: int, epoch: int | None, state: PyTree) -> None:
         result = self.evaluate_fn(state)
-        record = {"phase": self.phase, "kind": "eval", "step": step, "epoch": epoch, **result}
-        self.metrics_log.write(record)
-        logging.info(
-            "%s epoch %d: test accuracy %.2f%%", self.phase, epoch, 100 * result["accuracy"]
-        )
+        record = {"phase": self.phase, "kind": "eval", "step": step}
+        if epoch is not None:
+            record["epoch"] = epoch
+        self.metrics_log.write({**record, **result})
+        self.evaluated_at = step
+        where = f"epoch {epoch}" if epoch is not None else f"step {step}"
+        if "perplexity" in result:
+            logging.info("%s %s: perplexity %.4g", self.phase, where, result["perplexity"])
+        else:
+            logging.info("%s %s: test accuracy %.2f%%", self.phase, where, 100 * result["accuracy"])
 
 
 class ScheduleGuard(Hook):

@@ -244,7 +244,8 @@ def run_jackpot(ctx: Context, config: Config) -> None:
                 "model": f"jackpot ({label})",
                 "sparsity": phases.masks_sparsity(state.masks, params),
                 "note": f"{init} init, {recipe.rule} budget, "
-                f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps",
+                f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps"
+                + (", loss: KL to the dense model" if recipe.loss == "kl" else ""),
                 **phases.evaluate(ctx, params, {}, state.masks),
             }
             phases.record_jackpot(

@@ -140,6 +140,7 @@ def _context(config: Config, workdir: str, num_devices: int) -> Context:
         log_every_steps=config.log_every_steps,
         eval_batch_size=config.eval.batch_size,
         eval_every_epochs=config.eval.every_epochs,
+        eval_every_steps=config.eval.every_steps,
     )
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jackpots_jax import losses
 from jackpots_jax._tree import named_leaves
 from jackpots_jax.data import text as text_data
 from jackpots_jax.experiment import report
@@ -285,12 +286,16 @@ def search(
     )
     state = ctx.devices.place_state(state)
     params = ctx.devices.weights(params)
+    if recipe.loss == "kl":  # to the dense model's outputs, which the step computes
+        loss_fn = losses.kl_to_dense()
+    else:
+        loss_fn = ctx.data.loss_fn(recipe.label_smoothing)
     run = ctx.devices.run(
         search_step,
         donate_state=True,
         apply_fn=ctx.network.apply_fn,
         tx=tx,
-        loss_fn=ctx.data.loss_fn(recipe.label_smoothing),
+        loss_fn=loss_fn,
         inputs=ctx.data.inputs,
     )
     kept = sum(int(np.size(w)) - int(b) for (_, w), (_, b) in _masked(params, budget))
@@ -312,6 +317,7 @@ def search(
             ctx.eval_every_epochs,
             total_steps,
             lambda s: evaluate(ctx, params, s.batch_stats, s.masks),
+            every_steps=ctx.eval_every_steps,
         ),
         ScheduleGuard(_schedule(ctx, phase, recipe, seed), allow_schedule_change),
     ]

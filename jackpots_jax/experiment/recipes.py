@@ -128,6 +128,7 @@ class SearchRecipe:
     allow_empty_layers: bool = False
     pattern: str = "unstructured"
     indivisible: str = "error"
+    loss: str = "cross_entropy"
 
     def check_dense(self, params: PyTree) -> None:
         """Every pattern of `dense` must name a kernel of `params`: a typo would prune it."""
