@@ -118,6 +118,10 @@ FAULTS.update(sigint2=lambda a: _sigint_twice(int(a)), pause=_pause, eacces=_eac
 
 def main() -> None:
     fault, arg = sys.argv[1], sys.argv[2]
+    # A command started from a terminal: Ctrl-C is not ignored there. A shell's background job
+    # (`cmd &`, `nohup`) or a test runner's worker may hand SIGINT down ignored, and Python then
+    # leaves it ignored, so the run would not hear the signal this driver sends.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     FAULTS[fault](arg)
     from jackpots_jax import main as cli
 
