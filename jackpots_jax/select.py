@@ -10,9 +10,13 @@ sort gives. Two implementations compute the same sets bit for bit:
   number of passes (32 bits in digits of `DIGIT_BITS`), each one histogram per leaf over all
   entries at once (per-row bin counts packed four to a 32-bit word, so each pass reads every key
   once, then a running sum over the rows read at the leaves' boundaries). Ties at the threshold
-  are split by a second radix select over a tie key that encodes the tie rule (preference bit,
-  then the index), so the selected set is exact. The passes are unrolled: no loop, no
-  conditional, no per-leaf kernel, and every reduction is an array op that XLA can partition.
+  are split in one more pass: the ties of each class (preferred or not) are packed into 32-bit
+  words, and an exclusive sum of the words' bit counts ranks every tie within its leaf, so the
+  selected set is exact. (Where a sharded layout splits a leaf along a later dimension, its
+  packed order is not its index order, and a second radix select over a tie key that encodes
+  the rule does it instead.) The packed result is materialised once before the leaves are
+  sliced out of it. The passes are unrolled: no loop, no conditional, no per-leaf kernel, and
+  every reduction is an array op that XLA can partition.
 * `bracketed` (CPU): per leaf, a bisection over the key bits (one counting pass per bit), started
   from bounds that bracket the threshold (from the current masks during a search, or from a
   strided sample of a large leaf, checked by counting); when few keys lie between the bounds the
@@ -508,7 +512,13 @@ class Packing:
         return packed
 
     def unpack(self, packed: jax.Array) -> list[jax.Array]:
-        """The leaves of a packed array, in their own shapes (padding dropped)."""
+        """The leaves of a packed array, in their own shapes (padding dropped).
+
+        The packed array is materialised first (an optimisation barrier): otherwise XLA fuses
+        the computation that produces it into the slices of the leaves, and each of the fused
+        kernels (a dozen for ResNet-50) reads every input of that computation in full.
+        """
+        packed = lax.optimization_barrier(packed)
         out = []
         for leaf, (s, r) in enumerate(zip(self.starts, self.rows, strict=True)):
             y = packed[:, s : s + r].reshape(self.groups, r * self.chunk)[:, : self.parts[leaf]]
@@ -654,20 +664,133 @@ def _radix_select(
     return prefix, rank
 
 
+def _index_ordered(packing: Packing) -> bool:
+    """Whether every leaf's entries sit in the packed array in flat index order (group-major).
+
+    True with one group, and when each leaf is split along its first dimension or as flat runs:
+    then group `g` holds a contiguous run of the leaf's flat indices, after those of group g-1.
+    """
+    return packing.groups == 1 or all(
+        d is None or (len(s) > 0 and d % len(s) == 0)
+        for d, s in zip(packing.dims, packing.shapes, strict=True)
+    )
+
+
+def _take_ties(
+    packing: Packing,
+    row_leaf: jax.Array,
+    ties: jax.Array,
+    sides: jax.Array | None,
+    prefer: jax.Array | None,
+    rank: jax.Array,
+    from_end: bool,
+) -> jax.Array:
+    """Per (leaf, side), the `rank` ties to keep: `prefer` first, then the lowest index.
+
+    On side 1 with `from_end` the highest index goes first instead. One pass over the entries
+    packs the ties of each class (side, preferred or not) into 32-bit words; an exclusive sum of
+    the words' bit counts gives every tie the number of ties of its class before it (its word's
+    prefix plus the bits below it in its word), and the counts at the leaves' static start
+    positions turn that into a rank within the leaf. Exact for any number of ties; needs a
+    layout in index order (`_index_ordered`).
+
+    Args:
+      ties: packed bool `[groups, rows, chunk]`, the entries whose key is the threshold.
+      sides: packed bool or None (one side).
+      prefer: packed bool or None (no preference).
+      rank: int32 `[leaves, sides]`, how many ties to keep (at most all of them).
+
+    Returns:
+      Packed bool: the ties kept.
+    """
+    n_sides = 1 if sides is None else 2
+    g, r, c = ties.shape
+    width = 32
+    # Words per group (a group is one device's part of a sharded layout: every sum below but
+    # the small per-leaf ones stays on it), with one word past the end of the group.
+    n_words = r * c // width + 1
+    cls = jnp.zeros(ties.shape, jnp.int32) if sides is None else sides.astype(jnp.int32)
+    n_classes = n_sides
+    if prefer is not None:  # per side: class 2s preferred, 2s + 1 not
+        cls, n_classes = 2 * cls + (~prefer).astype(jnp.int32), 2 * n_sides
+
+    def in_words(x):
+        x = jnp.pad(x.reshape(g, r * c), ((0, 0), (0, n_words * width - r * c)))
+        return x.reshape(g, n_words, width)
+
+    shifts = jnp.arange(width, dtype=jnp.uint32)
+    zero = jnp.uint32(0)
+    bit = jnp.where(in_words(ties), jnp.uint32(1) << shifts, zero)
+    word_cls = in_words(cls)
+    # One variadic reduction: each entry is read once and fills the word of its class.
+    words = lax.reduce(
+        tuple(jnp.where(word_cls == j, bit, zero) for j in range(n_classes)),
+        (zero,) * n_classes,
+        lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)),
+        (2,),
+    )
+    words = jnp.stack(words)  # [classes, groups, n_words]
+    per_word = lax.population_count(words).astype(jnp.int32)
+    before_word = jnp.cumsum(per_word, axis=2) - per_word
+
+    def before(position: np.ndarray) -> jax.Array:
+        """`[classes, groups, ...]`: ties of each class in the group before a static position."""
+        w = position // width
+        low = ((np.int64(1) << (position % width)) - 1).astype(np.uint32)
+        count = lax.population_count(words[:, :, w] & low).astype(jnp.int32)
+        return before_word[:, :, w] + count
+
+    # Each leaf's part in a group runs from a static first position to its end.
+    first = np.asarray(packing.starts, np.int64) * c
+    at_first = before(first)  # [classes, groups, leaves]
+    in_part = before(first + np.asarray(packing.rows, np.int64) * c) - at_first
+    # An entry's rank in its leaf: ties before it in its group, less those before its part,
+    # plus the leaf's ties in earlier groups.
+    offset = jnp.cumsum(in_part, axis=1) - in_part - at_first  # [classes, groups, leaves]
+    total = jnp.sum(in_part, axis=1)  # [classes, leaves]
+    # How many ties of each class to keep: preferred ones first, up to the rank.
+    take = []
+    for side in range(n_sides):
+        if prefer is None:
+            take.append(rank[:, side])
+        else:
+            preferred = jnp.minimum(rank[:, side], total[2 * side])
+            take += [preferred, rank[:, side] - preferred]
+
+    position = lax.broadcasted_iota(jnp.int32, (r, c), 0) * c + lax.broadcasted_iota(
+        jnp.int32, (r, c), 1
+    )
+    w = position // width
+    low = (jnp.uint32(1) << (position % width).astype(jnp.uint32)) - jnp.uint32(1)
+    leaf = row_leaf[None, :, None]
+    kept = jnp.zeros(ties.shape, bool)
+    for j in range(n_classes):
+        count = lax.population_count(words[j][:, w] & low[None]).astype(jnp.int32)
+        rank_j = before_word[j][:, w] + count + offset[j][:, row_leaf][..., None]
+        if from_end and sides is not None and j >= n_classes // 2:
+            rank_j = total[j][leaf] - 1 - rank_j
+        kept = kept | ((cls == j) & (rank_j < take[j][leaf]))
+    return ties & kept
+
+
 def _select_batched(
     packing: Packing,
     row_leaf: jax.Array,
     keys: jax.Array,
-    tie_keys: jax.Array,
-    tie_bits: int,
+    index: jax.Array,
     eligible: jax.Array,
     sides: jax.Array | None,
     k: jax.Array,
     digit_bits: int,
+    prefer: jax.Array | None = None,
+    from_end: bool = False,
 ) -> jax.Array:
-    """Exactly `k` eligible entries per (leaf, side): key descending, then tie key descending.
+    """Exactly `k` eligible entries per (leaf, side): key descending, then the tie rule.
 
-    Tie keys must be distinct among the eligible entries of a (leaf, side), so the order is total.
+    Ties: `prefer` (packed bool) first, then the lower index (the higher on side 1 when
+    `from_end`). The threshold key comes from a radix select; the ties at it are split in one
+    pass (`_take_ties`) where the layout keeps index order, else by a second radix select over a
+    tie key that encodes the rule (preference bit, then the index).
     """
     key_bits = jnp.iinfo(keys.dtype).bits
     threshold, rank = _radix_select(
@@ -676,8 +799,18 @@ def _select_batched(
     at = _per_entry(threshold, row_leaf, sides)
     above = eligible & (keys > at)
     ties = eligible & (keys == at)
+    if _index_ordered(packing):
+        return above | _take_ties(packing, row_leaf, ties, sides, prefer, rank, from_end)
+    bits = packing.index_bits
+    low_first = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
+    tie_keys = low_first
+    if from_end:
+        tie_keys = jnp.where(sides, index.astype(jnp.uint32), low_first)
+    if prefer is not None:
+        tie_keys = tie_keys | (prefer.astype(jnp.uint32) << jnp.uint32(bits))
+        bits += 1
     tie_threshold, _ = _radix_select(
-        packing, row_leaf, tie_keys, ties, sides, rank, tie_bits, digit_bits
+        packing, row_leaf, tie_keys, ties, sides, rank, bits, digit_bits
     )
     wanted = _per_entry(rank > 0, row_leaf, sides)
     return above | (ties & wanted & (tie_keys >= _per_entry(tie_threshold, row_leaf, sides)))
@@ -716,16 +849,14 @@ def _topk_batched(
     packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
     index, real = packing.indices(row_leaf, sharding)
-    bits = packing.index_bits
-    # Among equal keys: preferred first, then the lower index (the larger `low - index`).
-    tie_keys = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
+    preferred = None
     if prefer is not None:
         preferred = packing.pack([jnp.asarray(p, bool) for p in prefer], False, sharding)
-        tie_keys = tie_keys | (preferred.astype(jnp.uint32) << jnp.uint32(bits))
-        bits += 1
     k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
     packed = ordered_keys(packing.pack(values, 0, sharding))
-    chosen = _select_batched(packing, row_leaf, packed, tie_keys, bits, real, None, k, digit_bits)
+    chosen = _select_batched(
+        packing, row_leaf, packed, index, real, None, k, digit_bits, prefer=preferred
+    )
     return packing.unpack(chosen)
 
 
@@ -740,22 +871,12 @@ def _refresh_batched(
     packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
     index, real = packing.indices(row_leaf, sharding)
-    bits = packing.index_bits
-    low_first = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
     packed = ordered_keys(packing.pack(values, 0, sharding))
     was = packing.pack([jnp.asarray(m, bool) for m in old], False, sharding)
     k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
     # The exact top-k with ties to the entries kept now: the refresh at rate 1.
     target = _select_batched(
-        packing,
-        row_leaf,
-        packed,
-        low_first | (was.astype(jnp.uint32) << jnp.uint32(bits)),
-        bits + 1,
-        real,
-        None,
-        k,
-        digit_bits,
+        packing, row_leaf, packed, index, real, None, k, digit_bits, prefer=was
     )
     revive = target & ~was
     remove = was & ~target
@@ -767,12 +888,12 @@ def _refresh_batched(
         packing,
         row_leaf,
         jnp.where(remove, ~packed, packed),
-        jnp.where(remove, index.astype(jnp.uint32), low_first),
-        bits,
+        index,
         revive | remove,
         remove,
         jnp.concatenate([n, n], axis=1),
         digit_bits,
+        from_end=True,
     )
     restricted = (was & ~(swap & remove)) | (swap & revive)
     every = _per_entry(n == proposed, row_leaf, None)
@@ -916,14 +1037,11 @@ def top_eligible(
     packing, _ = _packing(leaves, None)
     row_leaf = packing.row_leaf()
     index, real = packing.indices(row_leaf)
-    bits = packing.index_bits
-    low_first = (jnp.asarray((1 << bits) - 1, jnp.int32) - index).astype(jnp.uint32)
     chosen = _select_batched(
         packing,
         row_leaf,
         ordered_keys(packing.pack(leaves)),
-        low_first,
-        bits,
+        index,
         real & packing.pack(elig, False),
         None,
         jnp.stack(counts).reshape(-1, 1),
