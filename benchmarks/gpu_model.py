@@ -64,8 +64,20 @@ MODELS = {
     "resnet32_w2": (10, 256),
     "vit_b16": (1000, 256),
     "fmnist_cnn": (10, 32),
+    # Language models: (vocabulary, batch of windows of LM_WINDOW tokens); 50% sparsity.
+    "smollm2_135m": (49152, 16),
+    "llama_tiny": (512, 4),
 }
-DEFAULT_MODELS = ("resnet50", "resnet32_w2", "vit_b16")
+LANGUAGE_MODELS = {
+    "smollm2_135m": ("smollm2_135m", {}),
+    "llama_tiny": (
+        "llama",
+        {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4},
+    ),
+}
+LM_WINDOW = 256
+LM_SPARSITY = 0.5
+DEFAULT_MODELS = ("resnet50", "resnet32_w2", "vit_b16", "smollm2_135m")
 PROGRAMS = ("dense", "no_refresh", "search", "refresh", "topk")
 PATTERNS = {"unstructured": (0.9, "unstructured"), "2:4": (0.5, "2:4")}
 # The time model: (bytes per second, seconds per kernel at least).
@@ -256,34 +268,59 @@ def compiled_text(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
-def model_programs(name: str, dtype: str, patterns, rates, programs, batch: int, with_dtype_free):
-    """Yields `(program name, function, argument shapes)` of one model and compute dtype."""
-    classes = MODELS[name][0]
-    model = models.create(name, classes, dtype=dtype)
+def _image_model(name: str, dtype: str, batch: int):
+    """`(params, batch_stats, step keywords, batch shapes, budget keywords)` of an image model
+    (Linen or NNX alike, through `models.network`)."""
+    network = models.network(name, MODELS[name][0], dtype)
     shape = models.input_shape(name)
     images = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     batch_shapes = {"image": images, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-    variables = jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, train=False),
-        jax.ShapeDtypeStruct((1, *shape), jnp.float32),
-    )
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    apply_fn = jj.engine.linen_apply(model)
+    variables = network.abstract_variables()
+    params, stats = variables["params"], variables["batch_stats"]
+    return params, stats, {"apply_fn": network.apply_fn}, batch_shapes, {}
+
+
+def _language_model(name: str, dtype: str, batch: int):
+    """The same for a Llama: windows of `LM_WINDOW` tokens, the next-token loss."""
+    from jackpots_jax.models import llama
+
+    family, options = LANGUAGE_MODELS[name]
+    network = models.network(family, MODELS[name][0], jnp.dtype(dtype), **options)
+    params = jax.eval_shape(lambda k: network.init(k)[0], jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((batch, LM_WINDOW), jnp.int32)
+    batch_shapes = {
+        "inputs": tokens,
+        "targets": tokens,
+        "weights": jax.ShapeDtypeStruct((batch, LM_WINDOW), jnp.float32),
+    }
+    step_kw = {
+        "apply_fn": network.apply_fn,
+        "loss_fn": jj.losses.next_token(),
+        "inputs": "inputs",
+    }
+    return params, {}, step_kw, batch_shapes, {"dense": llama.DENSE}
+
+
+def model_programs(name: str, dtype: str, patterns, rates, programs, batch: int, with_dtype_free):
+    """Yields `(program name, function, argument shapes)` of one model and compute dtype."""
+    language = name in LANGUAGE_MODELS
+    setup = _language_model if language else _image_model
+    params, stats, step_kw, batch_shapes, budget_kw = setup(name, dtype, batch)
     kw = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, total_steps=1000)
     dense_tx = optax.chain(*sgd_links())
     if "dense" in programs:
         state = jax.eval_shape(lambda p: jj.engine.create_train_state(p, stats, dense_tx), params)
         yield (
             "dense",
-            lambda s, b: jj.engine.train_step(s, b, apply_fn=apply_fn, tx=dense_tx),
-            (
-                state,
-                batch_shapes,
-            ),
+            lambda s, b: jj.engine.train_step(s, b, tx=dense_tx, **step_kw),
+            (state, batch_shapes),
         )
     for pattern in patterns:
         sparsity, kind = PATTERNS[pattern]
-        budget = jj.layer_budgets(params, sparsity, "uniform", pattern=kind, indivisible="dense")
+        sparsity = LM_SPARSITY if language else sparsity
+        budget = jj.layer_budgets(
+            params, sparsity, "uniform", pattern=kind, indivisible="dense", **budget_kw
+        )
         scores = jax.eval_shape(lambda p, b=budget: jj.init_scores(p, b, "magnitude")[0], params)
         if "no_refresh" in programs and pattern == patterns[0]:
             tx = optax.chain(*sgd_links(), frozen_masks(budget))
@@ -292,7 +329,7 @@ def model_programs(name: str, dtype: str, patterns, rates, programs, batch: int,
             )
             yield (
                 "no refresh",
-                lambda s, p, b, tx=tx: jj.engine.search_step(s, p, b, apply_fn=apply_fn, tx=tx),
+                lambda s, p, b, tx=tx: jj.engine.search_step(s, p, b, tx=tx, **step_kw),
                 (state, params, batch_shapes),
             )
         for rate in rates:
@@ -303,7 +340,7 @@ def model_programs(name: str, dtype: str, patterns, rates, programs, batch: int,
             if "search" in programs:
                 yield (
                     f"search {pattern} r={rate:g}",
-                    lambda s, p, b, tx=tx: jj.engine.search_step(s, p, b, apply_fn=apply_fn, tx=tx),
+                    lambda s, p, b, tx=tx: jj.engine.search_step(s, p, b, tx=tx, **step_kw),
                     (state, params, batch_shapes),
                 )
             if "refresh" in programs and with_dtype_free:
@@ -420,7 +457,9 @@ def report(args, rows, start, argv, final: bool) -> None:
         "dense 65 ms, search without refresh 64 ms); 4 TB/s, 1.5 us is the optimistic bound.",
         "Ratios: search (or no refresh) / dense of the same model and dtype, one run.",
         "'refresh' and 'topk' rows do not depend on the compute dtype.",
-        f"Command: {' '.join(['benchmarks/gpu_model.py', *(argv or sys.argv[1:])])}",
+        "Command: "
+        + (f"XLA_FLAGS={os.environ['XLA_FLAGS']} " if os.environ.get("XLA_FLAGS") else "")
+        + " ".join(["benchmarks/gpu_model.py", *(argv or sys.argv[1:])]),
         f"Compiled on {machine_info()} in {time.perf_counter() - start:.0f} s.",
         "",
         table(rows),

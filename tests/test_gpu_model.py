@@ -155,3 +155,20 @@ def test_benchmark_runs_and_is_deterministic(tmp_path):
         # Every kernel takes at least the floor: time >= kernels * 3 us (and 1.5 us).
         assert kernels > 0 and mbytes > 0
         assert float(ms3) >= kernels * 3e-3 - 1e-3 and float(ms4) >= kernels * 1.5e-3 - 1e-3
+
+
+@needs_plugin
+def test_a_language_model_compiles_its_dense_and_search_steps(tmp_path):
+    """The Llama branch: the next-token dense step and a 2:4 search step, with their ratio."""
+    out = tmp_path / "lm.txt"
+    args = ["--models", "llama_tiny", "--dtype", "float32", "--patterns", "2:4"]
+    proc = _run([BENCH, *args, "--programs", "dense", "search", "--rate", "0.5", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    rows = {" ".join(line.split()[2:-6]): line.split() for line in lines[lines.index("") + 3 :]}
+    assert set(rows) == {"dense", "search 2:4 r=0.5"}
+    dense, search = rows["dense"], rows["search 2:4 r=0.5"]
+    # the search step adds the mask refresh and the scores' optimiser to the dense step
+    assert int(search[-6]) > int(dense[-6])
+    ratio = float(search[-2])
+    assert ratio == pytest.approx(float(search[-4]) / float(dense[-4]), abs=2e-3) and ratio > 1
