@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from test_main import check_ok, metrics, results, run_main
 
+from jackpots_jax.experiment import phases
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -290,6 +292,18 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
     }
     for row in rows.values():
         assert row["sparsity"] == pytest.approx(0.0 if row is rows["dense"] else 0.5)
+    # The report says how much of the gap to dense each jackpot closes, from the best one-shot
+    # mask over the frozen weights (SparseGPT with changed weights is not one).
+    report = (workdir / "report.md").read_text()
+    frozen = ["magnitude pruning (2:4)", "Wanda (2:4)", "SparseGPT mask, weights frozen (2:4)"]
+    best = min(frozen, key=lambda m: rows[m]["loss"])
+    for init in ("magnitude", "wanda", "sparsegpt"):
+        jackpot = rows[f"jackpot (2:4, from {init})"]
+        closed = (rows[best]["loss"] - jackpot["loss"]) / (
+            rows[best]["loss"] - rows["dense"]["loss"]
+        )
+        assert f"jackpot (2:4, from {init}): closes {100 * closed:.1f}% " in report
+        assert f"({best}, {rows[best]['loss']:.4f})" in report
 
     # The calibration windows: `windows` of the training stream drawn with the seed (0).
     (cache_file,) = glob.glob(str(cache / "fortunes-*.npz"))
@@ -315,6 +329,30 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
     # Other starting masks, other jackpots.
     for init in ("wanda", "sparsegpt"):
         assert any((masks["magnitude"][k] != masks[init][k]).any() for k in masks[init]), init
+
+
+def test_the_gap_closed_by_each_jackpot_hand_worked():
+    e = np.exp
+    rows = [
+        {"model": "dense", "loss": 3.0, "perplexity": e(3.0)},
+        {"model": "magnitude pruning (2:4)", "loss": 6.0, "perplexity": e(6.0)},
+        {"model": "Wanda (2:4)", "loss": 5.0, "perplexity": e(5.0)},
+        {"model": "SparseGPT mask, weights frozen (2:4)", "loss": 4.5, "perplexity": e(4.5)},
+        {"model": "SparseGPT, weights changed (2:4)", "loss": 3.5, "perplexity": e(3.5)},
+        {"model": "jackpot (2:4, from wanda)", "loss": 4.0, "perplexity": e(4.0)},
+        {"model": "jackpot (2:4, from magnitude)", "loss": 4.8, "perplexity": e(4.8)},
+        {"model": "jackpot (unstructured)", "loss": 4.0, "perplexity": e(4.0)},  # no one-shot row
+    ]
+    notes = phases.gap_closed_notes(rows)
+    assert len(notes) == 2
+    # (4.5 - 4.0) / (4.5 - 3.0) = 1/3 of the NLL gap; (e^4.5 - e^4) / (e^4.5 - e^3) = 50.6%
+    # of the perplexity gap. A jackpot worse than the best one-shot mask closes a negative share.
+    assert notes[0] == (
+        "jackpot (2:4, from wanda): closes 33.3% of the mean-NLL gap between the best one-shot "
+        "mask over frozen weights (SparseGPT mask, weights frozen (2:4), 4.5000) and dense "
+        "(3.0000); 50.6% of the perplexity gap."
+    )
+    assert notes[1].startswith("jackpot (2:4, from magnitude): closes -20.0% ")
 
 
 def test_missing_text_data(tiny_lm, tmp_path):

@@ -515,15 +515,53 @@ def write_lm_report(
             f"pruning keeps (IoU {total['iou']:.4f})."
         )
     records = report.read_metrics(ctx.log.path) if os.path.exists(ctx.log.path) else []
+    rows = results(ctx)
+    notes += gap_closed_notes(rows)
     return report.write_report(
         ctx.workdir,
         title=title,
-        results=results(ctx),
+        results=rows,
         sparsity_groups=groups,
         records=records,
         config=config,
         notes=notes,
     )
+
+
+# One-shot rows whose masks are over the frozen weights (SparseGPT with its weights changed is not).
+_FROZEN_ONE_SHOT = ("magnitude pruning", "Wanda", "SparseGPT mask, weights frozen")
+
+
+def gap_closed_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How much of the gap to dense each jackpot closes, from the best one-shot frozen mask.
+
+    For every `jackpot (<pattern>...)` row: `(best - jackpot) / (best - dense)` of the mean
+    negative log-likelihood (`loss`), where `best` is the lowest of the pattern's one-shot rows
+    over frozen weights (magnitude, Wanda, SparseGPT's mask), and the same of the perplexity.
+    """
+    by_model = {r["model"]: r for r in rows}
+    dense = by_model.get("dense")
+    notes = []
+    for row in rows:
+        name = row["model"]
+        if dense is None or not name.startswith("jackpot (") or not name.endswith(")"):
+            continue
+        pattern = name[len("jackpot (") : -1].split(", from ")[0]
+        oneshot = [by_model.get(f"{m} ({pattern})") for m in _FROZEN_ONE_SHOT]
+        oneshot = [r for r in oneshot if r is not None]
+        if not oneshot:
+            continue
+        best = min(oneshot, key=lambda r: r["loss"])
+        if best["loss"] <= dense["loss"]:
+            continue
+        closed = (best["loss"] - row["loss"]) / (best["loss"] - dense["loss"])
+        ppl = (best["perplexity"] - row["perplexity"]) / (best["perplexity"] - dense["perplexity"])
+        notes.append(
+            f"{name}: closes {100 * closed:.1f}% of the mean-NLL gap between the best one-shot "
+            f"mask over frozen weights ({best['model']}, {best['loss']:.4f}) and dense "
+            f"({dense['loss']:.4f}); {100 * ppl:.1f}% of the perplexity gap."
+        )
+    return notes
 
 
 _LM_NOTES = (
