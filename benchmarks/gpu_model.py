@@ -52,6 +52,7 @@ import optax
 
 import jackpots_jax as jj
 from jackpots_jax import models
+from jackpots_jax.models import llama
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import frozen_masks, machine_info, sgd_links  # noqa: E402  (benchmarks/step.py)
@@ -65,7 +66,7 @@ MODELS = {
     "vit_b16": (1000, 256),
     "fmnist_cnn": (10, 32),
     # Language models: (vocabulary, batch of windows of LM_WINDOW tokens); 50% sparsity.
-    "smollm2_135m": (49152, 16),
+    "smollm2_135m": (llama.SMOLLM2_135M.vocab_size, 16),
     "llama_tiny": (512, 4),
 }
 LANGUAGE_MODELS = {
@@ -282,8 +283,6 @@ def _image_model(name: str, dtype: str, batch: int):
 
 def _language_model(name: str, dtype: str, batch: int):
     """The same for a Llama: windows of `LM_WINDOW` tokens, the next-token loss."""
-    from jackpots_jax.models import llama
-
     family, options = LANGUAGE_MODELS[name]
     network = models.network(family, MODELS[name][0], jnp.dtype(dtype), **options)
     params = jax.eval_shape(lambda k: network.init(k)[0], jax.random.key(0))

@@ -514,9 +514,10 @@ class Packing:
     def unpack(self, packed: jax.Array) -> list[jax.Array]:
         """The leaves of a packed array, in their own shapes (padding dropped).
 
-        The packed array is materialised first (an optimisation barrier): otherwise XLA fuses
-        the computation that produces it into the slices of the leaves, and each of the fused
-        kernels (a dozen for ResNet-50) reads every input of that computation in full.
+        The packed array is materialised first (an optimisation barrier), so that XLA does not
+        fuse the computation that produces it into the slices of the leaves, where each fused
+        kernel would take every input of that computation (compiled for an H200, ResNet-50's
+        restricted refresh: 227 kernels and 5.54 GB with the barrier, 235 and 5.54 GB without).
         """
         packed = lax.optimization_barrier(packed)
         out = []

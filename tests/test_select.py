@@ -267,6 +267,7 @@ def test_sharded_scores_give_the_single_device_masks(dims):
 
     sharded_scores = {k: jax.device_put(v, spec(k)) for k, v in scores.items()}
     sharded_old = {k: jax.device_put(v, spec(k)) for k, v in old.items()}
+    assert len(sharded_scores["conv"].sharding.device_set) == 8
     assert select._index_ordered(
         select.Packing.of([v.shape for v in scores.values()], list(dims.values()), 4)
     ) == (dims["conv"] is None)
