@@ -145,7 +145,9 @@ def test_quick_study_report_holds_only_numbers_of_results_json(quick_study):
             assert cell in claim1, (row["sparsity"], key, cell)
     c2 = results["claim2"]["sparsities"][0]
     assert [i["init"] for i in c2["inits"]] == ["magnitude/global_magnitude", "kaiming/uniform"]
-    assert all(len(i["curve"]) == 2 for i in c2["inits"])  # one point per search epoch
+    # Evaluated every 2 of the 8 steps (2 epochs of 4): the cost known to 2 steps.
+    assert results["claim2"]["eval_every_steps"] == 2
+    assert all([p["step"] for p in i["curve"]] == [2, 4, 6, 8] for i in c2["inits"])
     assert c2["target"] == pytest.approx(0.99 * c2["best_magnitude"])
     overlap = results["overlap"]["sparsities"][0]
     assert [x["criterion"] for x in overlap["criteria"]] == ["magnitude", "random", "snip", "wanda"]
@@ -230,7 +232,7 @@ def test_claim2_verdicts_use_lower_bounds_only_where_they_decide():
     def init(name, ratios, bounds):
         return {
             "init": name,
-            "epochs_to_target": {"epochs": stat([2.0, 2.0]), "of": 2},
+            "epochs_to_target": {"epochs": stat([2.0, 2.0]), "steps": stat([8, 8]), "of": 2},
             "ratio": stat(ratios),
             "ratio_lower_bounds": stat(bounds),
             "final": stat([0.9, 0.9]),
@@ -253,6 +255,75 @@ def test_claim2_verdicts_use_lower_bounds_only_where_they_decide():
     assert "It holds against c/uniform at 90%." in text
     assert "Against b/uniform at 90% the search did not reach the target" in text
     assert "neither confirm nor refute" in text
+
+
+def test_claim2_costs_by_hand_from_evaluations_within_epochs():
+    """Steps to the target, ratios and bounds of claim 2, from hand-made cells."""
+
+    def cell(init, seed, accuracies):  # accuracies at steps 5, 10, 15, 20 (2 epochs of 10)
+        steps = [5, 10, 15, 20]
+        return {
+            "identity": {
+                "kind": "search",
+                "seed": seed,
+                "eval_every_steps": 5,
+                "recipe": {
+                    "sparsity": 0.9,
+                    "rule": "global_magnitude" if init != "kaiming" else "uniform",
+                    "init": init,
+                    "epochs": 2,
+                    "rate": {"schedule": "constant", "value": 1.0, "power": 1.0},
+                    "policy": "rate",
+                },
+            },
+            "steps_per_epoch": 10,
+            "curve": [
+                {"epoch": e, "step": 10 * e, "accuracy": accuracies[2 * e - 1]} for e in (1, 2)
+            ],
+            "curve_steps": [
+                {"step": t, "accuracy": a} for t, a in zip(steps, accuracies, strict=True)
+            ],
+            "eval": {"accuracy": accuracies[-1]},
+            "eval_bn_after": {"accuracy": accuracies[-1]},
+            "churn": [{"churn": 1}, {"churn": 1}],
+            "score_scale": [1.0, 1.0],
+        }
+
+    cells = [
+        # Magnitude: epoch-end means 0.85 and 0.9 -> best 0.9, target 0.891.
+        cell("magnitude", 0, [0.892, 0.85, 0.9, 0.9]),  # reaches it at step 5
+        cell("magnitude", 1, [0.5, 0.85, 0.895, 0.9]),  # at step 15
+        cell("kaiming", 0, [0.1, 0.2, 0.3, 0.891]),  # at step 20: 4x seed 0's 5 steps
+        cell("kaiming", 1, [0.1, 0.2, 0.3, 0.89]),  # never: ratio above 20 / 15
+        # The same search evaluated at epochs' ends only is another cell, not one of these.
+        {
+            **cell("magnitude", 0, [0.0] * 4),
+            "identity": {**cell("magnitude", 0, [0] * 4)["identity"], "eval_every_steps": 0},
+        },
+    ]
+    plan = {
+        "seeds": [0, 1],
+        "claim2": {
+            "sparsities": [0.9],
+            "epochs": 2,
+            "inits": ["magnitude/global_magnitude", "kaiming/uniform"],
+            "target": 0.99,
+            "eval_every_steps": 5,
+        },
+    }
+    (block,) = study_report._claim2(plan, cells)["sparsities"]
+    assert block["best_magnitude"] == pytest.approx(0.9)
+    assert block["target"] == pytest.approx(0.891)
+    mag, kai = block["inits"]
+    assert mag["epochs_to_target"]["steps_per_seed"] == {"0": 5, "1": 15}
+    assert mag["epochs_to_target"]["per_seed"] == {"0": 0.5, "1": 1.5}
+    assert mag["ratio"]["values"] == [1.0, 1.0]
+    assert kai["epochs_to_target"]["steps_per_seed"] == {"0": 20, "1": None}
+    assert kai["ratio"]["values"] == [4.0]
+    assert kai["ratio_lower_bounds"]["values"] == [pytest.approx(20 / 15)]
+    assert [p["step"] for p in kai["curve"]] == [5, 10, 15, 20]
+    assert [p["epoch"] for p in kai["curve"]] == [0.5, 1.0, 1.5, 2.0]
+    assert kai["curve"][-1]["accuracy"]["mean"] == pytest.approx(0.8905)
 
 
 class _Tiny(nn.Module):

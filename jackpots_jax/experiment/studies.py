@@ -42,7 +42,9 @@ The `studies` group of the config (see `configs/studies.py`, which writes every 
     re-estimation, and the jackpot (magnitude init) at each sparsity.
   claim2: `sparsities`, `epochs`, `inits` (`'<init>/<rule>'`, e.g. `'kaiming/uniform'`; kaiming
     ranks by |score| as edge-popup does, the others by the signed score), `target` (the share of
-    the best magnitude-init accuracy each init must reach).
+    the best magnitude-init accuracy each init must reach), `eval_every_steps` (its searches are
+    also evaluated every this many steps, so the cost to the target is known to that many steps
+    instead of to the epoch; 0: at each epoch's end only).
   overlap: `sparsities` (searched as in claim 1), `criteria` (`experiment.criteria.CRITERIA`),
     `batches` (training batches that snip and wanda read).
   claim3: `sparsity`, `epochs`, `policies` (`'constant:<r>'`, `'cosine'`, `'polynomial:<q>'`,
@@ -125,6 +127,12 @@ def _sparsities(field: str, value: Any) -> tuple[float, ...]:
     return tuple(float(s) for s in values)
 
 
+def _count(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(field, value, "an integer >= 0")
+    return value
+
+
 def _positive(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         _fail(field, value, "an integer >= 1")
@@ -174,6 +182,7 @@ def read_plan(config: Config) -> Plan:
         "epochs": _positive("claim2.epochs", c.claim2.epochs),
         "inits": tuple(c.claim2.inits),
         "target": float(c.claim2.target),
+        "eval_every_steps": _count("claim2.eval_every_steps", c.claim2.get("eval_every_steps", 0)),
     }
     if "claim2" in run and "magnitude/global_magnitude" not in claim2["inits"]:
         _fail("claim2.inits", c.claim2.inits, "a tuple holding 'magnitude/global_magnitude'")
@@ -486,7 +495,8 @@ class Studies:
         label = f"prune-{_percent_label(sparsity)}-{rule}-seed{seed}"
         return self.cell("prune", label, identity, compute)
 
-    def search(self, recipe: StudyRecipe, seed: int) -> dict:
+    def search(self, recipe: StudyRecipe, seed: int, eval_every_steps: int = 0) -> dict:
+        """A search cell; with `eval_every_steps`, also evaluated every that many steps."""
         window = self.plan.claim3["window"]
 
         def compute(ctx):
@@ -525,6 +535,7 @@ class Studies:
             records = report.read_metrics(ctx.log.path) if ctx.is_main else []
             _, steps_per_epoch = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))
             evals = _last_per(records, "eval", "step")
+            ends = [r for r in evals if "epoch" in r]  # each epoch's end
             churn = _last_per(records, "churn", "epoch")
             if not self.plan.keep_checkpoints:
                 shutil.rmtree(os.path.join(ctx.workdir, "search", "checkpoints"), True)
@@ -535,8 +546,17 @@ class Studies:
                 "sparsity": sparsity_report(masks, self.params),
                 "overlap_magnitude": overlap,
                 "curve": [
-                    {"epoch": r["epoch"], "accuracy": r["accuracy"], "loss": r["loss"]}
-                    for r in evals
+                    {
+                        "epoch": r["epoch"],
+                        "step": r["step"],
+                        "accuracy": r["accuracy"],
+                        "loss": r["loss"],
+                    }
+                    for r in ends
+                ],
+                # Every evaluation, by step (more than `curve` with `eval_every_steps`).
+                "curve_steps": [
+                    {"step": r["step"], "accuracy": r["accuracy"], "loss": r["loss"]} for r in evals
                 ],
                 "churn": [{"epoch": r["epoch"], "churn": r["churn"]} for r in churn],
                 "steps": step_statistics(records, steps_per_epoch, window),
@@ -544,6 +564,8 @@ class Studies:
             }
 
         identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "window": window}
+        if eval_every_steps:  # (absent when 0: the cells run before it existed stay valid)
+            identity["eval_every_steps"] = eval_every_steps
         rate = recipe.rate
         label = "-".join(
             [
@@ -556,7 +578,14 @@ class Studies:
                 f"seed{seed}",
             ]
         )
-        return self.cell("search", label, identity, compute, log_every_steps=1)
+        return self.cell(
+            "search",
+            label,
+            identity,
+            compute,
+            log_every_steps=1,
+            eval_every_steps=eval_every_steps,
+        )
 
     def jackpot(self, sparsity: float, seed: int) -> tuple[StudyRecipe, dict]:
         """The claim-1 search (magnitude init, the claim-1 rule and epochs) at `sparsity`."""
@@ -732,7 +761,7 @@ class Studies:
                         rank_by=rank_by,
                         epochs=p.claim2["epochs"],
                     )
-                    self.search(recipe, seed)
+                    self.search(recipe, seed, p.claim2["eval_every_steps"])
         if "claim3" in p.run:
             for spec in p.claim3["policies"]:
                 rate, policy = parse_policy(spec)
