@@ -401,6 +401,30 @@ def test_gguf_unsupported_tensor_type_is_named(tmp_path):
         llama_weights.import_checkpoint(tmp_path / "k.gguf")
 
 
+def test_gguf_header_parsed_once_per_version_of_the_file(tmp_path):
+    """The reader is kept between reads of one file, and a file rewritten in place is read anew."""
+    from jackpots_jax.io import gguf as gguf_io
+
+    path = tmp_path / "m.gguf"
+
+    def write(name):
+        writer = gguf.GGUFWriter(str(path), "qwen2")  # no head permutation to undo
+        writer.add_name(name)
+        writer.add_tensor("t", np.arange(6, dtype=np.float32).reshape(2, 3))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write("first")
+    assert gguf_io._open(path) is gguf_io._open(str(path))  # parsed once
+    assert gguf_io.read_metadata(path)["general.name"] == "first"
+    os.utime(path, ns=(1, 1))  # an older time stamp: the cache key must not rely on time alone
+    write("second")  # same size
+    assert gguf_io.read_metadata(path)["general.name"] == "second"
+    np.testing.assert_array_equal(gguf_io.read(path).tensors["t"], np.arange(6).reshape(2, 3))
+
+
 # ---------------------------------------------------------------------------------------------
 # The model and its registry entry
 

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -57,20 +58,31 @@ def _gguf():
 
 
 def _open(path: str):
-    gguf = _gguf()
+    """The file's `gguf.GGUFReader`, parsed once per file version (path, size, mtime).
+
+    Parsing the header of a file with a tokenizer inside (SmolLM2's 49,152 tokens and their
+    merges) takes seconds; the tokenizer and the weights each read it, so the reader is kept
+    (it maps the tensors, it does not copy them). A file rewritten in place is parsed again.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path!r}")
     with open(path, "rb"):
         pass  # a file that may not be read: PermissionError, not the reader's own error
+    stat = os.stat(path)
     try:
-        return gguf.GGUFReader(path)
+        return _parse(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     except (ValueError, OSError, IndexError, KeyError) as err:
-        size = os.path.getsize(path)
         raise FileContentError(
-            f"{path!r} is not a readable GGUF file ({size} bytes; the reader says: {err}); "
-            "download it again, or use another file"
+            f"{path!r} is not a readable GGUF file ({stat.st_size} bytes; the reader says: "
+            f"{err}); download it again, or use another file"
         ) from None
+
+
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, size: int, mtime_ns: int):
+    del size, mtime_ns  # the cache key: another version of the file is another entry
+    return _gguf().GGUFReader(path)
 
 
 def read_metadata(reader_or_path: Any) -> dict[str, Any]:
