@@ -449,7 +449,7 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
     check_ok(run_main(f"{config}:tiny", workdir, *common))
     rows = results(workdir)
     assert rows["jackpot (search)"]["sparsity"] == pytest.approx(0.9, abs=0.01)
-    assert rows["jackpot (search)"]["count"] == (16 if config.startswith("cifar") else 4)
+    assert rows["jackpot (search)"]["count"] == (8 if config.startswith("cifar") else 4)
     if not full:
         return
     check_ok(

@@ -563,13 +563,13 @@ def cifar_recipe(dataset: str, model: str, arg: str | None):
     if arg in ("pretrain", "tiny_pretrain"):
         config.mode = "pretrain"
     if arg in ("tiny", "tiny_pretrain"):
-        config.dataset.num_train = 32
-        config.dataset.num_eval = 16
+        config.dataset.num_train = 16
+        config.dataset.num_eval = 8
         config.pretrain.epochs = 1
-        config.pretrain.batch_size = 16
+        config.pretrain.batch_size = 8
         config.search.epochs = 1
-        config.search.batch_size = 16
-        config.eval.batch_size = 16
+        config.search.batch_size = 8
+        config.eval.batch_size = 8
         config.prune.bn_batches = 1
         config.checkpoint.every_steps = 1
         config.log_every_steps = 1
