@@ -452,8 +452,10 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
     assert rows["jackpot (search)"]["count"] == (8 if config.startswith("cifar") else 4)
     if not full:
         return
+    # The two modes that only read files run in this process (`tests/cli.py`): on its 8 devices,
+    # the evaluation data-parallel, against the search's on one.
     check_ok(
-        run_main(
+        run_here(
             f"{config}:tiny",
             workdir,
             *common,
@@ -462,10 +464,14 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
         )
     )
     assert results(workdir)["evaluated"]["accuracy"] == rows["jackpot (search)"]["accuracy"]
+    assert results(workdir)["evaluated"]["count"] == rows["jackpot (search)"]["count"]
     # Export from the search checkpoint again (the `export` mode) into the same files.
+    masks = dict(np.load(workdir / "export" / "masks.npz"))
     os.remove(workdir / "export" / "masks.npz")
-    check_ok(run_main(f"{config}:tiny", workdir, *common, "--config.mode=export"))
-    assert (workdir / "export" / "masks.npz").is_file()
+    check_ok(run_here(f"{config}:tiny", workdir, *common, "--config.mode=export"))
+    again = dict(np.load(workdir / "export" / "masks.npz"))
+    assert again.keys() == masks.keys()
+    assert all(np.array_equal(again[k], masks[k]) for k in masks)
 
 
 # ---------------------------------------------------------------------------------------------
