@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 import pytest
-from test_main import check_ok, metrics, results, run_main
+from test_main import check_ok, metrics, results, run_here, run_main
 
 from jackpots_jax.experiment import phases
 
@@ -357,7 +357,7 @@ def test_the_gap_closed_by_each_jackpot_hand_worked():
 
 def test_missing_text_data(tiny_lm, tmp_path):
     missing = tmp_path / "no_corpus"
-    proc = run_main(
+    proc = run_here(
         "lm_smollm2.py:tiny",
         tmp_path / "run",
         *_args(tiny_lm, tmp_path / "cache"),
@@ -370,7 +370,7 @@ def test_missing_text_data(tiny_lm, tmp_path):
 
 
 def test_more_calibration_windows_than_the_text_holds(tiny_lm, tmp_path):
-    proc = run_main(
+    proc = run_here(
         "lm_smollm2.py:tiny",
         tmp_path / "run",
         *_args(tiny_lm, tmp_path / "cache"),
@@ -385,7 +385,7 @@ def test_more_calibration_windows_than_the_text_holds(tiny_lm, tmp_path):
 
 
 def test_weights_do_not_fit_the_config(tiny_lm, tmp_path):
-    proc = run_main(
+    proc = run_here(
         "lm_smollm2.py:tiny",
         tmp_path / "run",
         *_args(tiny_lm, tmp_path / "cache"),

@@ -337,8 +337,8 @@ def test_default_job_tiny(tmp_path, default_job):
 
     # So do the pre-trained weights with `masks.npz`: the search changed no weight, but it
     # re-estimated the BN statistics, which `batch_stats.npz` next to the masks carries.
-    def evaluate_masks(masks):
-        return run_main(
+    def evaluate_masks(masks, run=run_main):
+        return run(
             "default.py:tiny",
             tmp_path / "eval",
             f"--config.dataset.data_dir={data_dir}",
@@ -347,7 +347,8 @@ def test_default_job_tiny(tmp_path, default_job):
             f"--config.weights.masks={masks}",
         )
 
-    proc = evaluate_masks(export / "masks.npz")
+    # In this process (`tests/cli.py`): evaluated on its 8 devices, against the search's one.
+    proc = evaluate_masks(export / "masks.npz", run=run_here)
     check_ok(proc)
     again = results(tmp_path / "eval")["evaluated"]
     assert again["accuracy"] == rows["jackpot (search)"]["accuracy"]
@@ -1050,7 +1051,7 @@ def test_two_runs_on_one_work_directory(tmp_path, straight_search):
         while not os.path.exists(f"{flag}.ready"):  # the first run is about to take step 1
             assert first.poll() is None and time.monotonic() < deadline, "first run ended"
             time.sleep(0.1)
-        proc = run_main("default.py:tiny", workdir, *search)
+        proc = run_here("default.py:tiny", workdir, *search)
         assert_clear_error(
             proc,
             f"the work directory {workdir} is in use by another run (process {first.pid} on host",
