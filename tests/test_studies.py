@@ -446,7 +446,9 @@ def test_plan_errors_name_the_field():
         ("seeds", (0, 0), "distinct seeds"),
         ("claim2.inits", ("kaiming/everything",), "`studies.claim2.inits`"),
         ("claim2.inits", ("kaiming/uniform",), "'magnitude/global_magnitude'"),
+        ("claim2.eval_every_steps", -1, "`studies.claim2.eval_every_steps` is -1"),
         ("claim3.policies", ("constant:2",), "`studies.claim3.policies`"),
+        ("claim3.init", "kaiming/everything", "`studies.claim3.init`"),
         ("claim1.sparsities", (0.5, 1.0), "`studies.claim1.sparsities`"),
         ("overlap.criteria", ("grasp",), "`studies.overlap.criteria`"),
     ):

@@ -47,7 +47,9 @@ The `studies` group of the config (see `configs/studies.py`, which writes every 
     instead of to the epoch; 0: at each epoch's end only).
   overlap: `sparsities` (searched as in claim 1), `criteria` (`experiment.criteria.CRITERIA`),
     `batches` (training batches that snip and wanda read).
-  claim3: `sparsity`, `epochs`, `policies` (`'constant:<r>'`, `'cosine'`, `'polynomial:<q>'`,
+  claim3: `init` (`'<init>/<rule>'` as in claim2: the magnitude init moves few mask entries per
+    step, `kaiming` or `random` many), `sparsity`, `epochs`, `policies` (`'constant:<r>'`,
+    `'cosine'`, `'polynomial:<q>'`,
     `'first_order'`: rate 1 and `restriction.first_order_check`), `window` (steps per window of
     the loss-oscillation statistic).
   finetune: `sparsities`, `epochs`, `learning_rate`, `momentum`, `weight_decay` (the reference
@@ -198,7 +200,13 @@ def read_plan(config: Config) -> Plan:
             parse_policy(spec)
         except ValueError:
             _fail("claim3.policies", c.claim3.policies, "'constant:<r>', 'cosine', ...")
+    claim3_init = c.claim3.get("init", f"magnitude/{c.claim1.rule}")
+    try:
+        parse_init(claim3_init)
+    except ValueError:
+        _fail("claim3.init", claim3_init, "'<init>/<rule>' of INIT_METHODS and RULES")
     claim3 = {
+        "init": claim3_init,
         "sparsity": _sparsities("claim3.sparsity", c.claim3.sparsity)[0],
         "epochs": _positive("claim3.epochs", c.claim3.epochs),
         "policies": tuple(c.claim3.policies),
@@ -444,7 +452,9 @@ class Studies:
                 ("claim2.sparsities", s, r) for s in p.claim2["sparsities"] for r in sorted(rules)
             ]
         if "claim3" in p.run:
-            wanted.append(("claim3.sparsity", p.claim3["sparsity"], p.claim1["rule"]))
+            wanted.append(
+                ("claim3.sparsity", p.claim3["sparsity"], parse_init(p.claim3["init"])[1])
+            )
         for name in ("overlap", "finetune"):
             if name in p.run:
                 wanted += [
@@ -763,13 +773,14 @@ class Studies:
                     )
                     self.search(recipe, seed, p.claim2["eval_every_steps"])
         if "claim3" in p.run:
+            init, rule, rank_by = parse_init(p.claim3["init"])
             for spec in p.claim3["policies"]:
                 rate, policy = parse_policy(spec)
                 recipe = self.recipe(
                     sparsity=p.claim3["sparsity"],
-                    rule=p.claim1["rule"],
-                    init="magnitude",
-                    rank_by="score",
+                    rule=rule,
+                    init=init,
+                    rank_by=rank_by,
                     epochs=p.claim3["epochs"],
                     rate=rate,
                     policy=policy,

@@ -350,14 +350,15 @@ def _claim3(plan, cells) -> dict:
     seeds, c = plan["seeds"], plan["claim3"]
     policies = []
     runs_of = {}
+    init, _, rule = c.get("init", f"magnitude/{plan['claim1']['rule']}").partition("/")
     for spec in c["policies"]:
         rate, policy = parse_policy(spec)
         runs_of[spec] = _searches(
             cells,
             seeds,
             sparsity=c["sparsity"],
-            rule=plan["claim1"]["rule"],
-            init="magnitude",
+            rule=rule,
+            init=init,
             epochs=c["epochs"],
             rate=_rate(rate.schedule, rate.value, rate.power),
             policy=policy,
@@ -399,6 +400,7 @@ def _claim3(plan, cells) -> dict:
             }
         )
     return {
+        "init": f"{init}/{rule}",
         "sparsity": c["sparsity"],
         "epochs": c["epochs"],
         "window": c["window"],
@@ -971,7 +973,8 @@ def _claim3_md(c: Mapping, meta: Mapping) -> str:
     return "\n\n".join(
         [
             "## Claim 3: short restriction",
-            f"Magnitude init at {sparsity_label(c['sparsity'])}, {c['epochs']} epochs, the same "
+            f"Init `{c.get('init', 'magnitude/global_magnitude')}` at "
+            f"{sparsity_label(c['sparsity'])}, {c['epochs']} epochs, the same "
             "recipe; only the restriction differs. `constant:r` makes a share r of the swaps the "
             "top-k proposes at every step; `cosine` and `polynomial:q` decay that share from 1 to "
             "0 over the search; `first_order` proposes every swap (rate 1) and makes a swap "
