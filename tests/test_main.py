@@ -530,7 +530,7 @@ def test_missing_dataset_is_an_error(tmp_path):
 
 def test_non_finite_loss_stops_the_run(tmp_path, fmnist_source):
     workdir = tmp_path / "work"
-    proc = run_main(
+    proc = run_here(
         "default.py:tiny",
         workdir,
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",

@@ -13,7 +13,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_main import check_ok, results, run_main
+from test_main import check_ok, results, run_here, run_main
 
 from jackpots_jax.io.nm_export import read_nm
 
@@ -90,7 +90,7 @@ def test_2of4_job_keeps_two_of_every_four(job_2of4):
 def test_resume_with_another_pattern_is_refused(job_2of4):
     """4:8 at 50% prunes the same counts per leaf as 2:4: only the pattern tells them apart."""
     workdir, common, _ = job_2of4
-    proc = run_main(
+    proc = run_here(
         "default.py:2of4_tiny",
         workdir,
         *common,
@@ -153,7 +153,7 @@ def test_block_export_writes_masks_not_tile_scores(tmp_path):
     ],
 )
 def test_bad_pattern_is_a_config_error(tmp_path, fmnist_source, variant, overrides, message):
-    proc = run_main(
+    proc = run_here(
         f"default.py:{variant}",
         tmp_path / "work",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",

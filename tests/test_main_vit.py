@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_main import KILL_DRIVER, ROOT, check_ok, results, run_main
+from test_main import KILL_DRIVER, ROOT, check_ok, results, run_here, run_main
 
 from jackpots_jax.io import weights
 
@@ -185,7 +185,7 @@ def test_cnn_checkpoint_given_to_the_vit_is_a_clear_error(tmp_path, fmnist_sourc
     params, stats = models.network("fmnist_cnn", 10).init(jax.random.key(0))
     cnn = tmp_path / "cnn.safetensors"
     weights.export_state_dict({"params": params, "batch_stats": stats}, None, "fmnist_cnn", cnn)
-    proc = run_main(
+    proc = run_here(
         CONFIG,
         tmp_path / "work",
         f"--config.dataset.data_dir={tmp_path / 'tfds'}",
