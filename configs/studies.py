@@ -21,8 +21,9 @@ and writes `<workdir>/studies/report.md`, `results.json` and `plots/` (`experime
 A stopped study resumes cell by cell with the same command. Every cell compiles its steps again;
 `JAX_COMPILATION_CACHE_DIR=<dir>` in the environment lets the cells (and a resumed run) share the
 compiled programs, which saves about a third of a short cell's time on CPU. Not yet run in full:
-estimated at about 4 hours on 2 idle CPU cores from the cells measured here (`docs/fidelity.md`:
-the reduced grid that was run, and its time).
+estimated at about 4 hours on 2 idle CPU cores. `docs/fidelity.md` has what was run, each with
+its command and time: claim 1 (4 sparsities), claim 2 (90%, 3 inits, 8 epochs) and claim 3 (from
+a random init at 98%) on all the training data, and an earlier reduced grid.
 Any field can be overridden, e.g. only claim 1 for another registered model with one seed (what a
 model's first study needs):
 
