@@ -253,7 +253,8 @@ def _claim2(plan, cells) -> dict:
                 else:
                     ratios.append(steps / base)
             # The mean curve over the steps every seed was evaluated at.
-            grid = sorted(set.intersection(*({p[0] for p in _points(r)} for r in runs.values())))
+            points = {k: dict(_points(r)) for k, r in runs.items()}  # {seed: {step: accuracy}}
+            grid = sorted(set.intersection(*(set(p) for p in points.values())))
             first = next(iter(runs.values()))
             inits.append(
                 {
@@ -264,7 +265,7 @@ def _claim2(plan, cells) -> dict:
                         {
                             "step": step,
                             "epoch": step / first["steps_per_epoch"],
-                            "accuracy": stat([dict(_points(r))[step] for r in runs.values()]),
+                            "accuracy": stat([p[step] for p in points.values()]),
                         }
                         for step in grid
                     ],
