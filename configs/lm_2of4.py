@@ -11,6 +11,10 @@ rows of MaskLLM's table (Fang et al. 2024), all at 2:4:
 * a jackpot search from each of three initial masks: magnitude's (the paper's init), Wanda's and
   SparseGPT's (the "prior" of MaskLLM), each kept / pruned at scores 1 / 1 - gap.
 
+The report adds the loss by block: every mask over the frozen weights evaluated with one block
+pruned at a time (the rest dense), which blocks lose most under each method (`eval.by_block`;
+on SmolLM2 one evaluation of the validation text per block and mask, 30 x 6).
+
 Wanda and SparseGPT are calibrated on `prune.calibration_windows` (32) training windows of 128
 tokens drawn with the seed: 4,096 tokens (the SparseGPT paper used 128 x 2,048). Each layer is
 pruned from the dense model's inputs to it (not in sequence through the pruned layers).
@@ -48,6 +52,7 @@ def get_config(arg: str | None = None):
     config.search.patterns = ("2:4", "unstructured") if arg in ("both", "full") else ("2:4",)
     config.search.inits = ("magnitude", "wanda", "sparsegpt")
     config.prune.baselines = ("wanda", "sparsegpt")
+    config.eval.by_block = True  # the report's loss by block: one evaluation per block and mask
     if arg == "full":
         config.prune.calibration_windows = 128
     if arg == "tiny":

@@ -330,6 +330,39 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
     for init in ("wanda", "sparsegpt"):
         assert any((masks["magnitude"][k] != masks[init][k]).any() for k in masks[init]), init
 
+    # The loss by block (`eval.by_block`): each block pruned alone under Wanda's masks and under
+    # a jackpot's, the other block dense, against the same in PyTorch.
+    with open(workdir / "block_losses.json") as f:
+        by_block = json.load(f)
+    dense_nll, count = _torch_nll(model, inputs, targets, weights)
+    assert by_block["dense"] == pytest.approx(dense_nll / count, rel=1e-4)
+    labels = {"Wanda (2:4)": wanda, "jackpot (2:4, from sparsegpt)": masks["sparsegpt"]}
+    assert set(labels) <= set(by_block["masks"])
+    for label, masked in labels.items():
+        assert list(by_block["masks"][label]) == ["block 0", "block 1"]
+        for block in (0, 1):
+            alone = {k: m for k, m in masked.items() if k.startswith(f"layers/{block}/")}
+            nll, _ = _torch_nll(_masked_model(model, alone), inputs, targets, weights)
+            got = by_block["masks"][label][f"block {block}"]
+            assert got == pytest.approx(nll / count, rel=1e-4), (label, block)
+    # The report's table: per block and with both blocks at once, minus the dense loss.
+    jackpot = by_block["masks"]["jackpot (2:4, from sparsegpt)"]
+    added = [jackpot[f"block {b}"] - by_block["dense"] for b in (0, 1)]
+    worst = int(np.argmax(added))
+    note = f"jackpot (2:4, from sparsegpt): pruned alone, block {worst} adds the most loss"
+    assert note in report
+    line = next(x for x in report.splitlines() if x.startswith("| sum of the blocks |"))
+    cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+    header = next(x for x in report.splitlines() if x.startswith("| block | "))
+    column = [c.strip() for c in header.strip("|").split("|")[1:]].index(
+        "jackpot (2:4, from sparsegpt)"
+    )
+    assert cells[column] == f"{sum(added):+.4f}"
+    line = next(x for x in report.splitlines() if x.startswith("| all blocks at once |"))
+    cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+    whole = rows["jackpot (2:4, from sparsegpt)"]["loss"] - rows["dense"]["loss"]
+    assert cells[column] == f"{whole:+.4f}"
+
 
 def test_the_gap_closed_by_each_jackpot_hand_worked():
     e = np.exp

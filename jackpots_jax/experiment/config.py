@@ -89,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
         `calibration_batch` windows at a time; `sparsegpt_blocksize`, `sparsegpt_damp`.
       eval: `batch_size`, `every_epochs`, `every_steps` (a search is also evaluated every this
         many steps, for a curve of the validation figures against the examples or tokens seen;
-        0: never).
+        0: never), `by_block` (a language model's jackpot job also evaluates every mask over
+        the frozen weights with one block pruned at a time, the rest dense: the report's "loss
+        by block" and `<workdir>/block_losses.json`; one evaluation per block and mask).
       checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
         schedule fields changed since its checkpoint, e.g. `search.epochs` or
         `search.learning_rate`, is an error unless this is True; then it continues under the new
@@ -184,6 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 1000
     c.eval.every_epochs = 1
     c.eval.every_steps = 0
+    c.eval.by_block = False
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
@@ -316,6 +319,14 @@ def check(
     _int("prune.bn_batches", c.prune.bn_batches, 1)
     _int("eval.every_epochs", c.eval.every_epochs, 0)
     _int("eval.every_steps", c.eval.every_steps, 0)
+    if not isinstance(c.eval.by_block, bool):
+        _fail("eval.by_block", c.eval.by_block, "True or False")
+    if c.eval.by_block and (c.mode != "jackpot" or c.dataset.name not in data.text.CORPORA):
+        _fail(
+            "eval.by_block",
+            c.eval.by_block,
+            "False unless the job is a language model's `jackpot` mode (a text corpus)",
+        )
     _int("checkpoint.every_steps", c.checkpoint.every_steps, 1)
     _int("checkpoint.keep", c.checkpoint.keep, 1)
     _choice("parallel.backend", c.parallel.backend, ("auto", *BACKENDS))

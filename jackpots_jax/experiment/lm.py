@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -20,12 +21,14 @@ import numpy as np
 from absl import logging
 
 from jackpots_jax import baselines, data
-from jackpots_jax._tree import named_leaves
+from jackpots_jax._tree import is_none, named_leaves, path_str
 from jackpots_jax.experiment import context, phases, recipes, report
 from jackpots_jax.experiment.config import CALIBRATED, ConfigError
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.io.errors import FileContentError
+from jackpots_jax.io.files import write_json
 from jackpots_jax.masks import init_scores
+from jackpots_jax.models.spec import layer_groups
 
 PyTree = Any
 Config = ml_collections.ConfigDict
@@ -158,6 +161,50 @@ def _masked(budget: PyTree) -> set[str]:
     return {n for n, b in named_leaves(budget) if b is not None}
 
 
+def block_losses(
+    ctx: Context, params: PyTree, masks: Mapping[str, PyTree]
+) -> dict[str, dict[str, float]]:
+    """The validation loss with one block pruned at a time, for each set of masks.
+
+    For every entry of `masks` (a label -> masks over the frozen `params`) and every group of the
+    model's `block` grouping (`layer_groups`), only that block's kernels take their masks and
+    every other kernel stays dense; the mean negative log-likelihood over the whole validation
+    split is recorded, as `phases.evaluate` computes it. All the masks keep one tree structure
+    (the other blocks' masks all ones), so one compiled evaluation serves every block.
+
+    Returns:
+      `{label: {block: mean NLL}}`, the blocks in the model's order.
+    """
+    host = {label: jax.device_get(m) for label, m in masks.items()}
+    first = next(iter(host.values()), None)
+    if first is None:
+        return {}
+    shapes = {n: np.shape(m) for n, m in named_leaves(first) if m is not None}
+    block_of = layer_groups(ctx.network.spec, shapes).get("block", {})
+    blocks = list(dict.fromkeys(block_of[n] for n in shapes if n in block_of))
+    out = {}
+    for label, tree in host.items():
+        out[label] = {}
+        for block in blocks:
+            alone = jax.tree_util.tree_map_with_path(
+                lambda path, m, b=block: (
+                    None
+                    if m is None
+                    else (m if block_of.get(path_str(path)) == b else np.ones_like(m))
+                ),
+                tree,
+                is_leaf=is_none,
+            )
+            out[label][block] = phases.evaluate(ctx, params, {}, alone)["loss"]
+        logging.info(
+            "%s, one block at a time: highest loss %.4f (%s)",
+            label,
+            max(out[label].values(), default=float("nan")),
+            max(out[label], key=out[label].get, default="-"),
+        )
+    return out
+
+
 def run_jackpot(ctx: Context, config: Config) -> None:
     """Dense perplexity, then for each of `search.patterns` one-shot rows and searches.
 
@@ -194,7 +241,7 @@ def run_jackpot(ctx: Context, config: Config) -> None:
         )
     dense = phases.evaluate(ctx, params, {}, None)
     context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
-    searched, magnitude = {}, {}
+    searched, magnitude, frozen = {}, {}, {}
     for pattern, recipe in searches.items():
         budget = budgets[pattern]
         _, magnitude[pattern] = init_scores(params, budget, "magnitude")
@@ -218,6 +265,8 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             if method != "magnitude" and method not in methods:
                 continue  # a prior of a search only, not a row asked for
             row = phases.evaluate(ctx, weights, {}, masks)
+            if weights is params:
+                frozen[f"{name} ({pattern})"] = masks
             context.record_result(
                 ctx,
                 {
@@ -260,6 +309,16 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             )
             searched[label] = jax.device_get(state.masks)
             magnitude[label] = magnitude[pattern]
+            frozen[row["model"]] = searched[label]
+    by_block = None
+    if config.eval.by_block:
+        by_block = block_losses(ctx, params, frozen)
+        if ctx.is_main:
+            write_json(
+                os.path.join(ctx.workdir, "block_losses.json"),
+                {"dense": dense["loss"], "masks": by_block},
+                "the losses by block",
+            )
     if ctx.is_main:
         path = phases.write_lm_report(
             ctx,
@@ -269,6 +328,7 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             title=f"Lottery jackpots: {ctx.model_name} on {config.dataset.name}, "
             f"{ctx.data.seq_len}-token windows",
             config=config.to_dict(),
+            block_losses=by_block,
         )
         print(report.results_table(context.results(ctx)))
         print(f"\nreport: {path}")

@@ -496,12 +496,15 @@ def write_lm_report(
     *,
     title: str,
     config: Mapping[str, Any],
+    block_losses: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str:
     """`<workdir>/report.md` of a language model's searches, one per sparsity pattern.
 
     The results (perplexities and token counts), then for every pattern the sparsity of the found
     masks by block and by kind of kernel (attention, MLP; the model's `layer_groups`), the overlap
-    with the magnitude masks of the same budget, the mask churn and the curves.
+    with the magnitude masks of the same budget, the mask churn and the curves. With
+    `block_losses` (`lm.block_losses`: `{row: {block: loss}}`), a table of what each block
+    pruned alone adds to the dense loss, and a note per row naming the block that loses most.
     """
     params = jax.device_get(params)
     groups, notes = {}, list(_LM_NOTES)
@@ -517,6 +520,15 @@ def write_lm_report(
     records = report.read_metrics(ctx.log.path) if os.path.exists(ctx.log.path) else []
     rows = results(ctx)
     notes += gap_closed_notes(rows)
+    sections = {}
+    if block_losses:
+        table, block_notes = block_loss_table(rows, block_losses)
+        sections["Loss by block"] = (
+            "The mean validation NLL (nats) added to the dense model's when only one block's "
+            "kernels take a row's masks (every other kernel dense), and the same with every "
+            "block pruned at once (the row of the results).\n\n" + table
+        )
+        notes += block_notes
     return report.write_report(
         ctx.workdir,
         title=title,
@@ -525,7 +537,46 @@ def write_lm_report(
         records=records,
         config=config,
         notes=notes,
+        sections=sections,
     )
+
+
+def block_loss_table(
+    rows: Sequence[Mapping[str, Any]], losses: Mapping[str, Mapping[str, float]]
+) -> tuple[str, list[str]]:
+    """Markdown of `lm.block_losses` against the dense row, and one note per masks' row.
+
+    One line per block: each row's loss with that block pruned alone minus the dense loss; then
+    the sum of those over the blocks and the loss increase with every block pruned at once (from
+    the results' row of the same name). The notes name each row's costliest block and its share
+    of the sum.
+    """
+    by_model = {r["model"]: r for r in rows}
+    dense = by_model["dense"]["loss"]
+    labels = list(losses)
+    blocks = list(dict.fromkeys(b for label in labels for b in losses[label]))
+    head = "| block | " + " | ".join(labels) + " |\n|---|" + "---:|" * len(labels)
+    lines = [head]
+    for block in blocks:
+        cells = [f"{losses[label][block] - dense:+.4f}" for label in labels]
+        lines.append(f"| {block} | " + " | ".join(cells) + " |")
+    sums = {label: sum(v - dense for v in losses[label].values()) for label in labels}
+    lines.append("| sum of the blocks | " + " | ".join(f"{sums[x]:+.4f}" for x in labels) + " |")
+    together = [f"{by_model[x]['loss'] - dense:+.4f}" if x in by_model else "-" for x in labels]
+    lines.append("| all blocks at once | " + " | ".join(together) + " |")
+    notes = []
+    for label in labels:
+        if not losses[label]:
+            continue
+        worst = max(losses[label], key=losses[label].get)
+        added = losses[label][worst] - dense
+        share = ""
+        if sums[label] > 0:
+            share = f", {100 * added / sums[label]:.0f}% of the sum of the blocks"
+        notes.append(
+            f"{label}: pruned alone, {worst} adds the most loss ({added:+.4f} nats{share})."
+        )
+    return "\n".join(lines), notes
 
 
 # One-shot rows whose masks are over the frozen weights (SparseGPT with its weights changed is not).

@@ -516,6 +516,7 @@ def write_report(
     overlap_names: tuple[str, str] = ("jackpot", "magnitude"),
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
     sparsity_groups: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    sections: Mapping[str, str] | None = None,
 ) -> str:
     """Writes `<workdir>/report.md` and its PNGs in `<workdir>/plots/`.
 
@@ -537,6 +538,7 @@ def write_report(
       baselines: final results drawn as horizontal lines in the curves (`plot_curves`).
       sparsity_groups: `{label: sparsity_by_group(...)}`, one table each after the per-layer
         table (e.g. a ViT's layers by block and by kind).
+      sections: `{heading: markdown}`, sections of the caller's placed after the notes.
 
     Returns:
       The path of `report.md` as a string.
@@ -548,22 +550,24 @@ def write_report(
     """
     workdir = Path(workdir)
     records = list(records or ())
-    sections = [f"# {title}"]
+    parts = [f"# {title}"]
     if results:
-        sections.append("## Results\n\n" + results_table(results))
+        parts.append("## Results\n\n" + results_table(results))
     if notes:
-        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
+        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
+    for heading, text in (sections or {}).items():
+        parts.append(f"## {heading}\n\n{text}")
     if sparsity:
-        sections.append("## Sparsity per layer\n\n" + format_sparsity_table(sparsity))
+        parts.append("## Sparsity per layer\n\n" + format_sparsity_table(sparsity))
     for label, groups in (sparsity_groups or {}).items():
-        sections.append(f"## Sparsity by {label}\n\n" + grouped_sparsity_table(groups, label))
+        parts.append(f"## Sparsity by {label}\n\n" + grouped_sparsity_table(groups, label))
     if overlap:
-        sections.append(
+        parts.append(
             "## Overlap with the magnitude mask\n\n" + overlap_table(overlap, overlap_names)
         )
     has_churn = bool(_churn_records(records))
     if has_churn:
-        sections.append(
+        parts.append(
             f"## Mask churn per search epoch\n\n{CHURN_DEFINITION}\n\n{churn_table(records)}"
         )
 
@@ -579,10 +583,10 @@ def write_report(
         plots.append(("Mask churn", plot_churn(records, workdir / "plots" / "churn.png")))
     if plots:
         links = [f"![{alt}]({Path(p).relative_to(workdir).as_posix()})" for alt, p in plots]
-        sections.append("## Plots\n\n" + "\n\n".join(links))
+        parts.append("## Plots\n\n" + "\n\n".join(links))
 
     if config:
-        sections.append("## Config\n\n```json\n" + _config_text(config) + "\n```")
+        parts.append("## Config\n\n```json\n" + _config_text(config) + "\n```")
     path = workdir / "report.md"
-    write_text(path, "\n\n".join(sections) + "\n")
+    write_text(path, "\n\n".join(parts) + "\n")
     return str(path)
