@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jackpots_jax import patterns, select
 from jackpots_jax._tree import PyTree, map_budget, named_leaves
@@ -327,7 +328,12 @@ def replace_masks(opt_state: Any, masks: PyTree) -> Any:
 
 
 def first_order_pairs(
-    values: jax.Array, old: jax.Array, proposed: jax.Array, grads: jax.Array
+    values: jax.Array,
+    old: jax.Array,
+    proposed: jax.Array,
+    grads: jax.Array,
+    *,
+    capacity: int | None = None,
 ) -> jax.Array:
     """Of the swaps from `old` to `proposed` (one flat leaf), those predicted to lower the loss.
 
@@ -336,28 +342,59 @@ def first_order_pairs(
     `(i, j)` is made iff `grads[i] - grads[j] < 0`; every other pair is left as it was, so the
     result keeps as many entries as `old`.
 
+    Only the swaps are sorted: their indices are compacted (`select.compact_indices`) into
+    `capacity` slots and ordered there; when more swaps than that are proposed, every entry of
+    the leaf is sorted instead (the same result, one full sort per side).
+
     Args:
       values: the ranked values of the new scores (flat floats).
       old: the masks before the update (flat bools).
       proposed: the masks the restriction made (flat bools, as many entries as `old`).
       grads: the straight-through gradient of the scores, `g * w` (flat floats).
+      capacity: slots for the swaps of each side (static); default `max(1024, n // 32)`, at
+        most `n`.
 
     Returns:
       The flat bool mask.
     """
     n = values.shape[0]
     keys = select.ordered_keys(values)
-    index = jnp.arange(n, dtype=jnp.int32)
     revive = proposed & ~old
     remove = old & ~proposed
-    # jnp.lexsort sorts by its last key first: the candidates lead, in the restriction's order.
-    come_in = jnp.lexsort((index, ~keys, ~revive))
-    go_out = jnp.lexsort((-index, keys, ~remove))
-    # g_i w_i - g_j w_j < 0, compared without the subtraction (which could round to 0).
-    made = (jnp.arange(n) < jnp.sum(revive, dtype=jnp.int32)) & (grads[come_in] < grads[go_out])
-    turned_on = jnp.zeros(n, bool).at[come_in].set(made)
-    turned_off = jnp.zeros(n, bool).at[go_out].set(made)
-    return (old & ~turned_off) | turned_on
+    count = jnp.sum(revive, dtype=jnp.int32)
+    cap = min(n, max(1024, n // 32) if capacity is None else capacity)
+
+    def pair(come_in, go_out, slots):
+        # g_i w_i - g_j w_j < 0, compared without the subtraction (which could round to 0).
+        made = (jnp.arange(slots) < count) & (
+            grads.at[come_in].get(mode="fill", fill_value=0)
+            < grads.at[go_out].get(mode="fill", fill_value=0)
+        )
+        turned_on = jnp.zeros(n, bool).at[come_in].set(made, mode="drop")
+        turned_off = jnp.zeros(n, bool).at[go_out].set(made, mode="drop")
+        return (old & ~turned_off) | turned_on
+
+    def compacted():
+        # Slots past the last swap hold index n: sorted last by the flag, never made.
+        i_in, _ = select.compact_indices(revive, cap)
+        i_out, _ = select.compact_indices(remove, cap)
+        k_in = keys.at[i_in].get(mode="fill", fill_value=0)
+        k_out = keys.at[i_out].get(mode="fill", fill_value=0)
+        # jnp.lexsort sorts by its last key first: the swaps lead, in the restriction's order.
+        come_in = i_in[jnp.lexsort((i_in, ~k_in, i_in == n))]
+        go_out = i_out[jnp.lexsort((-i_out, k_out, i_out == n))]
+        return pair(come_in, go_out, cap)
+
+    def whole():
+        index = jnp.arange(n, dtype=jnp.int32)
+        come_in = jnp.lexsort((index, ~keys, ~revive))
+        go_out = jnp.lexsort((-index, keys, ~remove))
+        return pair(come_in, go_out, n)
+
+    if cap >= n:
+        return compacted()
+    fits = (count <= cap) & (jnp.sum(remove, dtype=jnp.int32) <= cap)
+    return lax.cond(fits, compacted, whole)
 
 
 def first_order_check(
@@ -377,8 +414,9 @@ def first_order_check(
     (before weight decay). A pair is made iff that prediction is negative; the other pairs are not
     made, so every layer still keeps exactly its budget. The scores are updated as `tx` says.
 
-    The pairing sorts each leaf's candidates (two stable sorts per leaf and step): a policy to
-    study, not the accelerator-tuned refresh of `short_restriction`.
+    The pairing sorts each leaf's proposed swaps (two stable sorts of the compacted swaps per
+    leaf and step, of the whole leaf when more than `first_order_pairs`'s capacity are
+    proposed): a policy to study, not the accelerator-tuned refresh of `short_restriction`.
 
     Args:
       tx: the search optimiser, ending in `short_restriction` (its state owns the masks).

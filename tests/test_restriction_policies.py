@@ -41,10 +41,15 @@ def test_pairs_match_brute_force(seed):
     old[rng.choice(n, keep, replace=False)] = True
     proposed, _, _ = restricted_refresh(values, old, keep, rng.choice([1.0, 0.5, 0.2]))
     grads = rng.choice(np.linspace(-1, 1, 5), n).astype(np.float32)  # ties in g * w too
-    got = jax.jit(jj.restriction.first_order_pairs)(values, old, proposed, grads)
     expected = first_order_pairs(values, old, proposed, grads)
-    np.testing.assert_array_equal(np.asarray(got), expected)
-    assert int(np.sum(got)) == keep
+    swaps = int(np.sum(proposed & ~old))
+    # Compacted swaps (the default capacity holds the leaf), and with a capacity below the
+    # number of swaps: the whole leaf sorted; the same pairs either way.
+    for capacity in (None, max(swaps - 1, 1), swaps):
+        pairs = jax.jit(lambda *a, c=capacity: jj.restriction.first_order_pairs(*a, capacity=c))
+        got = pairs(values, old, proposed, grads)
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=str(capacity))
+        assert int(np.sum(got)) == keep
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5])
