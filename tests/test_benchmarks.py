@@ -3,8 +3,9 @@
 A benchmark is run rarely and by hand; an import it lost or an argument it no longer passes shows
 only then. Each script here runs in a process of its own at its smallest size, and the test reads
 what the script itself checked: `topk.py` compares every mask it times with a sort-based mask,
-`step.py` prints a ratio for every variant, `memory.py` runs one real step at the widths it
-found; `lm_memory.py`'s sizes are compared in-process with what placed arrays hold.
+`step.py` prints a ratio for every variant, `first_order.py` compares its two paths' masks,
+`memory.py` runs one real step at the widths it found; `lm_memory.py`'s sizes are compared
+in-process with what placed arrays hold.
 (`gpu_model.py` has its own test, `test_gpu_model.py`; `input_pipeline.py` and
 `vit_fmnist_recipe.py` read the whole Fashion-MNIST and are left to be run by hand;
 `sparse_speed.py` needs PyTorch with CUDA.)
@@ -65,6 +66,14 @@ def test_step_benchmark_prints_a_ratio_per_variant():
     for r in rows:
         seconds, ratio = float(r[-7]), float(r[-5])
         assert seconds > 0 and ratio > 0, r
+
+
+def test_first_order_benchmark_times_both_paths_on_the_same_masks():
+    out = run_benchmark("first_order.py", "--quick")
+    (row,) = [r.split() for r in out.splitlines() if r.split()[:1] == ["20000"]]
+    swaps, compacted, whole = int(row[1]), float(row[2]), float(row[3])
+    assert swaps > 0 and compacted > 0 and whole > 0, out
+    assert row[-1] == "yes", out  # the compacted and the whole-leaf pairs agree
 
 
 def test_memory_benchmark_fits_a_wider_model_when_sharded():
