@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -181,7 +182,10 @@ def block_losses(
         return {}
     shapes = {n: np.shape(m) for n, m in named_leaves(first) if m is not None}
     block_of = layer_groups(ctx.network.spec, shapes).get("block", {})
-    blocks = list(dict.fromkeys(block_of[n] for n in shapes if n in block_of))
+    blocks = sorted(  # "block 2" before "block 10"
+        set(block_of.values()),
+        key=lambda b: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", b)],
+    )
     out = {}
     for label, tree in host.items():
         out[label] = {}
