@@ -232,7 +232,12 @@ def test_claim2_verdicts_use_lower_bounds_only_where_they_decide():
     def init(name, ratios, bounds):
         return {
             "init": name,
-            "epochs_to_target": {"epochs": stat([2.0, 2.0]), "steps": stat([8, 8]), "of": 2},
+            "epochs_to_target": {
+                "epochs": stat([2.0, 2.0]),
+                "steps": stat([8, 8]),
+                "of": 2,
+                "reached": 2,
+            },
             "ratio": stat(ratios),
             "ratio_lower_bounds": stat(bounds),
             "final": stat([0.9, 0.9]),
@@ -324,6 +329,21 @@ def test_claim2_costs_by_hand_from_evaluations_within_epochs():
     assert [p["step"] for p in kai["curve"]] == [5, 10, 15, 20]
     assert [p["epoch"] for p in kai["curve"]] == [0.5, 1.0, 1.5, 2.0]
     assert kai["curve"][-1]["accuracy"]["mean"] == pytest.approx(0.8905)
+    # Sustained: from the evaluation after which every later one stays at or above 0.891.
+    # Magnitude seed 0 touches it at step 5, falls to 0.85 at 10 and holds from 15; seed 1
+    # holds from 15; kaiming seed 0 only at its last evaluation (20), seed 1 never.
+    mag_held, kai_held = mag["sustained"], kai["sustained"]
+    assert mag_held["epochs_to_target"]["steps_per_seed"] == {"0": 15, "1": 15}
+    assert kai_held["epochs_to_target"]["steps_per_seed"] == {"0": 20, "1": None}
+    assert kai_held["ratio"]["values"] == [pytest.approx(20 / 15)]
+    assert kai_held["ratio_lower_bounds"]["values"] == [pytest.approx(20 / 15)]
+    # Counted at the first touch the claim holds against kaiming (4x; seed 1 bounded above
+    # 1.33 only: open); counted from where the accuracy holds, it does not (1.33x < 3).
+    text = study_report._claim2_text(study_report._claim2(plan, cells))
+    first, held = text.split("Counting instead from the evaluation after which")
+    assert "kaiming/uniform: 4.00" in first and "does not hold" not in first
+    assert "kaiming/uniform: 1.33" in held
+    assert "does not hold here against kaiming/uniform at 90%" in held
 
 
 class _Tiny(nn.Module):
