@@ -589,7 +589,7 @@ def _claim1_text(c: Mapping) -> str:
 def _claim2_text(c: Mapping) -> str:
     first = _claim2_costs_text(c, lambda init: init, "reaches the target")
     held = _claim2_costs_text(
-        c, lambda init: init.get("sustained"), "stays at or above the target from then on"
+        c, lambda init: init.get("sustained"), "is at or above the target for good"
     )
     if not held:
         return first
