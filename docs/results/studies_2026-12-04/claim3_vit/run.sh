@@ -1,0 +1,16 @@
+#!/bin/bash
+cd /tmp/wt_s5
+export JAX_COMPILATION_CACHE_DIR=/tmp/claims/jaxcache
+echo "start pretrain $(date -u) commit $(git rev-parse HEAD) load $(cat /proc/loadavg)"
+/usr/bin/time -v /work/main/.venv/bin/python -m jackpots_jax.main --config=configs/fmnist_vit.py:pretrain --workdir=/tmp/claims/vit_pretrain \
+  --config.dataset.data_dir=/tmp/claims/tfds
+echo "end pretrain $(date -u) rc $? load $(cat /proc/loadavg)"
+echo "start claim3 $(date -u) commit $(git rev-parse HEAD) load $(cat /proc/loadavg)"
+/usr/bin/time -v /work/main/.venv/bin/python -m jackpots_jax.main --config=configs/studies.py --workdir=/tmp/claims/claim3vit \
+  --config.model.name=vit_fmnist \
+  --config.dataset.data_dir=/tmp/claims/tfds \
+  --config.weights.path=/tmp/claims/vit_pretrain/pretrain/model.safetensors \
+  "--config.studies.run=('claim3',)" "--config.studies.seeds=(0,1,2)" \
+  --config.studies.claim3.sparsity=0.9 --config.studies.claim3.epochs=3 \
+  "--config.studies.claim3.policies=('constant:1','constant:0.5','cosine')"
+echo "end claim3 $(date -u) rc $? load $(cat /proc/loadavg)"
