@@ -23,13 +23,12 @@ Run:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import jax
 import numpy as np
+from step import load_average, machine_info  # benchmarks/step.py
 
 import jackpots_jax as jj
 
@@ -69,14 +68,8 @@ def main() -> None:
     if args.quick:
         args.sizes, args.repeats = [20_000], 3
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(x.split(":", 1)[1].strip() for x in f if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"jax {jax.__version__}, {jax.default_backend()}, {cpu}, {os.cpu_count()} CPUs")
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(f"jax {jax.__version__}, {jax.default_backend()}, {machine_info()}")
+    print(f"load average before: {load_average()}")
     header = f"{'entries':>10} {'swaps':>7} {'compacted ms':>13} {'whole leaf ms':>14} "
     print(header + f"{'whole / compacted':>18} {'masks identical':>16}")
     for n in args.sizes:
@@ -91,7 +84,7 @@ def main() -> None:
             f"{n:>10} {swaps:>7} {1e3 * t_c:>13.3f} {1e3 * t_w:>14.3f} {t_w / t_c:>18.1f} "
             f"{same:>16}"
         )
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

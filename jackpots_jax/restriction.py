@@ -361,8 +361,10 @@ def first_order_pairs(
     keys = select.ordered_keys(values)
     revive = proposed & ~old
     remove = old & ~proposed
-    count = jnp.sum(revive, dtype=jnp.int32)
     cap = min(n, max(1024, n // 32) if capacity is None else capacity)
+    # Slots past the last swap hold index n; the totals count every swap, past the slots too.
+    i_in, count = select.compact_indices(revive, cap)
+    i_out, count_out = select.compact_indices(remove, cap)
 
     def pair(come_in, go_out, slots):
         # g_i w_i - g_j w_j < 0, compared without the subtraction (which could round to 0).
@@ -375,9 +377,7 @@ def first_order_pairs(
         return (old & ~turned_off) | turned_on
 
     def compacted():
-        # Slots past the last swap hold index n: sorted last by the flag, never made.
-        i_in, _ = select.compact_indices(revive, cap)
-        i_out, _ = select.compact_indices(remove, cap)
+        # The empty slots (index n) sort last by the flag and are never made.
         k_in = keys.at[i_in].get(mode="fill", fill_value=0)
         k_out = keys.at[i_out].get(mode="fill", fill_value=0)
         # jnp.lexsort sorts by its last key first: the swaps lead, in the restriction's order.
@@ -393,8 +393,7 @@ def first_order_pairs(
 
     if cap >= n:
         return compacted()
-    fits = (count <= cap) & (jnp.sum(remove, dtype=jnp.int32) <= cap)
-    return lax.cond(fits, compacted, whole)
+    return lax.cond((count <= cap) & (count_out <= cap), compacted, whole)
 
 
 def first_order_check(

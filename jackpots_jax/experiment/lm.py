@@ -269,7 +269,7 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             if method != "magnitude" and method not in methods:
                 continue  # a prior of a search only, not a row asked for
             row = phases.evaluate(ctx, weights, {}, masks)
-            if weights is params:
+            if config.eval.by_block and weights is params:
                 frozen[f"{name} ({pattern})"] = masks
             context.record_result(
                 ctx,
@@ -313,7 +313,8 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             )
             searched[label] = jax.device_get(state.masks)
             magnitude[label] = magnitude[pattern]
-            frozen[row["model"]] = searched[label]
+            if config.eval.by_block:
+                frozen[row["model"]] = searched[label]
     by_block = None
     if config.eval.by_block:
         by_block = block_losses(ctx, params, frozen)
