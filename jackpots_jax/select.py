@@ -124,7 +124,10 @@ def compact_indices(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Arra
     total = through[-1]
     slot = jnp.arange(capacity, dtype=jnp.int32)
     # The word holding the (slot + 1)-th True entry: the first with `through > slot`.
-    w = jnp.minimum(jnp.searchsorted(through, slot, side="right"), n_words - 1).astype(jnp.int32)
+    # Unrolled: a straight run of steps (the default is a loop, and every trip of a loop on a GPU
+    # waits on the host).
+    w = jnp.searchsorted(through, slot, side="right", method="scan_unrolled")
+    w = jnp.minimum(w, n_words - 1).astype(jnp.int32)
     rank = slot - (through[w] - per_word[w])
     word = words[w]
     pos = jnp.zeros_like(slot)
@@ -861,6 +864,81 @@ def _topk_batched(
     return packing.unpack(chosen)
 
 
+# The restricted refresh's swap selection runs over the compacted proposed swaps when they fit
+# in this many slots (all groups together): `clip(entries // _SWAP_SHARE, _SWAP_MIN, _SWAP_MAX)`,
+# at most the entries. Its cost grows with the square of the slots (every swap is ranked against
+# every other), so the slots are capped; a refresh that proposes more takes the radix passes
+# over every entry instead (the same masks).
+_SWAP_SHARE = 4096
+_SWAP_MIN = 1024
+_SWAP_MAX = 16384
+
+
+def swap_capacity(entries: int) -> int:
+    """The default number of compacted slots of a restricted refresh over `entries` scores."""
+    return min(entries, max(_SWAP_MIN, min(_SWAP_MAX, entries // _SWAP_SHARE)))
+
+
+def _swaps_compacted(
+    packing: Packing,
+    row_leaf: jax.Array,
+    keys: jax.Array,
+    index: jax.Array,
+    revive: jax.Array,
+    remove: jax.Array,
+    n: jax.Array,
+    all_made: jax.Array,
+    slots: jax.Array,
+    count: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The swap selection of `_refresh_batched` over the compacted proposed swaps.
+
+    Args:
+      n: int32 `[leaves, 1]`, the swaps to make per leaf.
+      all_made: bool `[leaves]`, the leaves that make every proposed swap (written elsewhere).
+      slots: int32 `[groups, capacity]`, each group's flat positions of its proposed swaps
+        (revivals and removals) in increasing order, `rows * chunk` past the last.
+      count: int32 `[groups]`, how many there are (at most `capacity`).
+
+    Returns:
+      `(positions, value)`, both `[groups, capacity]`: where to write in each group's flat
+      entries (`rows * chunk`: nowhere) and the new mask there (True for a revival made, False
+      for a removal made, the old mask for a swap not made).
+    """
+    g, r, c = keys.shape
+    width = r * c
+    capacity = slots.shape[1]
+    valid = lax.broadcasted_iota(jnp.int32, slots.shape, 1) < count[:, None]
+    at = jnp.minimum(slots, width - 1)
+
+    def take(x):
+        return jnp.take_along_axis(x.reshape(g, width), at, axis=1)
+
+    key, side, come_in = take(keys), take(remove), take(revive)
+    leaves = len(packing.sizes)
+    leaf = jnp.where(valid, row_leaf[at // c], leaves)
+    if _index_ordered(packing):
+        # The slots hold each leaf's swaps in index order (group by group): their order is it.
+        tie = lax.iota(jnp.int32, g * capacity)
+    else:
+        tie = take(jnp.broadcast_to(index, (g, r, c))).reshape(-1)
+    # One order per (leaf, side): revivals by key descending, then the lower index; removals by
+    # key ascending, then the higher index. `order` and `tie` ascending give both.
+    code = (2 * leaf + side.astype(jnp.int32)).reshape(-1)
+    order = jnp.where(side, key, ~key).reshape(-1)
+    tie = jnp.where(side.reshape(-1), -tie, tie)
+    # Every swap's rank among the swaps of its (leaf, side): a count over all pairs.
+    before = (code[None, :] == code[:, None]) & (
+        (order[None, :] < order[:, None])
+        | ((order[None, :] == order[:, None]) & (tie[None, :] < tie[:, None]))
+    )
+    rank = jnp.sum(before, axis=1, dtype=jnp.int32).reshape(g, capacity)
+    quota = jnp.concatenate([n[:, 0], jnp.zeros((1,), n.dtype)])[leaf]
+    skip = jnp.concatenate([all_made, jnp.ones((1,), bool)])[leaf]
+    made = rank < quota
+    return jnp.where(skip, width, slots), jnp.where(made, come_in, ~come_in)
+
+
 def _refresh_batched(
     values: Sequence[jax.Array],
     old: Sequence[jax.Array],
@@ -868,6 +946,7 @@ def _refresh_batched(
     rate,
     digit_bits: int,
     layout: Layout | None = None,
+    capacity: int | None = None,
 ) -> list[jax.Array]:
     packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
@@ -883,22 +962,46 @@ def _refresh_batched(
     remove = was & ~target
     proposed = packing.leaf_sums(jnp.sum(revive, axis=-1, dtype=jnp.int32)[..., None])
     n = n_swaps(rate, proposed)
-    # Two selections of n per leaf at once, on disjoint entries: the highest-scored revivals
-    # (ties: lower index first) and the lowest-scored removals (inverted keys; ties: higher index).
-    swap = _select_batched(
-        packing,
-        row_leaf,
-        jnp.where(remove, ~packed, packed),
-        index,
-        revive | remove,
-        remove,
-        jnp.concatenate([n, n], axis=1),
-        digit_bits,
-        from_end=True,
-    )
-    restricted = (was & ~(swap & remove)) | (swap & revive)
     every = _per_entry(n == proposed, row_leaf, None)
-    return packing.unpack(jnp.where(every, target, restricted))
+    g, r, c = packed.shape
+    if capacity is None:
+        capacity = swap_capacity(g * r * c)
+    per_group = max(1, -(-capacity // g))
+    # Each group compacts its own proposed swaps (where it lives, when sharded).
+    slots, count = jax.vmap(lambda m: compact_indices(m, per_group))(
+        (revive | remove).reshape(g, -1)
+    )
+
+    def compacted():
+        # Only the proposed swaps can change: rank them among themselves and write the swaps
+        # made over the old masks (a leaf that makes all of them gets its top-k, as below).
+        all_made = n[:, 0] == proposed[:, 0]
+        positions, value = _swaps_compacted(
+            packing, row_leaf, packed, index, revive, remove, n, all_made, slots, count
+        )
+        base = jnp.where(every, target, was).reshape(g, -1)
+        new = jax.vmap(lambda m, i, v: m.at[i].set(v, mode="drop"))(base, positions, value)
+        return new.reshape(g, r, c)
+
+    def whole():
+        # Two selections of n per leaf at once, on disjoint entries: the highest-scored
+        # revivals (ties: lower index first) and the lowest-scored removals (inverted keys;
+        # ties: higher index).
+        swap = _select_batched(
+            packing,
+            row_leaf,
+            jnp.where(remove, ~packed, packed),
+            index,
+            revive | remove,
+            remove,
+            jnp.concatenate([n, n], axis=1),
+            digit_bits,
+            from_end=True,
+        )
+        restricted = (was & ~(swap & remove)) | (swap & revive)
+        return jnp.where(every, target, restricted)
+
+    return packing.unpack(lax.cond(jnp.all(count <= per_group), compacted, whole))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -971,6 +1074,7 @@ def refresh(
     selection: str = "auto",
     digit_bits: int = DIGIT_BITS,
     layout: Layout | None = None,
+    capacity: int | None = None,
 ) -> list[jax.Array]:
     """Per leaf, new masks that make `n_swaps(rate, c)` of the `c` swaps the exact top-k proposes.
 
@@ -985,6 +1089,9 @@ def refresh(
       keep: static ints.
       rate: the share of swaps to make, in [0, 1]; may be traced.
       selection, digit_bits, layout: as in `topk`.
+      capacity: the batched selection's slots for the proposed swaps (static; default
+        `swap_capacity` of the packed entries). The swaps are selected among themselves when
+        they fit, else by radix passes over every entry; both give the same masks.
 
     Returns:
       Bool masks per leaf, in the leaves' shapes.
@@ -999,7 +1106,7 @@ def refresh(
             ).reshape(np.shape(x))
             for x, m, n in zip(leaves, old, keep, strict=True)
         ]
-    return _refresh_batched(leaves, old, keep, rate, digit_bits, layout)
+    return _refresh_batched(leaves, old, keep, rate, digit_bits, layout, capacity)
 
 
 def top_eligible(

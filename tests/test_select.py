@@ -154,6 +154,46 @@ def test_large_leaves_with_long_tie_runs():
             np.testing.assert_array_equal(np.asarray(refreshed[k]), expected, k)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_restricted_refresh_selects_the_same_swaps_compacted_or_over_every_entry(groups):
+    """The batched refresh's two paths against brute force: the proposed swaps compacted into
+    slots (every slot needed: capacity = all entries) and the radix passes over every entry
+    (capacity 1: the swaps never fit), from masks that propose many swaps (random) and few (a
+    perturbed top-k), with ties, at several rates; in one group and split in four."""
+    rng = np.random.default_rng(21)
+    shapes, budget = STRUCTURES["mixed"]
+    keep = [int(np.prod(shape)) - budget[k] for k, shape in shapes.items()]
+    layout = select.Layout((None,) * len(shapes), groups)
+    entries = groups * select.Packing.of(list(shapes.values()), None, groups).total_rows * 255
+    cases = []
+    for tied in (0.0, 1.0):  # distinct scores; every leaf drawn from the pool of ties
+        scores = _draw_scores(rng, shapes, tied)
+        many = _old_masks(rng, scores, budget)
+        few = {
+            k: topk_mask(s + rng.normal(0, 0.05, s.shape).astype(np.float32), n).reshape(s.shape)
+            for (k, s), n in zip(scores.items(), keep, strict=True)
+        }
+        cases += [(scores, many), (scores, few)]
+    paths = {
+        capacity: jax.jit(
+            lambda v, m, r, c=capacity: select.refresh(
+                v, m, keep, r, selection="batched", layout=layout, capacity=c
+            )
+        )
+        for capacity in (1, None, entries)
+    }
+    for scores, old in cases:
+        for rate in (1.0, 0.5, 0.05):
+            expected = [
+                restricted_refresh(s, old[k], n, rate)[0]
+                for (k, s), n in zip(scores.items(), keep, strict=True)
+            ]
+            for capacity, fn in paths.items():
+                got = fn(list(scores.values()), list(old.values()), jnp.float32(rate))
+                for k, a, b in zip(shapes, got, expected, strict=True):
+                    np.testing.assert_array_equal(np.asarray(a), b, f"{k} {capacity} {rate}")
+
+
 def test_masks_of_another_count_give_the_same_result_on_both_paths():
     """Current masks that do not hold the budget (only a user can pass such): same masks."""
     rng = np.random.default_rng(3)
@@ -292,15 +332,21 @@ def test_sharded_scores_give_the_single_device_masks(dims):
             if lay is not None:
                 collectives = _collectives(compiled.as_text())
                 # Other than the all-reduces, only small per-leaf counts move (at most 4 tie
-                # classes x 4 groups x 3 leaves) and the results of the replicated leaves.
+                # classes x 4 groups x 3 leaves), the results of the replicated leaves and the
+                # restricted refresh's compacted swaps (each group's slots, gathered).
                 replicated = {
                     n
                     for k, v in scores.items()
                     if dims[k] is None
                     for n in (v.size, -(-v.size // 4) * 4)
                 }
+                packing = select.Packing.of([v.shape for v in scores.values()], dims.values(), 4)
+                slots = select.swap_capacity(4 * packing.total_rows * packing.chunk)
                 assert collectives and all(
-                    kind == "all-reduce" or n <= 4 * 4 * 3 or n in replicated
+                    kind == "all-reduce"
+                    or n <= 4 * 4 * 3
+                    or n in replicated
+                    or (kind == "all-gather" and n == -(-slots // 4) * 4)
                     for kind, n in collectives
                 ), collectives
                 # the all-reduces are histograms: a few bins per leaf
@@ -322,9 +368,10 @@ def _loops_and_conditionals(n_leaves, selection):
 
 
 def test_the_batched_refresh_has_no_per_leaf_loops_or_conditionals():
-    """A structural guard: 64 leaves compile to no more loops and conditionals than 8 leaves."""
-    assert _loops_and_conditionals(64, "batched") <= _loops_and_conditionals(8, "batched")
-    assert _loops_and_conditionals(64, "batched") == (0, 0)
+    """A structural guard: 64 leaves compile to as many loops and conditionals as 8 leaves: no
+    loop, and one conditional (the compacted swaps or, when they overflow, every entry)."""
+    assert _loops_and_conditionals(64, "batched") == _loops_and_conditionals(8, "batched")
+    assert _loops_and_conditionals(64, "batched") == (0, 1)
     # The guard can fail: the per-leaf path grows with the leaves.
     few, many = _loops_and_conditionals(2, "bracketed"), _loops_and_conditionals(6, "bracketed")
     assert sum(many) > sum(few) > 0
