@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -81,6 +82,8 @@ LM_SPARSITY = 0.5
 DEFAULT_MODELS = ("resnet50", "resnet32_w2", "vit_b16", "smollm2_135m")
 PROGRAMS = ("dense", "no_refresh", "search", "refresh", "topk")
 PATTERNS = {"unstructured": (0.9, "unstructured"), "2:4": (0.5, "2:4")}
+# A gathered or scattered entry moves one 32-byte sector of memory.
+SECTOR = 32
 # The time model: (bytes per second, seconds per kernel at least).
 MODELS_OF_TIME = {"3 TB/s, 3 us": (3.0e12, 3e-6), "4 TB/s, 1.5 us": (4.0e12, 1.5e-6)}
 
@@ -123,6 +126,7 @@ class Instr:
     args: str  # the text inside the opcode's parentheses
     operands: list[str]
     attrs: str
+    root: bool = False
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -172,26 +176,56 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
         opcode, _, rest = tail.partition("(")
         args, attrs = _call_args(rest)
         operands = re.findall(r"%([\w.\-]+)", args)
-        comps[current].append(Instr(m.group(2), shape, opcode.strip(), args, operands, attrs))
+        comps[current].append(
+            Instr(m.group(2), shape, opcode.strip(), args, operands, attrs, bool(m.group(1)))
+        )
     return comps, entry
 
 
+def _elements(shape: str) -> int:
+    """Entries of the first array of an HLO shape string."""
+    arrays = _ARRAY.findall(shape)
+    return math.prod(int(d) for d in arrays[0][1].split(",") if d) if arrays else 0
+
+
 def _sliced_reads(fused: list[Instr]) -> dict[int, int]:
-    """Parameter number -> bytes read, for the parameters that a fusion only slices."""
+    """Parameter number -> bytes read, for the parameters that a fusion only slices or gathers
+    from (a gathered entry reads one sector), or only updates in place (a scatter's operand:
+    nothing read)."""
     users: dict[str, list[Instr]] = {}
     for ins in fused:
         for op in ins.operands:
             users.setdefault(op, []).append(ins)
+
+    def through_views(name: str) -> list[tuple[str, Instr]]:
+        """(what it uses, user) pairs of an instruction, looking through bitcasts."""
+        out = []
+        for u in users.get(name, []):
+            out += through_views(u.name) if u.opcode == "bitcast" else [(name, u)]
+        return out
+
     out = {}
     for ins in fused:
-        used = users.get(ins.name, [])
-        if (
-            ins.opcode == "parameter"
-            and used
-            and all(u.opcode in _SLICES and u.operands[0] == ins.name for u in used)
-        ):
+        pairs = through_views(ins.name)
+        used = [u for _, u in pairs]
+        if ins.opcode != "parameter" or not used or any(u.operands[0] != v for v, u in pairs):
+            continue
+        if all(u.opcode in _SLICES for u in used):
             out[int(ins.args)] = sum(array_bytes(u.shape) for u in used)
+        elif all(u.opcode == "gather" for u in used):
+            out[int(ins.args)] = sum(_gathered_bytes(ins.shape, _elements(u.shape)) for u in used)
+        elif all(u.opcode == "scatter" for u in used):
+            out[int(ins.args)] = 0
     return out
+
+
+def _scattered_writes(fused: list[Instr], written: int) -> int:
+    """A fusion whose result is a scatter writes one sector per update, at most its output."""
+    root = next((ins for ins in fused if ins.root), None)
+    if root is None or root.opcode != "scatter" or len(root.operands) < 3:
+        return written
+    updates = {ins.name: ins.shape for ins in fused}.get(root.operands[2], "")
+    return min(written, SECTOR * _elements(updates))
 
 
 @dataclasses.dataclass
@@ -201,17 +235,42 @@ class Kernel:
     bytes: int
 
 
-def kernels(text: str) -> list[Kernel]:
-    """The kernels a compiled program launches, in order, with the bytes each one moves."""
-    comps, entry = parse_hlo(text)
-    out: list[Kernel] = []
+def _branches(ins: Instr) -> list[str]:
+    """The computations a `conditional` chooses between, in order."""
+    listed = re.search(r"branch_computations=\{([%\w.\-, ]+)\}", ins.attrs)
+    if listed:
+        return [c.strip().lstrip("%") for c in listed.group(1).split(",")]
+    return [re.search(rf"{side}_computation=%?([\w.\-]+)", ins.attrs).group(1)
+            for side in ("true", "false")]  # fmt: skip
 
-    def walk(comp: str) -> None:
+
+def _gathered_bytes(gathered: str, elements: int) -> int:
+    """What a gather of `elements` entries reads of an operand: a 32-byte sector per entry, at
+    most the whole operand."""
+    return min(array_bytes(gathered), SECTOR * elements)
+
+
+def kernels(text: str) -> list[Kernel]:
+    """The kernels a compiled program launches, in order, with the bytes each one moves.
+
+    A `conditional` counts as one launch (its predicate goes to the host) plus the kernels of
+    its cheapest branch under the calibrated model: the branch a program takes in its common
+    case (the restricted refresh's compacted swaps); `conditionals` says which programs have one.
+    """
+    comps, entry = parse_hlo(text)
+
+    def walk(comp: str, out: list[Kernel]) -> list[Kernel]:
         shapes = {ins.name: ins.shape for ins in comps[comp]}
         for ins in comps[comp]:
+            if ins.opcode == "conditional":
+                out.append(
+                    Kernel(ins.name, ins.opcode, array_bytes(shapes.get(ins.operands[0], "")))
+                )
+                branches = [walk(c, []) for c in _branches(ins) if c in comps]
+                out.extend(min(branches, key=lambda ks: modelled_seconds(ks, 3.0e12, 3e-6)))
+                continue
             callees = re.findall(
-                r"(?:calls|body|condition|to_apply|branch_computations|called_computations)="
-                r"\{?([%\w.\-, ]+)\}?",
+                r"(?:calls|body|condition|to_apply|called_computations)=\{?([%\w.\-, ]+)\}?",
                 ins.attrs,
             )
             callees = [c.strip().lstrip("%") for group in callees for c in group.split(",")]
@@ -219,18 +278,30 @@ def kernels(text: str) -> list[Kernel]:
                 if ins.opcode in _CONTROL:
                     for c in callees:
                         if c in comps:
-                            walk(c)
+                            walk(c, out)
                 continue
             read = [array_bytes(shapes.get(op, "")) for op in ins.operands]
+            written = array_bytes(ins.shape, skip_last_u8=ins.opcode == "custom-call")
             if ins.opcode == "fusion" and callees and callees[0] in comps:
                 for number, size in _sliced_reads(comps[callees[0]]).items():
                     if number < len(read):
                         read[number] = min(read[number], size)
-            written = array_bytes(ins.shape, skip_last_u8=ins.opcode == "custom-call")
+                written = _scattered_writes(comps[callees[0]], written)
+            elif ins.opcode == "gather" and read:
+                read[0] = _gathered_bytes(shapes.get(ins.operands[0], ""), _elements(ins.shape))
+            elif ins.opcode == "scatter" and len(read) >= 3:
+                read[0] = 0  # updated in place: only the written entries move
+                written = min(written, SECTOR * _elements(shapes.get(ins.operands[2], "")))
             out.append(Kernel(ins.name, ins.opcode, sum(read) + written))
+        return out
 
-    walk(entry)
-    return out
+    return walk(entry, [])
+
+
+def conditionals(text: str) -> int:
+    """How many `conditional`s the program holds (only the cheapest branch of each is counted)."""
+    comps, _ = parse_hlo(text)
+    return sum(ins.opcode == "conditional" for body in comps.values() for ins in body)
 
 
 def loops(text: str) -> int:
@@ -368,6 +439,7 @@ class Row:
     bytes: int
     seconds: tuple[float, ...]  # per time model
     loops: int
+    conditionals: int
     compile_s: float
 
 
@@ -383,7 +455,7 @@ def measure(name, dtype, args, sharding, with_dtype_free, show):
         ks = kernels(text)
         seconds = tuple(modelled_seconds(ks, *m) for m in MODELS_OF_TIME.values())
         row = Row(name, dtype, program, len(ks), sum(k.bytes for k in ks), seconds, loops(text),
-                compile_s)  # fmt: skip
+                  conditionals(text), compile_s)  # fmt: skip
         print(f"  {name} {dtype} {program}: {len(ks)} kernels, {compile_s:.1f} s to compile",
               flush=True)  # fmt: skip
         if program in show:
@@ -405,7 +477,8 @@ def table(rows: list[Row]) -> str:
             f"{s / ds:.3f}" if d and r.program.split()[0] in ("search", "no") else "-"
             for s, ds in zip(r.seconds, d.seconds if d else r.seconds, strict=True)
         ]
-        lines.append((r.model, r.dtype, r.program + (" (loops!)" if r.loops else ""),
+        marks = (" (loops!)" if r.loops else "") + (" (cond)" if r.conditionals else "")
+        lines.append((r.model, r.dtype, r.program + marks,
                       str(r.kernels), f"{r.bytes / 1e6:,.1f}",
                       *(f"{s * 1e3:.3f}" for s in r.seconds), *ratio))  # fmt: skip
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
@@ -456,6 +529,8 @@ def report(args, rows, start, argv, final: bool) -> None:
         "dense 65 ms, search without refresh 64 ms); 4 TB/s, 1.5 us is the optimistic bound.",
         "Ratios: search (or no refresh) / dense of the same model and dtype, one run.",
         "'refresh' and 'topk' rows do not depend on the compute dtype.",
+        "(cond): the program holds a conditional; its cheapest branch is counted (for the",
+        "restricted refresh: the proposed swaps compacted, the common case), plus one launch.",
         "Command: "
         + (f"XLA_FLAGS={os.environ['XLA_FLAGS']} " if os.environ.get("XLA_FLAGS") else "")
         + " ".join(["benchmarks/gpu_model.py", *(argv or sys.argv[1:])]),

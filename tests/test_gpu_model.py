@@ -78,6 +78,79 @@ def test_kernels_and_bytes_of_hand_worked_hlo():
     assert ks[1].bytes == 2 * full + 1000 * 1000 * 4 + 8388608
 
 
+# A conditional whose true branch is one kernel over the whole of p (f32[10000000]: 40 MB read
+# and written) and whose false branch gathers 10 entries of p (through a bitcast) and scatters 10
+# values into a buffer in place: the false branch is the cheaper one.
+COND_HLO = """\
+HloModule jit_g, is_scheduled=true
+
+%fused_double (param_0: f32[10000000]) -> f32[10000000] {
+  %param_0 = f32[10000000]{0} parameter(0)
+  ROOT %d = f32[10000000]{0} add(%param_0, %param_0)
+}
+
+%fused_gather (param_0.1: f32[10000000], param_1.1: s32[10,1]) -> f32[10] {
+  %param_0.1 = f32[10000000]{0} parameter(0)
+  %view = f32[1000,10000]{1,0} bitcast(%param_0.1)
+  %flat = f32[10000000]{0} bitcast(%view)
+  %param_1.1 = s32[10,1]{1,0} parameter(1)
+  %g = f32[10,1]{1,0} gather(%flat, %param_1.1), slice_sizes={1}
+  ROOT %b = f32[10]{0} bitcast(%g)
+}
+
+%assign (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  ROOT %y = f32[] parameter(1)
+}
+
+%fused_scatter (param_0.2: f32[10000000], param_1.2: s32[10,1], u: f32[10]) -> f32[10000000] {
+  %param_0.2 = f32[10000000]{0} parameter(0)
+  %param_1.2 = s32[10,1]{1,0} parameter(1)
+  %u = f32[10]{0} parameter(2)
+  ROOT %s = f32[10000000]{0} scatter(%param_0.2, %param_1.2, %u), to_apply=%assign
+}
+
+%yes (t: (f32[10000000], s32[10,1])) -> f32[10000000] {
+  %t = (f32[10000000]{0}, s32[10,1]{1,0}) parameter(0)
+  %p.t = f32[10000000]{0} get-tuple-element(%t), index=0
+  ROOT %fusion.t = f32[10000000]{0} fusion(%p.t), kind=kLoop, calls=%fused_double
+}
+
+%no (f: (f32[10000000], s32[10,1])) -> f32[10000000] {
+  %f = (f32[10000000]{0}, s32[10,1]{1,0}) parameter(0)
+  %p.f = f32[10000000]{0} get-tuple-element(%f), index=0
+  %i.f = s32[10,1]{1,0} get-tuple-element(%f), index=1
+  %fusion.g = f32[10]{0} fusion(%p.f, %i.f), kind=kLoop, calls=%fused_gather
+  ROOT %fusion.s = f32[10000000]{0} fusion(%p.f, %i.f, %fusion.g), kind=kInput, calls=%fused_scatter
+}
+
+ENTRY %main (p: f32[10000000], i: s32[10,1], c: pred[]) -> f32[10000000] {
+  %p = f32[10000000]{0} parameter(0)
+  %i = s32[10,1]{1,0} parameter(1)
+  %c = pred[] parameter(2)
+  %a = (f32[10000000]{0}, s32[10,1]{1,0}) tuple(%p, %i)
+  ROOT %cond = f32[10000000] conditional(%c, %a, %a), true_computation=%yes, false_computation=%no
+}
+"""
+
+
+def test_a_conditional_counts_its_cheapest_branch_and_gathers_and_scatters_count_sectors():
+    ks = gpu_model.kernels(COND_HLO)
+    assert [k.name for k in ks] == ["cond", "fusion.g", "fusion.s"]
+    assert ks[0].bytes == 1  # the predicate, sent to the host
+    # 10 gathered entries: a 32-byte sector each, not the 40 MB of p; plus indices and result.
+    assert ks[1].bytes == 10 * 32 + 10 * 4 + 10 * 4
+    # In place: nothing of the buffer read; 10 sectors written; indices and updates read.
+    assert ks[2].bytes == 10 * 4 + 10 * 4 + 10 * 32
+    assert gpu_model.conditionals(COND_HLO) == 1
+    # The branch list of the other spelling (`branch_computations`) is read the same way.
+    listed = COND_HLO.replace(
+        "true_computation=%yes, false_computation=%no",
+        "branch_computations={%yes, %no}",
+    )
+    assert gpu_model.kernels(listed) == ks
+
+
 def test_custom_call_workspace_is_not_counted():
     text = HLO.replace("s8[8388608]", "u8[8388608]")
     assert gpu_model.kernels(text)[1].bytes == 2 * 1000 * 256 * 4 + 1000 * 1000 * 4
