@@ -41,9 +41,9 @@ from jax import lax
 SELECTIONS = ("auto", "batched", "bracketed")
 # Radix digits of the batched selection: 8 passes over a 32-bit key, 16 bins per histogram.
 DIGIT_BITS = 4
-# Entries per row of the packed layout (fewer when every leaf is smaller); at most 255, so that
-# a row's bin counts fit the 8-bit fields of `_row_histograms`.
-CHUNK = 255
+# Entries per row of the packed layout (fewer when every leaf is smaller); below 2**16, so that
+# a row's bin counts fit the 16-bit fields of `_row_histograms`.
+CHUNK = 4096
 
 
 def ordered_keys(x: jax.Array) -> jax.Array:
@@ -430,6 +430,10 @@ def _refresh_bracketed(keys: jax.Array, old: jax.Array, keep: int, rate) -> jax.
 # The batched selection (accelerators): every leaf in one packed array, radix passes.
 
 
+# `Packing.leaf_sums` sums rows by a one-hot of their leaves when leaves x rows is at most this.
+_ONE_HOT_MAX = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class Packing:
     """How the leaves sit in one `[groups, total_rows, chunk]` array.
@@ -552,14 +556,33 @@ class Packing:
         return index, index >= 0
 
     def leaf_sums(self, per_row: jax.Array) -> jax.Array:
-        """`[groups, rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows and groups.
+        """`[groups, rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows and groups."""
+        return self.column_sums([per_row[..., j] for j in range(per_row.shape[-1])])
 
-        A leaf's rows are contiguous: a running sum over the rows (a CUB scan on GPUs), read at
-        the leaves' boundaries, then summed over the groups (an all-reduce where the groups are
-        sharded). Exact in int32. (An int32 matmul with a one-hot of the rows' leaves would do
-        too, but XLA's GPU backend has no fast integer matmul; a scatter-add would do too, but
-        contends on a few addresses.)
+    def column_sums(self, columns: Sequence[jax.Array]) -> jax.Array:
+        """`k` int32 `[groups, rows]` columns -> `[leaves, k]`: each summed over every leaf's
+        rows and groups.
+
+        With few rows (leaves x rows at most `_ONE_HOT_MAX`) one reduction over a static one-hot
+        of the rows' leaves gives every sum (one kernel, the columns computed inside it). Else a
+        leaf's rows being contiguous, a running sum over the rows (a CUB scan on GPUs) is read
+        at the leaves' boundaries. Then the groups are summed (an all-reduce where they are
+        sharded). Exact in int32. (XLA's GPU backend has no fast integer matmul; a scatter-add
+        would contend on a few addresses.)
         """
+        if len(self.rows) * self.total_rows <= _ONE_HOT_MAX:
+            row = np.arange(self.total_rows)
+            starts = np.asarray(self.starts)[:, None]
+            inside = jnp.asarray((row >= starts) & (row < starts + np.asarray(self.rows)[:, None]))
+            zero = jnp.int32(0)
+            sums = lax.reduce(
+                tuple(jnp.where(inside[None], c[:, None, :], zero) for c in columns),
+                (zero,) * len(columns),
+                lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+                (0, 2),
+            )
+            return jnp.stack(sums, axis=-1)
+        per_row = jnp.stack(columns, axis=-1)
         through = jnp.cumsum(per_row, axis=1)
         through = jnp.concatenate([jnp.zeros_like(through[:, :1]), through], axis=1)
         ends = np.cumsum(self.rows, dtype=np.int64)
@@ -577,15 +600,16 @@ def _per_entry(values: jax.Array, row_leaf: jax.Array, sides: jax.Array | None) 
 
 # Bin counts are summed four to a uint32 word, 8 bits each: a row of at most 255 entries cannot
 # carry from one count into the next.
-_FIELD_BITS = 8
+_FIELD_BITS = 16
 _PER_WORD = 32 // _FIELD_BITS
 
 
-def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> jax.Array:
-    """int32 `[..., rows, n_bins]`: per packed row, how many candidates fall in each bin.
+def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> list[jax.Array]:
+    """Per bin, int32 `[..., rows]`: per packed row, how many candidates fall in the bin.
 
-    Each entry adds `1 << (8 * (bin % 4))` to the word `bin // 4` of its row, so one pass over
-    the row fills four bins per word (a one-hot sum would read every entry once per bin).
+    Each entry adds `1 << (16 * (bin % 2))` to the word `bin // 2` of its row, so one pass over
+    the row fills two bins per word (a one-hot sum would read every entry once per bin). The
+    counts are taken out of the words where they are used (`Packing.column_sums`).
     """
     # Unsigned shifts and masks: bins are never negative, and signed `//` and `%` would add
     # sign fix-ups to every entry.
@@ -603,10 +627,13 @@ def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> jax.A
         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
         (one.ndim - 1,),
     )
-    words = jnp.stack(words, axis=-1)
-    fields = jnp.arange(_PER_WORD, dtype=jnp.uint32) * _FIELD_BITS
-    counts = (words[..., None] >> fields) & jnp.uint32((1 << _FIELD_BITS) - 1)
-    return counts.reshape(*words.shape[:-1], -1)[..., :n_bins].astype(jnp.int32)
+    low = jnp.uint32((1 << _FIELD_BITS) - 1)
+    return [
+        ((words[b // _PER_WORD] >> jnp.uint32(_FIELD_BITS * (b % _PER_WORD))) & low).astype(
+            jnp.int32
+        )
+        for b in range(n_bins)
+    ]
 
 
 def _radix_select(
@@ -651,8 +678,8 @@ def _radix_select(
         )
         if sides is not None:
             digit = digit + base * sides.astype(jnp.int32)
-        per_row = _row_histograms(digit, candidate, n_sides * base)
-        hist = packing.leaf_sums(per_row).reshape(leaves, n_sides, base)
+        columns = _row_histograms(digit, candidate, n_sides * base)
+        hist = packing.column_sums(columns).reshape(leaves, n_sides, base)
         # at_least[..., d]: candidates whose digit is >= d.
         at_least = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
         if i == 0:

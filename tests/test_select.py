@@ -164,7 +164,8 @@ def test_the_restricted_refresh_selects_the_same_swaps_compacted_or_over_every_e
     shapes, budget = STRUCTURES["mixed"]
     keep = [int(np.prod(shape)) - budget[k] for k, shape in shapes.items()]
     layout = select.Layout((None,) * len(shapes), groups)
-    entries = groups * select.Packing.of(list(shapes.values()), None, groups).total_rows * 255
+    packing = select.Packing.of(list(shapes.values()), None, groups)
+    entries = groups * packing.total_rows * packing.chunk
     cases = []
     for tied in (0.0, 1.0):  # distinct scores; every leaf drawn from the pool of ties
         scores = _draw_scores(rng, shapes, tied)
