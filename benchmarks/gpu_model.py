@@ -7,11 +7,13 @@ model turns that into a time per step:
 
   every kernel (fusion, custom call: cuBLAS/cuDNN/CUB, copy, or any other op left unfused at
   the top level, inside called computations too) moves the bytes of its operands plus its
-  outputs (an operand that the kernel only slices counts at the size it reads; the scratch
-  workspace of a custom call is not counted) and takes `max(bytes / 3.0e12 B/s, 3 us)`.
+  outputs (an operand that the kernel only slices counts at the size it reads, a gathered
+  entry one 32-byte sector; a scatter updates its buffer in place, a sector per update; the
+  scratch workspace of a custom call is not counted) and takes `max(bytes / 3.0e12 B/s, 3 us)`;
+  a conditional is one launch plus its cheapest branch (rows marked `(cond)`).
 
-That model predicted ResNet-50's fp32 batch-256 dense training step at 65.0 ms (measured on an
-H200: 65 ms) and its search step without the mask refresh at 64.6 ms (measured: 64 ms). The
+That model predicted ResNet-50's fp32 batch-256 dense training step at 64.97 ms (measured on
+an H200: 65 ms) and its search step without the mask refresh at 64.16 ms (measured: 64 ms). The
 optimistic variant (4.0e12 B/s, 1.5 us) is a lower bound. Only ratios measured in one run
 (search / dense) are meant to be compared: the model ignores compute-bound kernels' FLOPs.
 
