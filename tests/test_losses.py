@@ -383,7 +383,9 @@ def test_the_search_step_gives_kl_to_dense_the_unmasked_models_outputs():
         b, mb = jax.jit(partial(search_step, loss_fn=given_dense, **kw))(b, params, batch)
         np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
         assert float(ma["loss"]) > 1e-3
-        jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a.scores, b.scores)
+        # Two programs that fuse the loss differently, at a learning rate of 50: last-bit
+        # differences grow to a few parts in a million by step 3 on an AVX-512 EPYC.
+        jax.tree.map(partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6), a.scores, b.scores)
         jax.tree.map(np.testing.assert_array_equal, a.masks, b.masks)
 
     nothing = jax.tree.map(
