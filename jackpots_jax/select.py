@@ -430,7 +430,7 @@ def _refresh_bracketed(keys: jax.Array, old: jax.Array, keep: int, rate) -> jax.
 # The batched selection (accelerators): every leaf in one packed array, radix passes.
 
 
-# `Packing.leaf_sums` sums rows by a one-hot of their leaves when leaves x rows is at most this.
+# `Packing.column_sums` sums rows by a one-hot of their leaves when leaves x rows is at most this.
 _ONE_HOT_MAX = 1 << 20
 
 
@@ -598,8 +598,8 @@ def _per_entry(values: jax.Array, row_leaf: jax.Array, sides: jax.Array | None) 
     return jnp.where(sides, per_row[:, 1:2], per_row[:, 0:1])
 
 
-# Bin counts are summed four to a uint32 word, 8 bits each: a row of at most 255 entries cannot
-# carry from one count into the next.
+# Bin counts are summed two to a uint32 word, 16 bits each: a row of at most `CHUNK` entries
+# cannot carry from one count into the next.
 _FIELD_BITS = 16
 _PER_WORD = 32 // _FIELD_BITS
 
