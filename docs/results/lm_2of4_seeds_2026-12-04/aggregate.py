@@ -25,7 +25,9 @@ def main(workdirs):
         gaps.append({k: (best - v["loss"]) / (best - dense) for k, v in rows.items()})
     print(f"{len(runs)} seeds: " + ", ".join(workdirs))
     print()
-    print("| row | perplexity, mean +- sd | per seed | mean NLL, mean +- sd | gap closed, per seed |")
+    print(
+        "| row | perplexity, mean +- sd | per seed | mean NLL, mean +- sd | gap closed, per seed |"
+    )
     print("|---|---:|---|---:|---|")
     for name in names:
         ppl = np.array([rows[name]["perplexity"] for rows in by_seed])
