@@ -434,6 +434,20 @@ def _refresh_bracketed(keys: jax.Array, old: jax.Array, keep: int, rate) -> jax.
 _ONE_HOT_MAX = 1 << 20
 
 
+def _sums(xs: Sequence[jax.Array], dims: Sequence[int]) -> tuple[jax.Array, ...]:
+    """Each array of `xs` summed over `dims`, in one variadic reduction: a single kernel reads
+    every entry once and fills every sum (XLA does not fuse separate sums into one kernel every
+    time)."""
+    ndim = xs[0].ndim
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return lax.reduce(
+        tuple(xs),
+        zeros,
+        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+        tuple(d % ndim for d in dims),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Packing:
     """How the leaves sit in one `[groups, total_rows, chunk]` array.
@@ -575,13 +589,8 @@ class Packing:
             starts = np.asarray(self.starts)[:, None]
             inside = jnp.asarray((row >= starts) & (row < starts + np.asarray(self.rows)[:, None]))
             zero = jnp.int32(0)
-            sums = lax.reduce(
-                tuple(jnp.where(inside[None], c[:, None, :], zero) for c in columns),
-                (zero,) * len(columns),
-                lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-                (0, 2),
-            )
-            return jnp.stack(sums, axis=-1)
+            picked = [jnp.where(inside[None], c[:, None, :], zero) for c in columns]
+            return jnp.stack(_sums(picked, (0, 2)), axis=-1)
         per_row = jnp.stack(columns, axis=-1)
         through = jnp.cumsum(per_row, axis=1)
         through = jnp.concatenate([jnp.zeros_like(through[:, :1]), through], axis=1)
@@ -618,15 +627,8 @@ def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> list[
     field = (bins & jnp.uint32(_PER_WORD - 1)) * jnp.uint32(_FIELD_BITS)
     one = jnp.where(candidate, jnp.uint32(1) << field, jnp.uint32(0))
     n_words = -(-n_bins // _PER_WORD)
-    # One variadic reduction: a single kernel reads each entry once and fills every word (XLA
-    # does not fuse separate sums of one input into one kernel every time).
     zero = jnp.uint32(0)
-    words = lax.reduce(
-        tuple(jnp.where(word == jnp.uint32(j), one, zero) for j in range(n_words)),
-        (zero,) * n_words,
-        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-        (one.ndim - 1,),
-    )
+    words = _sums([jnp.where(word == jnp.uint32(j), one, zero) for j in range(n_words)], (-1,))
     low = jnp.uint32((1 << _FIELD_BITS) - 1)
     return [
         ((words[b // _PER_WORD] >> jnp.uint32(_FIELD_BITS * (b % _PER_WORD))) & low).astype(
