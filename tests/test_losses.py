@@ -8,13 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 from test_step import setup
 
 import jackpots_jax as jj
 from jackpots_jax.losses import LossTerms, classification, next_token
 from jackpots_jax.parallel import data_parallel, make_mesh, replicate, shard_batch
 from jackpots_jax.step import create_train_state, eval_step, search_step, train_step
+
+try:  # the PyTorch references only: the rest of this file runs without it
+    import torch
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs PyTorch (pip install torch==2.13.0)")
 
 # ---------------------------------------------------------------------------------------------
 # Classification: the arithmetic of the steps before they took a loss function.
@@ -188,6 +193,7 @@ def hand_weighted_nll(logits, batch):
     return LossTerms(loss=nll, weights=batch["weights"])
 
 
+@needs_torch
 @pytest.mark.parametrize("loss_fn", [next_token(), hand_weighted_nll], ids=["next_token", "hand"])
 def test_weighted_token_loss_gradients_match_pytorch(loss_fn):
     params, batch = lm_params(), lm_batch(4)
@@ -208,6 +214,7 @@ def hand_smoothed(logits, batch, eps=0.2):
     return LossTerms(loss=(1 - eps) * nll - eps * logp.mean(-1))
 
 
+@needs_torch
 @pytest.mark.parametrize(
     "loss_fn", [classification(0.2), hand_smoothed], ids=["classification", "hand"]
 )
@@ -328,6 +335,7 @@ def test_inputs_by_function_and_a_missing_key_is_named():
 # KL to the dense model: PyTorch's kl_div, and the dense outputs the search step adds.
 
 
+@needs_torch
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_kl_to_dense_gradients_match_pytorch(temperature):
     """The weighted mean of per-token KL(p_dense || q_masked) at temperature T (times T**2), its
