@@ -7,9 +7,11 @@ model turns that into a time per step:
 
   every kernel (fusion, custom call: cuBLAS/cuDNN/CUB, copy, or any other op left unfused at
   the top level, inside called computations too) moves the bytes of its operands plus its
-  outputs (an operand that the kernel only slices counts at the size it reads, a gathered
-  entry one 32-byte sector; a scatter updates its buffer in place, a sector per update; the
-  scratch workspace of a custom call is not counted) and takes `max(bytes / 3.0e12 B/s, 3 us)`;
+  outputs (an operand that the kernel only slices counts at the size it reads; a strided
+  sample or a gathered entry, a 32-byte sector each, also through a fused concatenate; a
+  scatter or dynamic-update-slice updates its buffer in place, a sector per scattered entry or
+  the update written; the scratch workspace of a custom call is not counted) and takes
+  `max(bytes / 3.0e12 B/s, 3 us)`;
   a conditional is one launch plus its cheapest branch (rows marked `(cond)`).
 
 That model predicted ResNet-50's fp32 batch-256 dense training step at 64.97 ms (measured on
@@ -103,6 +105,8 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "partition-id", "replica-id", "opt-barrier", "add-dependency", "call", "while",
          "conditional", "async-start", "async-done", "async-update", "domain"}  # fmt: skip
 _SLICES = {"slice", "dynamic-slice"}
+# Ops that update their first operand in place (it is not read).
+_IN_PLACE = {"scatter", "dynamic-update-slice"}
 # Of those, the ones whose called computations run as kernels of their own.
 _CONTROL = {"call", "while", "conditional", "async-start"}
 
@@ -191,14 +195,29 @@ def _elements(shape: str) -> int:
     return math.prod(int(d) for d in arrays[0][1].split(",") if d) if arrays else 0
 
 
+def _slice_bytes(ins: Instr) -> int:
+    """What a slice reads: its entries, or a 32-byte sector per entry where the minor dimension
+    is strided by a sector or more (a strided sample)."""
+    written = array_bytes(ins.shape)
+    m = re.search(r"slice=\{(.*?)\}\s*(?:,|$)", ins.attrs)
+    minor = re.findall(r"\[(\d+):(\d+)(?::(\d+))?\]", m.group(1)) if m else []
+    stride = int(minor[-1][2] or 1) if minor else 1
+    if stride == 1:
+        return written
+    entries = _elements(ins.shape)
+    return entries * min(SECTOR, stride * (written // max(entries, 1)))
+
+
 def _sliced_reads(fused: list[Instr]) -> dict[int, int]:
     """Parameter number -> bytes read, for the parameters that a fusion only slices or gathers
-    from (a gathered entry reads one sector), or only updates in place (a scatter's operand:
+    from (a gathered entry reads one sector, whether the parameter is gathered from directly or
+    through a concatenate fused into the gather), or only updates in place (a scatter's operand:
     nothing read)."""
     users: dict[str, list[Instr]] = {}
     for ins in fused:
         for op in ins.operands:
             users.setdefault(op, []).append(ins)
+    by_name = {ins.name: ins for ins in fused}
 
     def through_views(name: str) -> list[tuple[str, Instr]]:
         """(what it uses, user) pairs of an instruction, looking through bitcasts."""
@@ -207,28 +226,47 @@ def _sliced_reads(fused: list[Instr]) -> dict[int, int]:
             out += through_views(u.name) if u.opcode == "bitcast" else [(name, u)]
         return out
 
+    def gathered_from(name: str) -> bool:
+        pairs = through_views(name)
+        return bool(pairs) and all(u.opcode == "gather" and u.operands[0] == v for v, u in pairs)
+
     out = {}
     for ins in fused:
         pairs = through_views(ins.name)
         used = [u for _, u in pairs]
-        if ins.opcode != "parameter" or not used or any(u.operands[0] != v for v, u in pairs):
+        if ins.opcode != "parameter" or not used:
+            continue
+        if len(used) == 1 and used[0].opcode == "concatenate" and gathered_from(used[0].name):
+            # A gather of a fused concatenate reads a sector per entry, shared by its inputs.
+            cat = used[0]
+            sizes = [array_bytes(by_name[o].shape) if o in by_name else 0 for o in cat.operands]
+            entries = sum(_elements(u.shape) for _, u in through_views(cat.name))
+            share = array_bytes(ins.shape) / max(sum(sizes), 1)
+            out[int(ins.args)] = round(min(sum(sizes), SECTOR * entries) * share)
+            continue
+        if any(u.operands[0] != v for v, u in pairs):
             continue
         if all(u.opcode in _SLICES for u in used):
-            out[int(ins.args)] = sum(array_bytes(u.shape) for u in used)
+            out[int(ins.args)] = sum(_slice_bytes(u) for u in used)
         elif all(u.opcode == "gather" for u in used):
-            out[int(ins.args)] = sum(_gathered_bytes(ins.shape, _elements(u.shape)) for u in used)
-        elif all(u.opcode == "scatter" for u in used):
+            out[int(ins.args)] = sum(
+                _gathered_bytes(ins.shape, _elements(u.shape), _gather_run(u)) for u in used
+            )
+        elif all(u.opcode in _IN_PLACE for u in used):
             out[int(ins.args)] = 0
     return out
 
 
 def _scattered_writes(fused: list[Instr], written: int) -> int:
-    """A fusion whose result is a scatter writes one sector per update, at most its output."""
+    """A fusion whose result is a scatter writes one sector per update, at most its output; one
+    whose result is a dynamic-update-slice writes the update."""
     root = next((ins for ins in fused if ins.root), None)
+    shapes = {ins.name: ins.shape for ins in fused}
+    if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
+        return min(written, array_bytes(shapes.get(root.operands[1], "")))
     if root is None or root.opcode != "scatter" or len(root.operands) < 3:
         return written
-    updates = {ins.name: ins.shape for ins in fused}.get(root.operands[2], "")
-    return min(written, SECTOR * _elements(updates))
+    return min(written, SECTOR * _elements(shapes.get(root.operands[2], "")))
 
 
 @dataclasses.dataclass
@@ -246,10 +284,20 @@ def _branches(ins: Instr) -> list[str]:
     return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs)
 
 
-def _gathered_bytes(gathered: str, elements: int) -> int:
-    """What a gather of `elements` entries reads of an operand: a 32-byte sector per entry, at
-    most the whole operand."""
-    return min(array_bytes(gathered), SECTOR * elements)
+def _gathered_bytes(gathered: str, elements: int, run: int = 1) -> int:
+    """What a gather of `elements` entries reads of an operand: the 32-byte sectors of every
+    contiguous run of `run` entries (one entry per run: a sector each), at most the whole
+    operand."""
+    size = array_bytes(gathered) // max(_elements(gathered), 1)
+    runs = elements // max(run, 1)
+    return min(array_bytes(gathered), runs * SECTOR * -(-run * size // SECTOR))
+
+
+def _gather_run(ins: Instr) -> int:
+    """Entries a gather reads contiguously per index: its slice's minor size."""
+    m = re.search(r"slice_sizes=\{([\d,]*)\}", ins.attrs)
+    sizes = [int(d) for d in m.group(1).split(",") if d] if m else []
+    return sizes[-1] if sizes else 1
 
 
 def kernels(text: str) -> list[Kernel]:
@@ -290,7 +338,9 @@ def kernels(text: str) -> list[Kernel]:
                         read[number] = min(read[number], size)
                 written = _scattered_writes(comps[callees[0]], written)
             elif ins.opcode == "gather" and read:
-                read[0] = _gathered_bytes(shapes.get(ins.operands[0], ""), _elements(ins.shape))
+                read[0] = _gathered_bytes(
+                    shapes.get(ins.operands[0], ""), _elements(ins.shape), _gather_run(ins)
+                )
             elif ins.opcode == "scatter" and len(read) >= 3:
                 read[0] = 0  # updated in place: only the written entries move
                 written = min(written, SECTOR * _elements(shapes.get(ins.operands[2], "")))

@@ -151,6 +151,69 @@ def test_a_conditional_counts_its_cheapest_branch_and_gathers_and_scatters_count
     assert gpu_model.kernels(listed) == ks
 
 
+# A strided sample (every 127th of 127,000 floats), a gather of a fused concatenate of two
+# arrays, a gather of contiguous runs of 32 words, and an update of 1,000 bytes in place.
+READS_HLO = """\
+HloModule jit_h, is_scheduled=true
+
+%fused_sample (param_0: f32[127000]) -> f32[1000] {
+  %param_0 = f32[127000]{0} parameter(0)
+  ROOT %s = f32[1000]{0} slice(%param_0), slice={[0:127000:127]}
+}
+
+%fused_take (param_0.1: f32[4000000], param_1.1: f32[6000000], param_2.1: s32[100,1]) -> f32[100] {
+  %param_0.1 = f32[4000000]{0} parameter(0)
+  %param_1.1 = f32[6000000]{0} parameter(1)
+  %cat = f32[10000000]{0} concatenate(%param_0.1, %param_1.1), dimensions={0}
+  %param_2.1 = s32[100,1]{1,0} parameter(2)
+  %g = f32[100,1]{1,0} gather(%cat, %param_2.1), slice_sizes={1}
+  ROOT %b = f32[100]{0} bitcast(%g)
+}
+
+%fused_block (param_0.2: u32[100000,32], param_1.2: s32[10,1]) -> u32[10,32] {
+  %param_0.2 = u32[100000,32]{1,0} parameter(0)
+  %param_1.2 = s32[10,1]{1,0} parameter(1)
+  ROOT %g.2 = u32[10,32]{1,0} gather(%param_0.2, %param_1.2), slice_sizes={1,32}
+}
+
+%fused_update (param_0.3: u8[1000000], param_1.3: u8[1000], param_2.3: s32[]) -> u8[1000000] {
+  %param_0.3 = u8[1000000]{0} parameter(0)
+  %param_1.3 = u8[1000]{0} parameter(1)
+  %param_2.3 = s32[] parameter(2)
+  ROOT %u = u8[1000000]{0} dynamic-update-slice(%param_0.3, %param_1.3, %param_2.3)
+}
+
+ENTRY %main (x: f32[127000], a: f32[4000000], b: f32[6000000], i: s32[100,1]) -> u8[1000000] {
+  %x = f32[127000]{0} parameter(0)
+  %a = f32[4000000]{0} parameter(1)
+  %b = f32[6000000]{0} parameter(2)
+  %i = s32[100,1]{1,0} parameter(3)
+  %w = u32[100000,32]{1,0} parameter(4)
+  %j = s32[10,1]{1,0} parameter(5)
+  %c = u8[1000000]{0} parameter(6)
+  %v = u8[1000]{0} parameter(7)
+  %o = s32[] parameter(8)
+  %f.sample = f32[1000]{0} fusion(%x), kind=kLoop, calls=%fused_sample
+  %f.take = f32[100]{0} fusion(%a, %b, %i), kind=kLoop, calls=%fused_take
+  %f.block = u32[10,32]{1,0} fusion(%w, %j), kind=kLoop, calls=%fused_block
+  ROOT %f.update = u8[1000000]{0} fusion(%c, %v, %o), kind=kLoop, calls=%fused_update
+}
+"""
+
+
+def test_strided_samples_concatenated_gathers_runs_and_updates_in_place_count_what_they_move():
+    ks = {k.name: k.bytes for k in gpu_model.kernels(READS_HLO)}
+    # 1,000 samples 508 bytes apart: a 32-byte sector each (not 4 bytes, not the 508 KB array).
+    assert ks["f.sample"] == 1000 * 32 + 1000 * 4
+    # 100 entries gathered from the two arrays laid end to end: 100 sectors in all, shared by
+    # the two in proportion to their sizes; plus indices and result.
+    assert ks["f.take"] == round(100 * 32 * 0.4) + round(100 * 32 * 0.6) + 100 * 4 + 100 * 4
+    # 10 runs of 32 contiguous words (128 bytes: four sectors each), indices, result.
+    assert ks["f.block"] == 10 * 4 * 32 + 10 * 4 + 10 * 32 * 4
+    # The buffer is not read; the update is read and written; the offset.
+    assert ks["f.update"] == 1000 + 1000 + 4
+
+
 def test_custom_call_workspace_is_not_counted():
     text = HLO.replace("s8[8388608]", "u8[8388608]")
     assert gpu_model.kernels(text)[1].bytes == 2 * 1000 * 256 * 4 + 1000 * 1000 * 4
