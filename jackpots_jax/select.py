@@ -15,8 +15,15 @@ sort gives. Two implementations compute the same sets bit for bit:
   selected set is exact. (Where a sharded layout splits a leaf along a later dimension, its
   packed order is not its index order, and a second radix select over a tie key that encodes
   the rule does it instead.) The packed result is materialised once before the leaves are
-  sliced out of it. The passes are unrolled: no loop, no conditional, no per-leaf kernel, and
-  every reduction is an array op that XLA can partition.
+  sliced out of it. The passes are unrolled: no loop, no per-leaf kernel, and every reduction
+  is an array op that XLA can partition.
+* On one device the batched top-k (and the restricted refresh's target) first tries about three
+  passes over memory (`_topk_sampled`): a strided sample brackets every leaf's threshold, one
+  pass codes every entry in a byte by where it falls (below, one of 253 bins of the bracket,
+  above), two small radix passes over the codes find the bin that holds each threshold, and the
+  few entries of that bin are compacted and ranked among themselves. When a threshold falls
+  outside its bracket or those entries overflow their slots, one `lax.cond` takes the radix
+  passes above over every entry instead. Same sets either way.
 * `bracketed` (CPU): per leaf, a bisection over the key bits (one counting pass per bit), started
   from bounds that bracket the threshold (from the current masks during a search, or from a
   strided sample of a large leaf, checked by counting); when few keys lie between the bounds the
@@ -31,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,17 +126,47 @@ def compact_indices(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Arra
     rows = jnp.pad(mask, (0, n_words * width - n)).reshape(n_words, width)
     shifts = jnp.arange(width, dtype=jnp.uint32)
     words = jnp.sum(rows.astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32)
-    per_word = lax.population_count(words).astype(jnp.int32)
-    through = jnp.cumsum(per_word)
+    return compact_words(words, n, capacity)
+
+
+# `compact_words` finds a slot's word in two steps: its block of this many words, then the word.
+_BLOCK_WORDS = 32
+
+
+def compact_words(words: jax.Array, n: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """`compact_indices` of a mask of `n` entries given as uint32 words (bit `i` of word `w`:
+    entry `32 w + i`; bits past `n` clear).
+
+    The words' bit counts are summed per block of `_BLOCK_WORDS` words (one pass); each slot
+    finds its block by binary search over the blocks' running count (a small array), reads that
+    block's words (one contiguous read), its word by a count over them, and its bit by a 5-step
+    search on bit counts. No pass over the words but the first.
+    """
+    width = 32
+    n_words = words.shape[0]
+    block = min(_BLOCK_WORDS, max(1, n_words))
+    n_blocks = -(-n_words // block)
+    blocks = jnp.pad(words, (0, n_blocks * block - n_words)).reshape(n_blocks, block)
+    per_block = jnp.sum(lax.population_count(blocks).astype(jnp.int32), axis=1)
+    through = jnp.cumsum(per_block)
     total = through[-1]
     slot = jnp.arange(capacity, dtype=jnp.int32)
-    # The word holding the (slot + 1)-th True entry: the first with `through > slot`.
+    # The block holding the (slot + 1)-th True entry: the first with `through > slot`.
     # Unrolled: a straight run of steps (the default is a loop, and every trip of a loop on a GPU
     # waits on the host).
-    w = jnp.searchsorted(through, slot, side="right", method="scan_unrolled")
-    w = jnp.minimum(w, n_words - 1).astype(jnp.int32)
-    rank = slot - (through[w] - per_word[w])
-    word = words[w]
+    b = jnp.searchsorted(through, slot, side="right", method="scan_unrolled")
+    b = jnp.minimum(b, n_blocks - 1).astype(jnp.int32)
+    rank = slot - (through[b] - per_block[b])
+    mine = blocks[b]  # [capacity, block]
+    counts = lax.population_count(mine).astype(jnp.int32)
+    before = jnp.cumsum(counts, axis=1)  # True entries up to and including each word
+    # The word: the first whose running count passes the rank.
+    w = jnp.minimum(jnp.sum(before <= rank[:, None], axis=1, dtype=jnp.int32), block - 1)
+    word = jnp.take_along_axis(mine, w[:, None], axis=1)[:, 0]
+    rank = rank - (
+        jnp.take_along_axis(before, w[:, None], axis=1)[:, 0]
+        - lax.population_count(word).astype(jnp.int32)
+    )
     pos = jnp.zeros_like(slot)
     for half in (16, 8, 4, 2, 1):
         low = lax.population_count(
@@ -138,7 +175,7 @@ def compact_indices(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Arra
         go = rank >= low
         pos = pos + jnp.where(go, half, 0)
         rank = rank - jnp.where(go, low, 0)
-    return jnp.where(slot < total, w * width + pos, n), total
+    return jnp.where(slot < total, (b * block + w) * width + pos, n), total
 
 
 def kth_key(
@@ -573,7 +610,7 @@ class Packing:
         """`[groups, rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows and groups."""
         return self.column_sums([per_row[..., j] for j in range(per_row.shape[-1])])
 
-    def column_sums(self, columns: Sequence[jax.Array]) -> jax.Array:
+    def column_sums(self, columns: Sequence[jax.Array], one_hot: bool | None = None) -> jax.Array:
         """`k` int32 `[groups, rows]` columns -> `[leaves, k]`: each summed over every leaf's
         rows and groups.
 
@@ -584,7 +621,9 @@ class Packing:
         sharded). Exact in int32. (XLA's GPU backend has no fast integer matmul; a scatter-add
         would contend on a few addresses.)
         """
-        if len(self.rows) * self.total_rows <= _ONE_HOT_MAX:
+        if one_hot is None:
+            one_hot = len(self.rows) * self.total_rows <= _ONE_HOT_MAX
+        if one_hot:
             row = np.arange(self.total_rows)
             starts = np.asarray(self.starts)[:, None]
             inside = jnp.asarray((row >= starts) & (row < starts + np.asarray(self.rows)[:, None]))
@@ -613,27 +652,38 @@ _FIELD_BITS = 16
 _PER_WORD = 32 // _FIELD_BITS
 
 
-def _row_histograms(bins: jax.Array, candidate: jax.Array, n_bins: int) -> list[jax.Array]:
+def _row_histograms(
+    bins: jax.Array | Sequence[jax.Array],
+    candidate: jax.Array | None,
+    n_bins: int,
+    field_bits: int = _FIELD_BITS,
+) -> list[jax.Array]:
     """Per bin, int32 `[..., rows]`: per packed row, how many candidates fall in the bin.
 
     Each entry adds `1 << (16 * (bin % 2))` to the word `bin // 2` of its row, so one pass over
     the row fills two bins per word (a one-hot sum would read every entry once per bin). The
-    counts are taken out of the words where they are used (`Packing.column_sums`).
+    counts are taken out of the words where they are used (`Packing.column_sums`). `bins` may
+    be several arrays (entries that share an element, e.g. the bytes of a word): all count.
+    With `field_bits=8` four bins share a word (rows of fewer than 256 entries).
     """
-    # Unsigned shifts and masks: bins are never negative, and signed `//` and `%` would add
-    # sign fix-ups to every entry.
-    bins = bins.astype(jnp.uint32)
-    word = bins >> jnp.uint32(_PER_WORD.bit_length() - 1)
-    field = (bins & jnp.uint32(_PER_WORD - 1)) * jnp.uint32(_FIELD_BITS)
-    one = jnp.where(candidate, jnp.uint32(1) << field, jnp.uint32(0))
-    n_words = -(-n_bins // _PER_WORD)
+    per_word = 32 // field_bits
     zero = jnp.uint32(0)
-    words = _sums([jnp.where(word == jnp.uint32(j), one, zero) for j in range(n_words)], (-1,))
-    low = jnp.uint32((1 << _FIELD_BITS) - 1)
+    n_words = -(-n_bins // per_word)
+    parts = [zero] * n_words
+    for x in [bins] if isinstance(bins, jax.Array) else bins:
+        # Unsigned shifts and masks: bins are never negative, and signed `//` and `%` would add
+        # sign fix-ups to every entry.
+        x = x.astype(jnp.uint32)
+        word = x >> jnp.uint32(per_word.bit_length() - 1)
+        field = (x & jnp.uint32(per_word - 1)) * jnp.uint32(field_bits)
+        one = jnp.uint32(1) << field
+        if candidate is not None:
+            one = jnp.where(candidate, one, zero)
+        parts = [p + jnp.where(word == jnp.uint32(j), one, zero) for j, p in enumerate(parts)]
+    words = _sums(parts, (-1,))
+    low = jnp.uint32((1 << field_bits) - 1)
     return [
-        ((words[b // _PER_WORD] >> jnp.uint32(_FIELD_BITS * (b % _PER_WORD))) & low).astype(
-            jnp.int32
-        )
+        ((words[b // per_word] >> jnp.uint32(field_bits * (b % per_word))) & low).astype(jnp.int32)
         for b in range(n_bins)
     ]
 
@@ -872,13 +922,26 @@ def _packing(values: Sequence[jax.Array], layout: Layout | None) -> tuple[Packin
     return Packing.of(shapes, layout.dims, layout.groups), layout.sharding
 
 
+def _sampled_applies(values: Sequence[jax.Array], layout: Layout | None) -> bool:
+    """Whether the batched top-k takes `_topk_sampled`: one device, non-empty float32 leaves."""
+    return (
+        (layout is None or layout.groups == 1)
+        and all(jnp.asarray(v).dtype == jnp.float32 for v in values)
+        and all(np.size(v) > 0 for v in values)
+    )
+
+
 def _topk_batched(
     values: Sequence[jax.Array],
     keep: Sequence[int],
     prefer: Sequence[jax.Array] | None,
     digit_bits: int,
     layout: Layout | None = None,
+    capacity: int | None = None,
 ) -> list[jax.Array]:
+    # One device, float32 leaves: the sampled selection (its fallback is the code below).
+    if _sampled_applies(values, layout):
+        return _topk_sampled(values, keep, prefer, digit_bits, capacity)
     packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
     index, real = packing.indices(row_leaf, sharding)
@@ -891,6 +954,341 @@ def _topk_batched(
         packing, row_leaf, packed, index, real, None, k, digit_bits, prefer=preferred
     )
     return packing.unpack(chosen)
+
+
+# The sampled top-k (one device, float32 keys): every leaf's threshold is bracketed from a strided
+# sample, one pass over all keys bins the bracket, and the exact selection runs on the few
+# entries of the bin that holds each threshold.
+_STRIDE = 127  # the sample's step in a leaf of at least `16 * _STRIDE` entries
+# Bins of a bracket: codes 1 .. 253 (0 below it, 254 above), so `code > cut` is `code >= cut + 1`
+# in bytes for every cut from -1 (keep all) to 254 (keep none).
+_SUB_BINS = 253
+
+
+def _select_in_rows(
+    packing: Packing,
+    row_leaf: jax.Array,
+    parts: Sequence[jax.Array],
+    k: jax.Array,
+    bits: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Per leaf and column of `k`, the `k`-th largest value of the leaf's entries and how many
+    entries of that value to take (`k` less those above it), by 4-bit digits: `bits / 4`
+    passes, each one reduction per column of `k` over the entries (the first shared).
+
+    Every entry counts (padding must be smaller than any real `k`-th value). `parts`: uint32
+    `[1, rows, width]` arrays of values below `2**bits`, several entries per element allowed
+    (e.g. the four bytes of a word); `k`: int32 `[leaves, S]`, each in `[1, entries]`.
+
+    Shaped for XLA's GPU fusion (compiled for an H200): every histogram counts runs of 128
+    entries in 8-bit fields, four bins to a word (with rows of thousands of entries XLA often
+    writes every entry's bin words out before the reduction instead of fusing them into it),
+    and an entry whose higher digits are not its leaf's so far counts nowhere because
+    subtracting the leaf's digits pushes its digit out of the 16 bins (an unsigned wrap below
+    them; a select there also makes XLA write the digits out first).
+    """
+    _, r, width = parts[0].shape
+    run = min(128 // len(parts), width)  # both powers of two
+    parts = [x.reshape(1, r, width // run, run) for x in parts]
+
+    def histogram(digits):
+        columns = _row_histograms(digits, None, 16, field_bits=8)  # per run of 128 entries
+        return packing.column_sums(list(_sums(columns, (-1,))))
+
+    value, take = jnp.zeros_like(k), k
+    for shift in range(bits - 4, -1, -4):
+        digits = [x >> jnp.uint32(shift) for x in parts]
+        if shift == bits - 4:
+            hists = [histogram(digits)] * k.shape[1]
+        else:
+            hists = []
+            for s in range(k.shape[1]):
+                base = (value[:, s].astype(jnp.uint32) << jnp.uint32(4))[row_leaf]
+                hists.append(histogram([d - base[None, :, None, None] for d in digits]))
+        at_least = jnp.cumsum(jnp.stack(hists, 1)[..., ::-1], axis=-1)[..., ::-1]
+        # The largest digit d with at least `take` entries at or above it, and what is left.
+        d = jnp.sum(at_least >= take[..., None], axis=-1, dtype=jnp.int32) - 1
+        padded = jnp.pad(at_least, ((0, 0), (0, 0), (0, 1)))
+        above = jnp.take_along_axis(padded, d[..., None] + 1, axis=-1)[..., 0]
+        value, take = value * 16 + jnp.maximum(d, 0), take - above
+    return value, take
+
+
+# Leaves per kernel where a kernel reads them all at once (XLA fuses at most about 96 operands).
+_RUN_LEAVES = 80
+
+
+def _leaf_runs(leaves: int) -> list[tuple[int, int]]:
+    """`[first, last)` ranges of at most `_RUN_LEAVES` leaves, in order."""
+    return [(i, min(leaves, i + _RUN_LEAVES)) for i in range(0, leaves, _RUN_LEAVES)] or [(0, 0)]
+
+
+def _take_flat(flat: Sequence[jax.Array], source: jax.Array) -> jax.Array:
+    """`jnp.concatenate(flat)[source]` (positions in range), one gather per run of leaves: a
+    gather of a fused concatenate reads only the entries it takes (a sector each)."""
+    first = np.cumsum([0] + [x.shape[0] for x in flat])
+    out = None
+    for a, e in _leaf_runs(len(flat)):
+        lo, hi = int(first[a]), int(first[e])
+        taken = jnp.concatenate(flat[a:e])[jnp.clip(source - lo, 0, max(hi - lo - 1, 0))]
+        out = taken if out is None else jnp.where((source >= lo) & (source < hi), taken, out)
+    return out
+
+
+def _sample_bounds(keys: Sequence[jax.Array], keep: Sequence[int]):
+    """Per leaf, uint32 `(lo, hi)` that bracket its `keep`-th largest key when the leaf's strided
+    sample is representative (checked later by counting).
+
+    Every `_STRIDE`-th entry of a leaf (all of a leaf of fewer than `16 * _STRIDE`) is sampled;
+    `lo` and `hi` are the sample's keys at the ranks four standard deviations (plus two) either
+    side of the leaf's share, to 16 bits: one radix select of both ranks over the high halves
+    of the sampled keys (a whole leaf's bounds are exact to 16 bits).
+    """
+    spans, ranks = [], []
+    for x, k in zip(keys, keep, strict=True):
+        n = x.shape[0]
+        p = min(max(k / max(n, 1), 0.0), 1.0)
+        stride = 1 if n < _STRIDE * 16 else _STRIDE
+        m = -(-n // stride)
+        spread = 0.0 if stride == 1 else 4.0 * math.sqrt(m * p * (1.0 - p)) + 2.0
+        pair = (math.ceil(p * m + spread), math.floor(p * m - spread))
+        spans.append((stride, m))
+        ranks.append([int(min(max(rank, 1), max(m, 1))) for rank in pair])
+    packing = Packing.of([(m,) for _, m in spans], chunk=128)
+    # Where every packed sample entry comes from in the leaves laid end to end: static per row.
+    first = np.cumsum([0] + [x.shape[0] for x in keys])[:-1]
+    base, step, limit = [], [], []
+    for start, (stride, m), rows in zip(first, spans, packing.rows, strict=True):
+        t = np.arange(rows) * packing.chunk
+        base += list(start + stride * t)
+        step += [stride] * rows
+        limit += list(m - t)
+    column = lax.broadcasted_iota(jnp.int32, (packing.total_rows, packing.chunk), 1)
+    source = jnp.asarray(base, jnp.int32)[:, None] + jnp.asarray(step, jnp.int32)[:, None] * column
+    real = column < jnp.asarray(limit, jnp.int32)[:, None]
+    source = jnp.where(real, source, 0)
+    # Each run of leaves gathers its own rows (a gather of a fused concatenate reads only the
+    # entries it takes, a sector each).
+    taken = []
+    for a, e in _leaf_runs(len(keys)):
+        rows = slice(packing.starts[a], packing.starts[e - 1] + packing.rows[e - 1])
+        taken.append(jnp.concatenate(keys[a:e])[source[rows] - int(first[a])])
+    # Padding is 0, below every real key's high half (-inf's is 0x007F).
+    sample = ordered_keys(jnp.concatenate(taken)) >> jnp.uint32(16)
+    sample = jnp.where(real, sample, jnp.uint32(0)).astype(jnp.uint16)
+    # Two entries to a uint32 word, as the codes below are four.
+    pairs = lax.bitcast_convert_type(sample.reshape(1, packing.total_rows, -1, 2), jnp.uint32)
+    parts = [pairs & jnp.uint32(0xFFFF), pairs >> jnp.uint32(16)]
+    k = jnp.asarray(ranks, jnp.int32)
+    prefix, _ = _select_in_rows(packing, packing.row_leaf(), parts, k, 16)
+    prefix = prefix.astype(jnp.uint32) << jnp.uint32(16)
+    return prefix[:, 0], prefix[:, 1] | jnp.uint32(0xFFFF)
+
+
+def _real(packing: Packing, row_leaf: jax.Array) -> jax.Array:
+    """bool `[1, rows, chunk]`: the packed entries that are not padding (one group)."""
+    r, c = packing.total_rows, packing.chunk
+    ends = np.asarray(packing.sizes) + np.asarray(packing.starts) * c
+    in_row = jnp.asarray(ends, jnp.int32)[row_leaf] - lax.iota(jnp.int32, r) * c
+    return lax.broadcasted_iota(jnp.int32, (1, r, c), 2) < in_row[None, :, None]
+
+
+class _Plan(NamedTuple):
+    """The sampled top-k up to its candidates (`_sampled_plan`)."""
+
+    code: jax.Array  # uint8 [1, rows, chunk]: 0 below the bracket or padding, 1-253 in, 254 above
+    cut: jax.Array  # int32 [leaves]: a leaf keeps the entries whose code is above this
+    take: jax.Array  # int32 [leaves]: how many of its candidates (code == cut) it keeps
+    slots: jax.Array  # int32 [capacity]: the candidates' packed positions, in order
+    count: jax.Array  # int32: how many candidates there are (at most `capacity` fit)
+    valid: jax.Array  # bool [leaves]: whether the leaf's threshold lies in its bracket
+
+
+def _sampled_plan(
+    packing: Packing,
+    row_leaf: jax.Array,
+    flat: Sequence[jax.Array],
+    keep: Sequence[int],
+    digit_bits: int,
+    capacity: int,
+) -> _Plan:
+    """Steps 1-3 of `_topk_sampled`: the codes, each leaf's bin, its candidates compacted."""
+    lo, hi = _sample_bounds(flat, keep)
+    b = _SUB_BINS
+    r, c = packing.total_rows, packing.chunk
+    # The bracket's bins: equal spans of its keys (a float product: monotone, so every bin is a
+    # run of keys, and cheaper than an integer division).
+    scale = jnp.float32(b) / ((hi - lo).astype(jnp.float32) + 1.0)
+    code = None
+
+    def rows_of(run):
+        first, last = run
+        return slice(packing.starts[first], packing.starts[last - 1] + packing.rows[last - 1])
+
+    # At most `_RUN_LEAVES` leaves per kernel (XLA fuses at most about 90 operands); each run's
+    # codes are written into their rows of one array in place, the run of most rows first (XLA
+    # makes that one a pad, which writes zeros in the other rows).
+    runs = sorted(_leaf_runs(len(flat)), key=lambda run: -(rows_of(run).stop - rows_of(run).start))
+    for first, last in runs:
+        rows = rows_of((first, last))
+        part = Packing.of(packing.shapes[first:last], chunk=c)
+        keys = ordered_keys(part.pack(flat[first:last], 0))
+        leaf = row_leaf[rows][None, :, None]
+        row_lo, row_hi, row_scale = lo[leaf], hi[leaf], scale[leaf]
+        bin_in = jnp.floor((keys - row_lo).astype(jnp.float32) * row_scale).astype(jnp.uint32)
+        inside = jnp.uint32(1) + jnp.minimum(bin_in, jnp.uint32(b - 1))
+        run = jnp.where(keys > row_hi, jnp.uint32(b + 1), jnp.where(keys < row_lo, 0, inside))
+        # Padding (past a leaf's size in its last row) codes 0, as if below: it moves no leaf's
+        # k-th largest code but one below its bracket (k-th largest 0 either way).
+        run = jnp.where(_real(packing, row_leaf)[:, rows], run, jnp.uint32(0)).astype(jnp.uint8)
+        if last - first == len(flat):
+            code = run
+        else:
+            code = jnp.zeros((1, r, c), jnp.uint8) if code is None else code
+            code = lax.dynamic_update_slice(code, run, (0, rows.start, 0))
+    k = jnp.asarray(keep, jnp.int32)
+    # The codes four to a uint32 word (XLA fuses the passes below into reductions over these
+    # words, where byte-wide arrays get their digits written out first).
+    quads = lax.bitcast_convert_type(code.reshape(1, r, c // 4, 4), jnp.uint32)
+    byte = [(quads >> jnp.uint32(8 * j)) & jnp.uint32(255) for j in range(4)]
+    # The code of each leaf's k-th largest key, and how many entries of that code to take.
+    bin_, take = _select_in_rows(packing, row_leaf, byte, jnp.maximum(k, 1)[:, None], 8)
+    bin_, take = bin_[:, 0], take[:, 0]
+    special = jnp.asarray([n in (0, size) for n, size in zip(keep, packing.sizes, strict=True)])
+    # The threshold lies in the bracket when its code is neither 0 (below) nor b + 1 (above).
+    valid = special | ((bin_ >= 1) & (bin_ <= b))
+    # A leaf that keeps all or none has no candidates: its mask is `code > -1` or `code > b + 1`.
+    cut = jnp.where(special, jnp.where(k == 0, b + 1, -1), bin_)
+    pick = jnp.where(special, -1, bin_)
+    # The candidates' bits, 32 to a word (eight words of four codes each).
+    wanted = pick.astype(jnp.uint32)[row_leaf][None, :, None]
+    bits = sum(
+        jnp.where(x == wanted, jnp.uint32(1 << j), jnp.uint32(0)) for j, x in enumerate(byte)
+    )
+    shifts = jnp.uint32(4) * lax.iota(jnp.uint32, 8)
+    words = jnp.sum(bits.reshape(r, c // 32, 8) << shifts, axis=2, dtype=jnp.uint32)
+    slots, count = compact_words(words.reshape(-1), r * c, capacity)
+    return _Plan(code, cut, take, slots, count, valid)
+
+
+def _topk_sampled(
+    values: Sequence[jax.Array],
+    keep: Sequence[int],
+    prefer: Sequence[jax.Array] | None,
+    digit_bits: int,
+    capacity: int | None = None,
+    packed: bool = False,
+    prefer_packed: jax.Array | None = None,
+) -> list[jax.Array] | jax.Array:
+    """`topk` of float32 leaves on one device in about three passes over memory.
+
+    1. A strided sample of every leaf gives bounds that bracket its threshold (`_sample_bounds`).
+    2. One pass over all keys codes every entry by where it falls (below the bracket, one of
+       `_SUB_BINS` equal bins of it, above) in one byte, and counts the codes per row.
+    3. Per leaf, the counts give the bin that holds the `keep`-th key and how many of the bin's
+       entries to take; those entries (the candidates) are compacted into `capacity` slots
+       (default `swap_capacity` of the packed entries).
+    4. The candidates are ranked among themselves (key descending, `prefer` first, lower index),
+       the chosen ones' codes are raised above the bin, and each leaf's mask is `code > bin`.
+    When a threshold falls outside its bracket or the candidates overflow the slots, one
+    `lax.cond` runs the radix selection over every entry instead: the same masks. With `packed`
+    the masks come as one packed bool array (`Packing.of` the leaves' shapes), not per leaf;
+    `prefer_packed` is `prefer` packed so, where the caller has it.
+    """
+    packing = Packing.of([np.shape(v) for v in values])
+    row_leaf = packing.row_leaf()
+    r, c = packing.total_rows, packing.chunk
+    entries = r * c
+    capacity = swap_capacity(entries) if capacity is None else capacity
+    flat = [jnp.ravel(v) for v in values]
+    plan = _sampled_plan(packing, row_leaf, flat, keep, digit_bits, capacity)
+    prefs = None if prefer is None else [jnp.ravel(jnp.asarray(p, bool)) for p in prefer]
+
+    def sampled():
+        valid = plan.slots < entries
+        at = jnp.minimum(plan.slots, entries - 1)
+        leaf_of = row_leaf[at // c]
+        # The candidates' keys (and preferences), read from the leaves.
+        offsets = np.cumsum([0, *packing.sizes])[:-1] - np.asarray(packing.starts) * c
+        source = at + jnp.asarray(offsets, jnp.int32)[leaf_of]
+        key = ordered_keys(_take_flat(flat, source))
+        if prefer_packed is not None:
+            pref = prefer_packed.reshape(-1)[at]
+        elif prefs is not None:
+            pref = _take_flat(prefs, source)
+        else:
+            pref = jnp.zeros_like(valid)
+        leaf = jnp.where(valid, leaf_of, len(keep))
+        slot = lax.iota(jnp.int32, capacity)
+        # Each candidate's rank in its leaf: a count over all pairs (key descending, preferred
+        # first, then slot order, which is index order).
+        tie = (pref[None, :] & ~pref[:, None]) | (
+            (pref[None, :] == pref[:, None]) & (slot[None, :] < slot[:, None])
+        )
+        before = (leaf[None, :] == leaf[:, None]) & (
+            (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & tie)
+        )
+        rank = jnp.sum(before, axis=1, dtype=jnp.int32)
+        quota = jnp.concatenate([plan.take, jnp.zeros((1,), jnp.int32)])[leaf]
+        chosen = jnp.where(valid & (rank < quota), plan.slots, entries)
+        above = jnp.uint8(_SUB_BINS + 1)
+        raised = plan.code.reshape(-1).at[chosen].set(above, mode="drop")
+        raised = raised.reshape(plan.code.shape)
+        if packed:  # padding is never kept, not even by a leaf that keeps all
+            least = (plan.cut + 1).astype(jnp.uint8)[row_leaf][None, :, None]
+            return (raised >= least) & _real(packing, row_leaf)
+        return _unpack_above(packing, raised, plan.cut)
+
+    def radix():
+        index, real = packing.indices(row_leaf)
+        preferred = prefer_packed
+        if preferred is None and prefs is not None:
+            preferred = packing.pack(prefs, False)
+        chosen = _select_batched(
+            packing,
+            row_leaf,
+            ordered_keys(packing.pack(flat, 0)),
+            index,
+            real,
+            None,
+            jnp.asarray(keep, jnp.int32).reshape(-1, 1),
+            digit_bits,
+            prefer=preferred,
+        )
+        return chosen if packed else packing.unpack(chosen)
+
+    return lax.cond(jnp.all(plan.valid) & (plan.count <= capacity), sampled, radix)
+
+
+def sampled_candidates(
+    values: Sequence[jax.Array], keep: Sequence[int], capacity: int | None = None
+) -> tuple[jax.Array, int, jax.Array]:
+    """What the one-device batched top-k of `values` decides among themselves: a diagnostic.
+
+    Returns `(count, capacity, fast)`: how many entries share their leaf's threshold bin (the
+    candidates ranked among themselves), the slots they have (`capacity`, default
+    `swap_capacity` of the packed entries), and whether the top-k takes that path (every
+    threshold in its sampled bracket and the candidates fit); else it takes the radix passes
+    over every entry (same masks, more time). jit-able; float32 leaves.
+    """
+    flat = [jnp.ravel(jnp.asarray(v, jnp.float32)) for v in values]
+    packing = Packing.of([np.shape(v) for v in values])
+    capacity = swap_capacity(packing.total_rows * packing.chunk) if capacity is None else capacity
+    plan = _sampled_plan(packing, packing.row_leaf(), flat, keep, DIGIT_BITS, capacity)
+    return plan.count, capacity, jnp.all(plan.valid) & (plan.count <= capacity)
+
+
+def _unpack_above(packing: Packing, codes: jax.Array, cut: jax.Array) -> list[jax.Array]:
+    """Per leaf, `codes > cut[leaf]` in the leaf's shape: each leaf's slice of the packed codes
+    compared where it is read (one kernel per leaf, a byte read and a bool written per entry)."""
+    # `code > cut` as `code >= cut + 1` in bytes (cut + 1 is in 0 .. 255): a conversion of the
+    # codes would sit between them and the slices.
+    least = (cut + 1).astype(jnp.uint8)
+    out = []
+    for leaf, (s, r) in enumerate(zip(packing.starts, packing.rows, strict=True)):
+        y = codes[:, s : s + r].reshape(packing.groups, r * packing.chunk)[:, : packing.parts[leaf]]
+        out.append(packing._merge(y >= least[leaf], leaf))
+    return out
 
 
 # The restricted refresh's swap selection runs over the compacted proposed swaps when they fit
@@ -980,13 +1378,20 @@ def _refresh_batched(
     packing, sharding = _packing(values, layout)
     row_leaf = packing.row_leaf()
     index, real = packing.indices(row_leaf, sharding)
-    packed = ordered_keys(packing.pack(values, 0, sharding))
     was = packing.pack([jnp.asarray(m, bool) for m in old], False, sharding)
     k = jnp.asarray(keep, jnp.int32).reshape(-1, 1)
-    # The exact top-k with ties to the entries kept now: the refresh at rate 1.
-    target = _select_batched(
-        packing, row_leaf, packed, index, real, None, k, digit_bits, prefer=was
-    )
+    # The packed keys, for the swaps below. (Packed out here, not inside the conditional from the
+    # leaves: as a conditional's operands, the leaves got their own layout copies in a search
+    # step compiled for an H200, 48 kernels instead of 10 for ResNet-32.)
+    packed = ordered_keys(packing.pack(values, 0, sharding))
+    # The exact top-k with ties to the entries kept now: the refresh at rate 1 (on one device the
+    # sampled top-k).
+    if _sampled_applies(values, layout):
+        target = _topk_sampled(values, keep, old, digit_bits, packed=True, prefer_packed=was)
+    else:
+        target = _select_batched(
+            packing, row_leaf, packed, index, real, None, k, digit_bits, prefer=was
+        )
     revive = target & ~was
     remove = was & ~target
     proposed = packing.leaf_sums(jnp.sum(revive, axis=-1, dtype=jnp.int32)[..., None])
@@ -1064,6 +1469,7 @@ def topk(
     selection: str = "auto",
     digit_bits: int = DIGIT_BITS,
     layout: Layout | None = None,
+    capacity: int | None = None,
 ) -> list[jax.Array]:
     """Per leaf, the exact top `keep[l]` of `values[l]` as a bool mask of its shape.
 
@@ -1076,9 +1482,15 @@ def topk(
       keep: static ints in `[0, size]`.
       prefer: optional bool arrays (one per leaf, of its shape) that win ties.
       selection: `'auto'`, `'batched'` or `'bracketed'` (same result).
-      digit_bits: radix digit width of the batched selection (1, 2, 4 or 8).
+      digit_bits: radix digit width of the batched selection's passes over every entry (1, 2,
+        4 or 8; the sampled one-device selection's passes over its sample and codes use 4).
       layout: how the batched selection splits the leaves over devices (`Layout`); the result
         does not depend on it.
+      capacity: the batched selection's slots for the entries it decides among themselves
+        (static; default `swap_capacity` of the packed entries): on one device it brackets each
+        leaf's threshold from a sample and ranks the entries of the bin that holds it; when
+        they do not fit (or a threshold falls outside its bracket) it takes the radix passes
+        over every entry instead. Same result.
     """
     if not values:
         return []
@@ -1091,7 +1503,7 @@ def topk(
             ).reshape(np.shape(x))
             for x, n, p in zip(leaves, keep, prefs, strict=True)
         ]
-    return _topk_batched(leaves, keep, prefer, digit_bits, layout)
+    return _topk_batched(leaves, keep, prefer, digit_bits, layout, capacity)
 
 
 def refresh(

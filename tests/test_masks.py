@@ -293,7 +293,10 @@ def test_compact_indices_are_the_true_positions_in_order():
     from jackpots_jax.masks import compact_indices
 
     rng = np.random.default_rng(0)
-    for n, density, capacity in [(1, 1.0, 1), (33, 0.5, 40), (5000, 0.01, 100), (5000, 0.3, 100)]:
+    # Down to single entries and up to thousands of words in hundreds of blocks of 32 words.
+    cases = [(1, 1.0, 1), (33, 0.5, 40), (5000, 0.01, 100), (5000, 0.3, 100)]
+    cases += [(100_000, 0.003, 400), (40_000, 0.97, 2000), (1025, 1.0, 1025)]
+    for n, density, capacity in cases:
         mask = rng.random(n) < density
         index, total = jax.jit(compact_indices, static_argnums=1)(jnp.asarray(mask), capacity)
         where = np.flatnonzero(mask)

@@ -154,6 +154,72 @@ def test_large_leaves_with_long_tie_runs():
             np.testing.assert_array_equal(np.asarray(refreshed[k]), expected, k)
 
 
+def _sampled_case(kind, rng):
+    """Leaves of the sampled top-k (strided samples from 2,032 entries on) and what they keep."""
+    scores = {
+        "a": rng.standard_normal(3000).astype(np.float32),
+        "b": (rng.standard_normal((64, 80)) * 1e-3).astype(np.float32),
+        "c": rng.standard_normal(20_000).astype(np.float32),
+        "d": rng.standard_normal(700).astype(np.float32),  # its own sample
+    }
+    if kind == "ties":  # 200 levels: about a hundred ties in the threshold's bin
+        scores["c"] = rng.integers(0, 200, 20_000).astype(np.float32)
+    if kind == "all tied":  # every entry of a large leaf in one bin: more than the slots
+        scores["c"] = np.full(20_000, 0.25, np.float32)
+    if kind == "misleading sample":  # every sampled entry (0, 127, 254, ...) is the largest
+        c = rng.standard_normal(20_000).astype(np.float32)
+        c[::127] = 1e6
+        scores["c"] = c
+    keep = {"a": 1500, "b": 4000, "c": 2000, "d": 0}
+    return scores, keep
+
+
+@pytest.mark.parametrize(
+    "kind, capacity, sampled",
+    [
+        ("normal", None, True),
+        ("ties", None, True),
+        ("normal", 1, False),  # more candidates than slots
+        ("all tied", None, False),
+        ("misleading sample", None, False),  # the threshold lies outside its bracket
+    ],
+)
+def test_the_sampled_topk_decides_among_its_candidates_or_falls_back_with_the_same_masks(
+    kind, capacity, sampled
+):
+    """The one-device batched top-k brackets every threshold from a strided sample and ranks
+    only the entries of the bin that holds it; when they overflow the slots or the bracket
+    misses, it runs the radix passes over every entry. Both against numpy, with and without
+    preferred entries (the tie rule), and which path ran is checked from the plan itself."""
+    rng = np.random.default_rng(len(kind))
+    scores, keep = _sampled_case(kind, rng)
+    values = list(scores.values())
+    counts = list(keep.values())
+    prefer = [rng.random(v.shape) < 0.5 for v in values]
+    packing = select.Packing.of([v.shape for v in values])
+    slots = capacity or select.swap_capacity(packing.total_rows * packing.chunk)
+    plan = jax.jit(
+        lambda vs: select._sampled_plan(
+            packing, packing.row_leaf(), [v.ravel() for v in vs], counts, 4, slots
+        )
+    )(values)
+    assert bool(jnp.all(plan.valid) & (plan.count <= slots)) == sampled, (plan.count, slots)
+    if kind == "ties":  # the fast path decides ties: many in the threshold's bin
+        assert int(plan.count) >= 50
+    fn = jax.jit(
+        lambda vs, ps: (
+            select.topk(vs, counts, selection="batched", capacity=capacity),
+            select.topk(vs, counts, ps, selection="batched", capacity=capacity),
+        )
+    )
+    plain, preferred = fn(values, prefer)
+    for i, (v, n) in enumerate(zip(values, counts, strict=True)):
+        np.testing.assert_array_equal(np.asarray(plain[i]), topk_mask(v, n), f"{kind} {i}")
+        np.testing.assert_array_equal(
+            np.asarray(preferred[i]), topk_mask(v, n, prefer[i]), f"{kind} {i} preferred"
+        )
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_the_restricted_refresh_selects_the_same_swaps_compacted_or_over_every_entry(groups):
     """The batched refresh's two paths against brute force: the proposed swaps compacted into
@@ -370,9 +436,10 @@ def _loops_and_conditionals(n_leaves, selection):
 
 def test_the_batched_refresh_has_no_per_leaf_loops_or_conditionals():
     """A structural guard: 64 leaves compile to as many loops and conditionals as 8 leaves: no
-    loop, and one conditional (the compacted swaps or, when they overflow, every entry)."""
+    loop, and two conditionals (the top-k among its sampled candidates or over every entry; the
+    compacted swaps or, when they overflow, every entry)."""
     assert _loops_and_conditionals(64, "batched") == _loops_and_conditionals(8, "batched")
-    assert _loops_and_conditionals(64, "batched") == (0, 1)
+    assert _loops_and_conditionals(64, "batched") == (0, 2)
     # The guard can fail: the per-leaf path grows with the leaves.
     few, many = _loops_and_conditionals(2, "bracketed"), _loops_and_conditionals(6, "bracketed")
     assert sum(many) > sum(few) > 0
