@@ -43,6 +43,10 @@ import jackpots_jax.select
 SPARSITY = 0.9
 
 
+# Lines about the batched top-k's candidates, printed after the table.
+CANDIDATES: list[str] = []
+
+
 def kept(n: int) -> int:
     """Entries kept in a leaf of `n` at 90% sparsity (at least one)."""
     return max(1, n - int(n * SPARSITY))
@@ -162,6 +166,15 @@ def bench_set(
         (label, "jnp.sort per leaf", t_sort, None, None, "ref" if counts_ok else "ref (ties!)"),
         (label, "lax.top_k per leaf", t_topk, None, None, same(m_topk, m_sort)),
     ]
+    if "batched" in selections:
+        # The one-device batched top-k ranks the entries of each threshold's sampled bin among
+        # themselves when they fit its slots (else it takes the passes over every entry).
+        names = list(scores)
+        count, slots, fast = jax.jit(
+            lambda s: jj.select.sampled_candidates([s[n] for n in names], [ks[n] for n in names])
+        )(scores)
+        CANDIDATES.append(f"{label}: {int(count):,} candidates in {slots:,} slots, "
+                          f"{'ranked among themselves' if fast else 'fallback'}")  # fmt: skip
     if len(shapes) > 1:
         one_sort = jax.jit(lambda s: concat_sort_mask(s, ks))
         t_one, m_one = time_call(one_sort, scores, repeats=repeats)
@@ -280,6 +293,8 @@ def main() -> None:
         n, ctx, base = largest
         rows += bench_refresh(size_label(n), ctx, base, args.repeats, args.seed, sel)
     print_table(rows)
+    for line in CANDIDATES:
+        print(f"sampled top-k, {line}")
     print(f"total wall time {time.perf_counter() - start:.1f} s")
 
 
