@@ -7,7 +7,8 @@ what the script itself checked: `topk.py` compares every mask it times with a so
 `memory.py` runs one real step at the widths it found; `lm_memory.py`'s sizes are compared
 in-process with what placed arrays hold.
 (`gpu_model.py` has its own test, `test_gpu_model.py`; `input_pipeline.py` and
-`vit_fmnist_recipe.py` read the whole Fashion-MNIST and are left to be run by hand;
+`vit_fmnist_recipe.py` read the whole Fashion-MNIST and `refresh_ab.py` times the ResNet-50 set
+in two package trees: they are left to be run by hand;
 `sparse_speed.py` needs PyTorch with CUDA.)
 """
 
@@ -47,11 +48,16 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 
 
 def test_topk_masks_equal_sort_based_masks():
-    out = run_benchmark("topk.py", "--quick", "--repeats", "1")
+    out = run_benchmark(
+        "topk.py", "--quick", "--repeats", "1", "--selections", "batched", "bracketed"
+    )
     rows = [line for line in out.splitlines() if "jj.topk_masks" in line or "refresh" in line]
-    assert rows, out
+    assert len(rows) == 2 * 2 + 2 * 2, out  # (two sizes + the larger's two rates) x two selections
     # The last column, "masks identical", is `yes` for every method timed.
     assert all(line.split()[-1] == "yes" for line in rows), out
+    # The batched top-k ranked its candidates among themselves (no fallback) at both sizes.
+    sampled = [line for line in out.splitlines() if line.startswith("sampled top-k")]
+    assert len(sampled) == 2 and all("ranked among themselves" in line for line in sampled), out
 
 
 def test_step_benchmark_prints_a_ratio_per_variant():
