@@ -24,7 +24,7 @@ printed: the machine may be shared.
 Run:
   python benchmarks/step.py               # resnet32_w2 (batch 64) and fmnist_cnn (batch 128), CPU
   python benchmarks/step.py --quick       # 2 steps x 2 rounds, 2 warm-up steps
-  python benchmarks/step.py --models resnet50 resnet32_w2 --batch 256 --dtype float32 bfloat16 \
+  python benchmarks/step.py --models resnet50 resnet32_w2 --batch 256 --dtype float32 \
       --rate 1 0.5 --selections batched            # what benchmarks/gpu.sh runs on a GPU
 """
 
