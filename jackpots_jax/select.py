@@ -109,7 +109,9 @@ def _count(mask: jax.Array) -> jax.Array:
     return sum(counts[1:], counts[0])
 
 
-def compact_indices(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+def compact_indices(
+    mask: jax.Array, capacity: int, block: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The flat indices of the first `capacity` True entries of `mask`, in increasing order.
 
     No sort and no scan over the entries: the mask is packed into 32-bit words (one pass), the
@@ -126,14 +128,16 @@ def compact_indices(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Arra
     rows = jnp.pad(mask, (0, n_words * width - n)).reshape(n_words, width)
     shifts = jnp.arange(width, dtype=jnp.uint32)
     words = jnp.sum(rows.astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32)
-    return compact_words(words, n, capacity)
+    return compact_words(words, n, capacity, block)
 
 
 # `compact_words` finds a slot's word in two steps: its block of this many words, then the word.
 _BLOCK_WORDS = 32
 
 
-def compact_words(words: jax.Array, n: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+def compact_words(
+    words: jax.Array, n: int, capacity: int, block: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """`compact_indices` of a mask of `n` entries given as uint32 words (bit `i` of word `w`:
     entry `32 w + i`; bits past `n` clear).
 
@@ -141,10 +145,12 @@ def compact_words(words: jax.Array, n: int, capacity: int) -> tuple[jax.Array, j
     finds its block by binary search over the blocks' running count (a small array), reads that
     block's words (one contiguous read), its word by a count over them, and its bit by a 5-step
     search on bit counts. No pass over the words but the first.
+    `block` words per block (default `_BLOCK_WORDS`); 1 where the words are a batch sharded
+    across devices (there a block read is gathered across them, a word is not).
     """
     width = 32
     n_words = words.shape[0]
-    block = min(_BLOCK_WORDS, max(1, n_words))
+    block = min(_BLOCK_WORDS if block is None else block, max(1, n_words))
     n_blocks = -(-n_words // block)
     blocks = jnp.pad(words, (0, n_blocks * block - n_words)).reshape(n_blocks, block)
     per_block = jnp.sum(lax.population_count(blocks).astype(jnp.int32), axis=1)
@@ -1417,7 +1423,7 @@ def _refresh_batched(
         capacity = swap_capacity(g * r * c)
     per_group = max(1, -(-capacity // g))
     # Each group compacts its own proposed swaps (where it lives, when sharded).
-    slots, count = jax.vmap(lambda m: compact_indices(m, per_group))(
+    slots, count = jax.vmap(lambda m: compact_indices(m, per_group, None if g == 1 else 1))(
         (revive | remove).reshape(g, -1)
     )
 

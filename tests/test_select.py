@@ -416,8 +416,13 @@ def test_sharded_scores_give_the_single_device_masks(dims):
                     or (kind == "all-gather" and n == -(-slots // 4) * 4)
                     for kind, n in collectives
                 ), collectives
-                # the all-reduces are histograms: a few bins per leaf
-                assert max(n for kind, n in collectives if kind == "all-reduce") <= 3 * 32
+                # The all-reduces are histograms: a few bins per leaf. (On a CPU also the counts
+                # of the swaps' pairwise ranking, one block of 128 slots at a time: the slots
+                # are the all-gathered ones above, `select._rank_among`.)
+                block = 128 if jax.default_backend() == "cpu" else 0
+                assert max(n for kind, n in collectives if kind == "all-reduce") <= max(
+                    3 * 32, block
+                )
 
 
 def _loops_and_conditionals(n_leaves, selection):
