@@ -616,7 +616,7 @@ class Packing:
         """`[groups, rows, k]` int32 -> `[leaves, k]`: the sum over each leaf's rows and groups."""
         return self.column_sums([per_row[..., j] for j in range(per_row.shape[-1])])
 
-    def column_sums(self, columns: Sequence[jax.Array], one_hot: bool | None = None) -> jax.Array:
+    def column_sums(self, columns: Sequence[jax.Array]) -> jax.Array:
         """`k` int32 `[groups, rows]` columns -> `[leaves, k]`: each summed over every leaf's
         rows and groups.
 
@@ -627,9 +627,7 @@ class Packing:
         sharded). Exact in int32. (XLA's GPU backend has no fast integer matmul; a scatter-add
         would contend on a few addresses.)
         """
-        if one_hot is None:
-            one_hot = len(self.rows) * self.total_rows <= _ONE_HOT_MAX
-        if one_hot:
+        if len(self.rows) * self.total_rows <= _ONE_HOT_MAX:
             row = np.arange(self.total_rows)
             starts = np.asarray(self.starts)[:, None]
             inside = jnp.asarray((row >= starts) & (row < starts + np.asarray(self.rows)[:, None]))
@@ -1115,7 +1113,6 @@ def _sampled_plan(
     row_leaf: jax.Array,
     flat: Sequence[jax.Array],
     keep: Sequence[int],
-    digit_bits: int,
     capacity: int,
 ) -> _Plan:
     """Steps 1-3 of `_topk_sampled`: the codes, each leaf's bin, its candidates compacted."""
@@ -1207,7 +1204,7 @@ def _topk_sampled(
     entries = r * c
     capacity = swap_capacity(entries) if capacity is None else capacity
     flat = [jnp.ravel(v) for v in values]
-    plan = _sampled_plan(packing, row_leaf, flat, keep, digit_bits, capacity)
+    plan = _sampled_plan(packing, row_leaf, flat, keep, capacity)
     prefs = None if prefer is None else [jnp.ravel(jnp.asarray(p, bool)) for p in prefer]
 
     def sampled():
@@ -1274,7 +1271,7 @@ def sampled_candidates(
     flat = [jnp.ravel(jnp.asarray(v, jnp.float32)) for v in values]
     packing = Packing.of([np.shape(v) for v in values])
     capacity = swap_capacity(packing.total_rows * packing.chunk) if capacity is None else capacity
-    plan = _sampled_plan(packing, packing.row_leaf(), flat, keep, DIGIT_BITS, capacity)
+    plan = _sampled_plan(packing, packing.row_leaf(), flat, keep, capacity)
     return plan.count, capacity, jnp.all(plan.valid) & (plan.count <= capacity)
 
 

@@ -200,7 +200,7 @@ def test_the_sampled_topk_decides_among_its_candidates_or_falls_back_with_the_sa
     slots = capacity or select.swap_capacity(packing.total_rows * packing.chunk)
     plan = jax.jit(
         lambda vs: select._sampled_plan(
-            packing, packing.row_leaf(), [v.ravel() for v in vs], counts, 4, slots
+            packing, packing.row_leaf(), [v.ravel() for v in vs], counts, slots
         )
     )(values)
     assert bool(jnp.all(plan.valid) & (plan.count <= slots)) == sampled, (plan.count, slots)
