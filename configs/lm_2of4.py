@@ -19,20 +19,33 @@ Wanda and SparseGPT are calibrated on `prune.calibration_windows` (32) training 
 tokens drawn with the seed: 4,096 tokens (the SparseGPT paper used 128 x 2,048). Each layer is
 pruned from the dense model's inputs to it (not in sequence through the pruned layers).
 
+The job runs in `studies` mode: the whole table at each seed of `studies.seeds` (0, 1, 2; the
+seed draws the calibration windows and the order of the search's training windows), each seed in
+`<workdir>/studies/seed_<s>/`, then `<workdir>/studies/report.md` and `results.json`: per pattern
+each row's perplexity per seed, mean and spread, the share of the gap to dense each row closes,
+tokens seen and wall time, the device; the perplexity of every search against the tokens searched;
+the loss by block of the first seed (`experiment.lm_studies`). A finished seed is not run again;
+`--config.studies.report_only=True` writes the report of the seeds finished so far. One seed as a
+plain job (results in the workdir itself): `--config.mode=jackpot --config.seed=<s>`.
+
 Variants:
 
 * default: 2:4, the short CPU schedule of `lm_smollm2.py`: 64 search steps of 2 windows at
-  learning rate 0.0005 (`docs/results/lm_2of4_lr_probe_2026-12-04/`);
+  learning rate 0.0005 (`docs/results/lm_2of4_lr_probe_2026-12-04/`), the validation perplexity
+  every 16 steps;
 * `both`: also unstructured 50% (a second table);
 * `full`: for an accelerator: every validation token, 256-token windows, 128 calibration
   windows, 2 epochs of the training windows at batch 16, both patterns;
-* `tiny`: the random two-block Llama of `tests/test_lm_main.py`.
+* `quick`: the random two-block Llama of `tests/test_lm_main.py`, both patterns, 8 search steps,
+  seeds 0 and 1 (the end-to-end test of CI).
 """
 
 import importlib.util
 import os
 
-VARIANTS = ("", "both", "full", "tiny")
+import ml_collections
+
+VARIANTS = ("", "both", "full", "quick")
 
 
 def _smollm2_config(arg):
@@ -46,16 +59,23 @@ def _smollm2_config(arg):
 def get_config(arg: str | None = None):
     if arg not in (None, *VARIANTS):
         raise ValueError(
-            f"unknown variant {arg!r} of configs/lm_2of4.py; allowed: 'both', 'full', 'tiny'"
+            f"unknown variant {arg!r} of configs/lm_2of4.py; allowed: 'both', 'full', 'quick'"
         )
-    config = _smollm2_config(arg if arg in ("full", "tiny") else None)
-    config.search.patterns = ("2:4", "unstructured") if arg in ("both", "full") else ("2:4",)
+    config = _smollm2_config({"full": "full", "quick": "tiny"}.get(arg))
+    config.mode = "studies"
+    patterns = ("2:4", "unstructured") if arg in ("both", "full", "quick") else ("2:4",)
+    config.search.patterns = patterns
     config.search.inits = ("magnitude", "wanda", "sparsegpt")
     config.prune.baselines = ("wanda", "sparsegpt")
-    config.eval.by_block = True  # the report's loss by block: one evaluation per block and mask
+    config.eval.by_block = True  # the loss by block (first seed): one evaluation per block and mask
+    config.unlock()
+    config.studies = ml_collections.ConfigDict()
+    config.studies.seeds = (0, 1, 2)
+    config.studies.report_only = False  # True: the report of the seeds finished so far, no run
     if arg == "full":
         config.prune.calibration_windows = 128
-    if arg == "tiny":
+    if arg == "quick":
+        config.studies.seeds = (0, 1)
         config.prune.calibration_windows = 6
         config.prune.calibration_batch = 4  # a last batch of 2
         config.search.max_steps = 8

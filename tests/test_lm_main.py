@@ -263,16 +263,36 @@ def _wanda_2of4(model, norms):
     return out
 
 
+def _torch_wanda(lm, cache, *, seed, windows):
+    """Wanda's 2:4 masks from PyTorch activations of the `windows` calibration windows the job
+    draws with `seed` (without replacement, in stream order), and the validation windows."""
+    (cache_file,) = glob.glob(str(cache / "fortunes-*.npz"))
+    with np.load(cache_file) as f:
+        train, valid = f["train_tokens"], f["validation_tokens"]
+    available = (len(train) - 1) // SEQ_LEN
+    chosen = np.sort(np.random.default_rng(seed).choice(available, windows, replace=False))
+    calibration = train[chosen[:, None] * SEQ_LEN + np.arange(SEQ_LEN)]
+    acts = _kernel_inputs_torch(lm["model"], calibration)
+    wanda = _wanda_2of4(lm["model"], {k: np.sqrt((x**2).sum(0)) for k, x in acts.items()})
+    return (wanda, *_validation_windows(valid, SEQ_LEN, bos=256))
+
+
 @pytest.mark.slow
 def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
-    """`configs/lm_2of4.py:tiny`: Wanda and SparseGPT rows beside magnitude pruning, and searches
-    from magnitude's, Wanda's and SparseGPT's masks, on the KL divergence to the dense model
-    (`search.loss=kl`). The Wanda row is checked against Wanda written here on PyTorch
-    activations of the same calibration windows."""
+    """`configs/lm_2of4.py:quick` as one plain job (`mode=jackpot`, 2:4 only): Wanda and
+    SparseGPT rows beside magnitude pruning, and searches from magnitude's, Wanda's and
+    SparseGPT's masks, on the KL divergence to the dense model (`search.loss=kl`). The Wanda row
+    is checked against Wanda written here on PyTorch activations of the same calibration
+    windows."""
     workdir, cache = tmp_path / "run", tmp_path / "cache"
-    windows = 6  # prune.calibration_windows of the tiny variant
-    args = (*_args(tiny_lm, cache), "--config.search.loss=kl")
-    proc = run_main("lm_2of4.py:tiny", workdir, *args, timeout=900)
+    windows = 6  # prune.calibration_windows of the quick variant
+    args = (
+        *_args(tiny_lm, cache),
+        "--config.search.loss=kl",
+        "--config.mode=jackpot",
+        "--config.search.patterns=('2:4',)",
+    )
+    proc = run_main("lm_2of4.py:quick", workdir, *args, timeout=900)
     check_ok(proc)
     rows = results(workdir)
     # The searches minimised the KL (positive: the masked model is not the dense one), and
@@ -305,17 +325,16 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
         assert f"jackpot (2:4, from {init}): closes {100 * closed:.1f}% " in report
         assert f"({best}, {rows[best]['loss']:.4f})" in report
 
-    # The calibration windows: `windows` of the training stream drawn with the seed (0).
-    (cache_file,) = glob.glob(str(cache / "fortunes-*.npz"))
-    with np.load(cache_file) as f:
-        train, valid = f["train_tokens"], f["validation_tokens"]
-    available = (len(train) - 1) // SEQ_LEN
-    chosen = np.sort(np.random.default_rng(0).choice(available, windows, replace=False))
-    calibration = train[chosen[:, None] * SEQ_LEN + np.arange(SEQ_LEN)]
+    # The tokens each row saw: the calibration windows, the search's steps, or both.
+    search_tokens = 8 * 8 * SEQ_LEN  # search.max_steps x search.batch_size windows
+    assert rows["dense"]["tokens"] == rows["magnitude pruning (2:4)"]["tokens"] == 0
+    assert rows["Wanda (2:4)"]["tokens"] == windows * SEQ_LEN
+    assert rows["jackpot (2:4, from magnitude)"]["tokens"] == search_tokens
+    assert rows["jackpot (2:4, from sparsegpt)"]["tokens"] == windows * SEQ_LEN + search_tokens
+    assert all(r["seconds"] > 0 for r in rows.values())
+
+    wanda, inputs, targets, weights = _torch_wanda(tiny_lm, cache, seed=0, windows=windows)
     model = tiny_lm["model"]
-    acts = _kernel_inputs_torch(model, calibration)
-    wanda = _wanda_2of4(model, {k: np.sqrt((x**2).sum(0)) for k, x in acts.items()})
-    inputs, targets, weights = _validation_windows(valid, SEQ_LEN, bos=256)
     nll, count = _torch_nll(_masked_model(model, wanda), inputs, targets, weights)
     np.testing.assert_allclose(rows["Wanda (2:4)"]["perplexity"], np.exp(nll / count), rtol=1e-4)
 
@@ -362,6 +381,131 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")[1:]]
     whole = rows["jackpot (2:4, from sparsegpt)"]["loss"] - rows["dense"]["loss"]
     assert cells[column] == f"{whole:+.4f}"
+
+
+@pytest.mark.slow  # twelve searches and their evaluations: about two minutes of CPU time
+def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
+    """`configs/lm_2of4.py:quick` in its `studies` mode: the whole table at seeds 0 and 1, for
+    2:4 and unstructured, then one report. Each seed's job is checked where an independent
+    reference exists (seed 1's Wanda row against Wanda on PyTorch activations of seed 1's
+    windows), and the report's aggregates against numpy over the seeds' own results files."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = run_main("lm_2of4.py:quick", workdir, *_args(tiny_lm, cache), timeout=900)
+    check_ok(proc)
+    root = workdir / "studies"
+    study = json.loads((root / "results.json").read_text())
+    assert study["finished_seeds"] == [0, 1] and study["missing_seeds"] == []
+    assert study["device"]["platform"] == "cpu" and study["device"]["devices"] == 1
+    per_seed = {s: results(root / f"seed_{s}") for s in (0, 1)}
+    report = (root / "report.md").read_text()
+
+    # The seed reaches the calibration: seed 1's Wanda masks are those of its own windows.
+    wanda, inputs, targets, weights = _torch_wanda(tiny_lm, cache, seed=1, windows=6)
+    nll, count = _torch_nll(_masked_model(tiny_lm["model"], wanda), inputs, targets, weights)
+    got = per_seed[1]["Wanda (2:4)"]["perplexity"]
+    np.testing.assert_allclose(got, np.exp(nll / count), rtol=1e-4)
+    assert per_seed[0]["Wanda (2:4)"]["loss"] != per_seed[1]["Wanda (2:4)"]["loss"]
+    # Dense and magnitude pruning do not depend on the seed, and the report says so.
+    for name in ("dense", "magnitude pruning (2:4)", "magnitude pruning (unstructured)"):
+        assert per_seed[0][name]["loss"] == per_seed[1][name]["loss"], name
+    assert "the same NLL in every seed" in report
+
+    # Every table row against numpy over the two seeds' results.
+    frozen = ("magnitude pruning", "Wanda", "SparseGPT mask, weights frozen")
+    assert set(study["tables"]) == {"2:4", "unstructured"}
+    for pattern, rows in study["tables"].items():
+        assert [r["model"] for r in rows][:2] == ["dense", f"magnitude pruning ({pattern})"]
+        assert len(rows) == 8  # dense, 4 one-shot rows, 3 jackpots
+        for row in rows:
+            runs = [per_seed[s][row["model"]] for s in (0, 1)]
+            ppl = np.array([r["perplexity"] for r in runs])
+            assert row["perplexity"] == list(ppl)
+            assert row["perplexity_mean"] == pytest.approx(ppl.mean(), rel=1e-12)
+            assert row["perplexity_sd"] == pytest.approx(ppl.std(ddof=1), rel=1e-9)
+            assert row["tokens"] == [r["tokens"] for r in runs]
+            if not row["model"].startswith("jackpot"):
+                assert row["gap_closed"] == [None, None]
+                continue
+            # The gap to dense from the seed's best one-shot mask over frozen weights; none
+            # where that mask is not worse than dense (random weights: pruning can help).
+            closed = []
+            for s in (0, 1):
+                best = min(per_seed[s][f"{m} ({pattern})"]["loss"] for m in frozen)
+                dense = per_seed[s]["dense"]["loss"]
+                loss = per_seed[s][row["model"]]["loss"]
+                closed.append((best - loss) / (best - dense) if best > dense else None)
+            line = next(x for x in report.splitlines() if x.startswith(f"| {row['model']} |"))
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[2] == " / ".join(f"{x:,.2f}" for x in ppl)
+            assert cells[3] == f"{ppl.mean():,.2f} +- {ppl.std(ddof=1):,.2f}"
+            if None in closed:
+                assert row["gap_closed"] == closed and cells[5] == cells[6] == ""
+            else:
+                assert row["gap_closed"] == pytest.approx(closed, rel=1e-9)
+                assert cells[5] == ", ".join(f"{100 * g:.1f}%" for g in closed)
+                assert cells[6] == f"{100 * np.mean(closed):.1f}%"
+    search_tokens = 8 * 8 * SEQ_LEN
+    jackpot = next(r for r in study["tables"]["2:4"] if r["model"] == "jackpot (2:4, from wanda)")
+    assert jackpot["tokens"] == [6 * SEQ_LEN + search_tokens] * 2
+
+    # The curve: the prior's perplexity at 0 tokens, the final mask's after the 8 steps (an
+    # evaluation every 8 steps), each the mean over the seeds of the rows they equal.
+    for name, curve in study["curves"].items():
+        pattern, _, init = name[len("jackpot (") : -1].partition(", from ")
+        prior = {"magnitude": "magnitude pruning", "wanda": "Wanda"}.get(
+            init, "SparseGPT mask, weights frozen"
+        )
+        expect = {
+            "0": np.mean([per_seed[s][f"{prior} ({pattern})"]["perplexity"] for s in (0, 1)]),
+            str(search_tokens): np.mean([per_seed[s][name]["perplexity"] for s in (0, 1)]),
+        }
+        assert curve == pytest.approx(expect, rel=1e-6), name
+    assert len(study["curves"]) == 6
+    # The loss by block: the first seed only.
+    assert study["block_losses"]["seed"] == 0
+    assert (root / "seed_0" / "block_losses.json").exists()
+    assert not (root / "seed_1" / "block_losses.json").exists()
+    assert "## Loss by block (seed 0)" in report
+
+    # The same command again runs nothing: both seeds are finished.
+    logs = {s: (root / f"seed_{s}" / "metrics.jsonl").read_text() for s in (0, 1)}
+    proc = run_main("lm_2of4.py:quick", workdir, *_args(tiny_lm, cache), timeout=900)
+    check_ok(proc)
+    assert proc.stderr.count("finished before, not run again") == 2
+    assert {s: (root / f"seed_{s}" / "metrics.jsonl").read_text() for s in (0, 1)} == logs
+    again = json.loads((root / "results.json").read_text())
+    assert again["tables"] == study["tables"]
+    # `report_only` with a seed not run: the report of the finished ones, saying which is not.
+    proc = run_main(
+        "lm_2of4.py:quick",
+        workdir,
+        *_args(tiny_lm, cache),
+        "--config.studies.report_only=True",
+        "--config.studies.seeds=(0, 1, 2)",
+        timeout=900,
+    )
+    check_ok(proc)
+    partial = json.loads((root / "results.json").read_text())
+    assert partial["missing_seeds"] == [2] and partial["tables"] == study["tables"]
+    assert "Not finished: seeds [2]" in (root / "report.md").read_text()
+    assert not (root / "seed_2").exists()
+
+
+def test_lm_studies_config_errors(tiny_lm, tmp_path):
+    for value, words in (
+        ("()", "`studies.seeds` is ()"),
+        ("(1,1)", "`studies.seeds` is (1, 1)"),
+        ("(-1,)", "`studies.seeds` is (-1,)"),
+    ):
+        proc = run_here(
+            "lm_2of4.py:quick",
+            tmp_path / "run",
+            *_args(tiny_lm, tmp_path / "cache"),
+            f"--config.studies.seeds={value}",
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert words in proc.stderr and "allowed: a non-empty tuple" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_the_gap_closed_by_each_jackpot_hand_worked():

@@ -314,18 +314,21 @@ def check(
     _choice("search.rate.schedule", s.rate.schedule, SCHEDULES)
     _number("search.rate.value", s.rate.value, 0.0, 1.0)
     _number("search.rate.power", s.rate.power, 0.0, math.inf)
-    if c.mode in ("search", "jackpot") and s.epochs == 0 and s.max_steps == 0:
+    searches = c.mode in ("search", "jackpot") or (c.mode == "studies" and text)
+    if searches and s.epochs == 0 and s.max_steps == 0:
         _fail("search.epochs", 0, "at least 1 (or set `search.max_steps`)")
     _int("prune.bn_batches", c.prune.bn_batches, 1)
     _int("eval.every_epochs", c.eval.every_epochs, 0)
     _int("eval.every_steps", c.eval.every_steps, 0)
     if not isinstance(c.eval.by_block, bool):
         _fail("eval.by_block", c.eval.by_block, "True or False")
-    if c.eval.by_block and (c.mode != "jackpot" or c.dataset.name not in data.text.CORPORA):
+    lm_mode = c.mode in ("jackpot", "studies") and c.dataset.name in data.text.CORPORA
+    if c.eval.by_block and not lm_mode:
         _fail(
             "eval.by_block",
             c.eval.by_block,
-            "False unless the job is a language model's `jackpot` mode (a text corpus)",
+            "False unless the job is a language model's `jackpot` or `studies` mode (a text "
+            "corpus)",
         )
     _int("checkpoint.every_steps", c.checkpoint.every_steps, 1)
     _int("checkpoint.keep", c.checkpoint.keep, 1)
@@ -366,11 +369,11 @@ def _check_language_model(c: ml_collections.ConfigDict) -> None:
             c.model.name,
             f"a language model for text corpus {c.dataset.name!r}: {', '.join(map(repr, llms))}",
         )
-    if c.mode not in ("jackpot", "search", "evaluate", "prune", "export"):
+    if c.mode not in ("jackpot", "search", "evaluate", "prune", "export", "studies"):
         _fail(
             "mode",
             c.mode,
-            "'jackpot', 'search', 'evaluate', 'prune' or 'export' for a language model",
+            "'jackpot', 'search', 'evaluate', 'prune', 'export' or 'studies' for a language model",
         )
     for name in ("search.label_smoothing", "search.augment"):
         group, field = name.split(".")

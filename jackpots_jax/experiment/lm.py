@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -209,7 +210,7 @@ def block_losses(
     return out
 
 
-def run_jackpot(ctx: Context, config: Config) -> None:
+def run_jackpot(ctx: Context, config: Config) -> dict[str, Any]:
     """Dense perplexity, then for each of `search.patterns` one-shot rows and searches.
 
     For every pattern: magnitude pruning; the calibrated baselines of `prune.baselines` (Wanda's
@@ -219,6 +220,15 @@ def run_jackpot(ctx: Context, config: Config) -> None:
     and exports to `<workdir>/export_<pattern>` (`2:4` written `2of4`; with several inits,
     `_<init>` is appended); `report.md` gathers the rows and the sparsity of every search by
     block and by kind (attention, MLP).
+
+    Every row records `tokens`, the training tokens its method ran through the model
+    (calibration windows, search steps; a search from a calibrated prior counts both), and
+    `seconds`, the wall time of its own work in this run (pruning or searching, then evaluating;
+    a resumed search counts only what this run did). The calibration, shared by the
+    rows that use it, is timed apart: `calibration_seconds` on those rows.
+
+    Returns:
+      `{"calibration_tokens", "calibration_seconds"}` (0 without calibration).
     """
     variables, _, weights_fingerprint = context.pretrained(ctx, weights_recipe(ctx, config))
     params = variables["params"]
@@ -228,9 +238,10 @@ def run_jackpot(ctx: Context, config: Config) -> None:
     inits = tuple(config.search.inits) or (config.search.init,)
     methods = tuple(config.prune.baselines)
     calibrated = set(methods) | (set(inits) & set(CALIBRATED))
-    stats = None
+    stats, calibration = None, {"calibration_tokens": 0, "calibration_seconds": 0.0}
     if calibrated:
         p = config.prune
+        start = time.perf_counter()
         stats = calibration_stats(
             ctx,
             params,
@@ -240,21 +251,42 @@ def run_jackpot(ctx: Context, config: Config) -> None:
             seed=config.seed,
             gram="sparsegpt" in calibrated,
         )
+        jax.block_until_ready(stats)
+        calibration = {
+            "calibration_tokens": p.calibration_windows * ctx.data.seq_len,
+            "calibration_seconds": time.perf_counter() - start,
+        }
         logging.info(
             "calibration: %d training windows of %d tokens", p.calibration_windows, ctx.data.seq_len
         )
+    start = time.perf_counter()
     dense = phases.evaluate(ctx, params, {}, None)
-    context.record_result(ctx, {"model": "dense", "sparsity": 0.0, **dense})
+    context.record_result(
+        ctx,
+        {
+            "model": "dense",
+            "sparsity": 0.0,
+            **dense,
+            "tokens": 0,
+            "seconds": time.perf_counter() - start,
+        },
+    )
     searched, magnitude, frozen = {}, {}, {}
     for pattern, recipe in searches.items():
         budget = budgets[pattern]
+        # Each one-shot method's masks and the seconds they took (SparseGPT's two rows share).
+        start = time.perf_counter()
         _, magnitude[pattern] = init_scores(params, budget, "magnitude")
         oneshot = {"magnitude": magnitude[pattern]}
+        spent = {"magnitude": time.perf_counter() - start}
         rows = [("magnitude", "magnitude pruning", params, magnitude[pattern])]
         if "wanda" in calibrated:
-            oneshot["wanda"] = baselines.wanda_masks(params, budget, stats)
+            start = time.perf_counter()
+            oneshot["wanda"] = jax.block_until_ready(baselines.wanda_masks(params, budget, stats))
+            spent["wanda"] = time.perf_counter() - start
             rows.append(("wanda", "Wanda", params, oneshot["wanda"]))
         if "sparsegpt" in calibrated:
+            start = time.perf_counter()
             masks, weights = baselines.sparsegpt_masks(
                 params,
                 budget,
@@ -262,13 +294,17 @@ def run_jackpot(ctx: Context, config: Config) -> None:
                 blocksize=config.prune.sparsegpt_blocksize,
                 percdamp=config.prune.sparsegpt_damp,
             )
+            jax.block_until_ready((masks, weights))
+            spent["sparsegpt"] = time.perf_counter() - start
             oneshot["sparsegpt"] = masks
             rows.append(("sparsegpt", "SparseGPT mask, weights frozen", params, masks))
             rows.append(("sparsegpt", "SparseGPT, weights changed", weights, masks))
         for method, name, weights, masks in rows:
             if method != "magnitude" and method not in methods:
                 continue  # a prior of a search only, not a row asked for
+            start = time.perf_counter()
             row = phases.evaluate(ctx, weights, {}, masks)
+            cost = _costs(method, spent[method] + time.perf_counter() - start, calibration)
             if config.eval.by_block and weights is params:
                 frozen[f"{name} ({pattern})"] = masks
             context.record_result(
@@ -277,11 +313,13 @@ def run_jackpot(ctx: Context, config: Config) -> None:
                     "model": f"{name} ({pattern})",
                     "sparsity": phases.masks_sparsity(masks, params),
                     **row,
+                    **cost,
                 },
             )
         for init in inits:
             label = pattern if len(inits) == 1 else f"{pattern}, from {init}"
             tag = _tag(pattern) if len(inits) == 1 else f"{_tag(pattern)}_{init}"
+            start = time.perf_counter()
             state, budget = phases.search(
                 ctx,
                 params,
@@ -293,14 +331,22 @@ def run_jackpot(ctx: Context, config: Config) -> None:
                 phase=f"search_{tag}",
                 prior=oneshot.get(init) if init in CALIBRATED else None,
             )
+            steps = recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]
             row = {
                 "model": f"jackpot ({label})",
                 "sparsity": phases.masks_sparsity(state.masks, params),
-                "note": f"{init} init, {recipe.rule} budget, "
-                f"{recipe.steps(ctx.data.steps_per_epoch(recipe.batch_size))[0]} steps"
+                "note": f"{init} init, {recipe.rule} budget, {steps} steps"
                 + (", loss: KL to the dense model" if recipe.loss == "kl" else ""),
                 **phases.evaluate(ctx, params, {}, state.masks),
             }
+            row.update(
+                _costs(
+                    init,
+                    time.perf_counter() - start,
+                    calibration,
+                    search_tokens=steps * recipe.batch_size * ctx.data.seq_len,
+                )
+            )
             phases.record_jackpot(
                 ctx,
                 params,
@@ -337,3 +383,15 @@ def run_jackpot(ctx: Context, config: Config) -> None:
         )
         print(report.results_table(context.results(ctx)))
         print(f"\nreport: {path}")
+    return calibration
+
+
+def _costs(
+    method: str, seconds: float, calibration: Mapping[str, Any], *, search_tokens: int = 0
+) -> dict[str, Any]:
+    """A row's `tokens` and `seconds`, and the calibration's seconds where it used one."""
+    cost = {"tokens": search_tokens, "seconds": seconds}
+    if method in CALIBRATED:
+        cost["tokens"] += calibration["calibration_tokens"]
+        cost["calibration_seconds"] = calibration["calibration_seconds"]
+    return cost

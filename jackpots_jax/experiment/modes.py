@@ -467,6 +467,11 @@ def run_jackpot(ctx: Context, config: Config) -> None:
 
 
 def run_studies(ctx: Context, config: Config) -> None:
+    if ctx.data.is_text:
+        from jackpots_jax.experiment import lm_studies
+
+        lm_studies.run(ctx, config)
+        return
     studies.run(ctx, config)
 
 
@@ -502,9 +507,13 @@ def check_config(config: Config, num_devices: int | None) -> None:
             f"{config.model.name!r} does not take; allowed: {', '.join(allowed) or 'none'}"
         )
     if config.mode == "studies":
-        from jackpots_jax.experiment import studies
+        from jackpots_jax import data
+        from jackpots_jax.experiment import lm_studies, studies
 
-        studies.read_plan(config)
+        if config.dataset.name in data.text.CORPORA:
+            lm_studies.read_plan(config)
+        else:
+            studies.read_plan(config)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:

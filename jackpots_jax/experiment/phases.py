@@ -583,16 +583,21 @@ def block_loss_table(
 _FROZEN_ONE_SHOT = ("magnitude pruning", "Wanda", "SparseGPT mask, weights frozen")
 
 
-def gap_closed_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def gap_closed(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """How much of the gap to dense each jackpot closes, from the best one-shot frozen mask.
 
     For every `jackpot (<pattern>...)` row: `(best - jackpot) / (best - dense)` of the mean
     negative log-likelihood (`loss`), where `best` is the lowest of the pattern's one-shot rows
     over frozen weights (magnitude, Wanda, SparseGPT's mask), and the same of the perplexity.
+    A jackpot without such a row, or whose best one-shot row is not worse than dense, is left out.
+
+    Returns:
+      `{jackpot row: {"best": its name, "best_loss", "dense_loss", "loss": the NLL share,
+      "perplexity": the perplexity share}}`, in the rows' order.
     """
     by_model = {r["model"]: r for r in rows}
     dense = by_model.get("dense")
-    notes = []
+    out = {}
     for row in rows:
         name = row["model"]
         if dense is None or not name.startswith("jackpot (") or not name.endswith(")"):
@@ -605,14 +610,25 @@ def gap_closed_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         best = min(oneshot, key=lambda r: r["loss"])
         if best["loss"] <= dense["loss"]:
             continue
-        closed = (best["loss"] - row["loss"]) / (best["loss"] - dense["loss"])
-        ppl = (best["perplexity"] - row["perplexity"]) / (best["perplexity"] - dense["perplexity"])
-        notes.append(
-            f"{name}: closes {100 * closed:.1f}% of the mean-NLL gap between the best one-shot "
-            f"mask over frozen weights ({best['model']}, {best['loss']:.4f}) and dense "
-            f"({dense['loss']:.4f}); {100 * ppl:.1f}% of the perplexity gap."
-        )
-    return notes
+        out[name] = {
+            "best": best["model"],
+            "best_loss": best["loss"],
+            "dense_loss": dense["loss"],
+            "loss": (best["loss"] - row["loss"]) / (best["loss"] - dense["loss"]),
+            "perplexity": (best["perplexity"] - row["perplexity"])
+            / (best["perplexity"] - dense["perplexity"]),
+        }
+    return out
+
+
+def gap_closed_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """`gap_closed` as one sentence per jackpot row."""
+    return [
+        f"{name}: closes {100 * g['loss']:.1f}% of the mean-NLL gap between the best one-shot "
+        f"mask over frozen weights ({g['best']}, {g['best_loss']:.4f}) and dense "
+        f"({g['dense_loss']:.4f}); {100 * g['perplexity']:.1f}% of the perplexity gap."
+        for name, g in gap_closed(rows).items()
+    ]
 
 
 _LM_NOTES = (
