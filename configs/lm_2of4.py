@@ -72,6 +72,7 @@ def get_config(arg: str | None = None):
     config.studies = ml_collections.ConfigDict()
     config.studies.seeds = (0, 1, 2)
     config.studies.report_only = False  # True: the report of the seeds finished so far, no run
+    config.studies.keep_checkpoints = False  # a finished seed's search checkpoints are deleted
     if arg == "full":
         config.prune.calibration_windows = 128
     if arg == "quick":

@@ -466,6 +466,10 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
     assert (root / "seed_0" / "block_losses.json").exists()
     assert not (root / "seed_1" / "block_losses.json").exists()
     assert "## Loss by block (seed 0)" in report
+    # A finished seed keeps its exported jackpots, not its search checkpoints.
+    for s in (0, 1):
+        assert (root / f"seed_{s}" / "export_2of4_wanda" / "masks.npz").exists()
+        assert not glob.glob(str(root / f"seed_{s}" / "search_*" / "checkpoints"))
 
     # The same command again runs nothing: both seeds are finished.
     logs = {s: (root / f"seed_{s}" / "metrics.jsonl").read_text() for s in (0, 1)}

@@ -14,16 +14,20 @@ wall time; the device; the validation perplexity of every search against the tok
 (mean over seeds); the loss by block of the first seed.
 
 A finished seed (`finished.json`, written last) is not run again by the same command; a seed cut
-short resumes its searches from their checkpoints. `studies.report_only` writes the report from
+short resumes its searches from their checkpoints. A finished seed's search checkpoints are
+deleted unless `studies.keep_checkpoints` (on SmolLM2-135M each is 1.1 GB; the exported jackpots
+stay). `studies.report_only` writes the report from
 the seeds finished so far and runs nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -47,6 +51,7 @@ Config = ml_collections.ConfigDict
 class Plan:
     seeds: tuple[int, ...]
     report_only: bool
+    keep_checkpoints: bool
 
 
 def read_plan(config: Config) -> Plan:
@@ -68,12 +73,14 @@ def read_plan(config: Config) -> Plan:
             f"config field `studies.seeds` is {seeds!r}; allowed: a non-empty tuple of distinct "
             "integers >= 0, e.g. (0, 1, 2)"
         )
-    report_only = s.get("report_only", False)
-    if not isinstance(report_only, bool):
-        raise ConfigError(
-            f"config field `studies.report_only` is {report_only!r}; allowed: True or False"
-        )
-    return Plan(seeds=tuple(seeds), report_only=report_only)
+    flags = {}
+    for field in ("report_only", "keep_checkpoints"):
+        flags[field] = s.get(field, False)
+        if not isinstance(flags[field], bool):
+            raise ConfigError(
+                f"config field `studies.{field}` is {flags[field]!r}; allowed: True or False"
+            )
+    return Plan(seeds=tuple(seeds), **flags)
 
 
 def seed_config(config: Config, seed: int, first: bool) -> Config:
@@ -161,6 +168,9 @@ def run(ctx: Context, config: Config) -> dict:
                 **calibration,
             }
             write_json(finished, record, "a finished seed's record")
+            if not plan.keep_checkpoints:
+                for folder in glob.glob(os.path.join(directory, "search_*", "checkpoints")):
+                    shutil.rmtree(folder)
     if not ctx.is_main:
         return {}
     results = assemble(root, plan.seeds, config)
