@@ -512,6 +512,19 @@ def test_lm_studies_config_errors(tiny_lm, tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+def test_the_processor_a_study_names(tmp_path):
+    from jackpots_jax.experiment.lm_studies import processor
+
+    cpuinfo = tmp_path / "cpuinfo"
+    core = "model name\t: AMD EPYC 9R45\ncpu family\t: 26\nflags\t\t: fpu sse2 avx2 {}\n\n"
+    cpuinfo.write_text(core.format("avx512f avx512bw") * 2)
+    assert processor(str(cpuinfo)) == "AMD EPYC 9R45 (family 26, AVX-512)"
+    cpuinfo.write_text(core.format("fma"))
+    assert processor(str(cpuinfo)) == "AMD EPYC 9R45 (family 26, AVX2)"
+    cpuinfo.write_text("processor\t: 0\n")
+    assert processor(str(cpuinfo)) not in ("", "None")
+
+
 def test_the_gap_closed_by_each_jackpot_hand_worked():
     e = np.exp
     rows = [

@@ -94,22 +94,34 @@ def seed_config(config: Config, seed: int, first: bool) -> Config:
     return out
 
 
-def device() -> dict[str, Any]:
-    """What ran the study: the platform, the devices, and the processor's name."""
-    cpu = platform.processor() or platform.machine()
+def processor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU as `/proc/cpuinfo` names it, with its family and widest vector unit (XLA's
+    CPU numerics differ between them), e.g. `AMD EPYC (family 26, AVX-512)`."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
+        return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    vector = next((v for f, v in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), None)
+    details = [f"family {fields['cpu family']}"] if "cpu family" in fields else []
+    details += [vector] if vector else []
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def device() -> dict[str, Any]:
+    """What ran the study: the platform, the devices, and the host processor."""
     devices = jax.devices()
     return {
         "platform": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "devices": len(devices),
         "processes": jax.process_count(),
-        "processor": cpu,
+        "processor": processor(),
         "cpus": os.cpu_count(),
         "jax": jax.__version__,
     }

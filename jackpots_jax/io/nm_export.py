@@ -29,8 +29,8 @@ Example:
   >>> kernels, masks, axes = nm_layers(params, jj.current_masks(opt_state), budget)
   >>> write_nm("jackpot_2of4.safetensors", kernels, masks, input_axes=axes)
 
-The lead's plan moves this module into `jackpots_jax/io/`; it depends on no model registry: a flat
-`{path: kernel}` dict and optional PyTorch names are all it needs.
+It depends on no model registry: a flat `{path: kernel}` dict and optional PyTorch names are all
+it needs.
 """
 
 from __future__ import annotations
