@@ -138,3 +138,48 @@ def test_the_readme_results_table_is_the_committed_results_file():
         assert accuracy.strip("*") == f"{100 * row['accuracy']:.2f}%"
         assert top5 == f"{100 * row['top5_accuracy']:.2f}%"
         assert loss == f"{row['loss']:.4f}"
+
+
+def test_the_readme_language_model_table_is_the_committed_study():
+    """The README's SmolLM2 table, read back from the study's `results.json` (the mean over seeds
+    of each row, and of the best jackpot's gap closed), and the seeds' per-seed files agree."""
+    text = (ROOT / "README.md").read_text()
+    head = "| pattern | dense | magnitude | Wanda | SparseGPT mask |"
+    section = text[text.index(head) :]
+    table = section[: section.index("\n\n")].splitlines()[2:]
+    study_dir = re.findall(r"`(docs/results/lm_2of4_study[^`]+)/`", text[: text.index(head)])[-1]
+    study = json.loads((ROOT / study_dir / "results.json").read_text())
+    assert study["finished_seeds"] == [0, 1, 2]
+    assert [line.split("|")[1].strip() for line in table] == list(study["tables"])
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        pattern = cells[0]
+        rows = {r["model"]: r for r in study["tables"][pattern]}
+        names = ["dense"] + [
+            f"{m} ({pattern})"
+            for m in (
+                "magnitude pruning",
+                "Wanda",
+                "SparseGPT mask, weights frozen",
+                "SparseGPT, weights changed",
+            )
+        ]
+        jackpots = [f"jackpot ({pattern}, from {i})" for i in ("magnitude", "wanda", "sparsegpt")]
+        for cell, name in zip(cells[1:6], names, strict=True):
+            assert cell == f"{rows[name]['perplexity_mean']:,.2f}", (pattern, name)
+        assert cells[6] == " / ".join(f"{rows[j]['perplexity_mean']:,.2f}" for j in jackpots)
+        best = max(rows[j]["gap_closed_mean"] for j in jackpots)
+        assert cells[7] == f"{100 * best:.1f}%"
+        # The means are those of the seeds' own results files.
+        for name in names + jackpots:
+            per_seed = [
+                {
+                    r["model"]: r
+                    for r in json.loads(
+                        (ROOT / study_dir / f"seed_{s}" / "results.json").read_text()
+                    )
+                }[name]["perplexity"]
+                for s in (0, 1, 2)
+            ]
+            assert rows[name]["perplexity"] == per_seed
+            assert rows[name]["perplexity_mean"] == pytest.approx(np.mean(per_seed), rel=1e-12)

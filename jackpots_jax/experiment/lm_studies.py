@@ -26,6 +26,7 @@ import dataclasses
 import glob
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -312,7 +313,15 @@ def assemble(root: str, seeds: Sequence[int], config: Config) -> dict | None:
     block_file = os.path.join(first_dir, "block_losses.json")
     by_block = None
     if os.path.exists(block_file):
-        by_block = {"seed": done[0], **read_json_file(block_file, "the losses by block")}
+        # The JSON file's keys are sorted: the rows in the results' order, blocks by number.
+        losses = read_json_file(block_file, "the losses by block")
+        order = [r["model"] for r in runs[done[0]]["rows"]]
+        labels = sorted(losses["masks"], key=lambda x: order.index(x) if x in order else len(order))
+        masks = {
+            label: dict(sorted(losses["masks"][label].items(), key=lambda kv: _natural(kv[0])))
+            for label in labels
+        }
+        by_block = {"seed": done[0], "dense": losses["dense"], "masks": masks}
     return {
         "model": config.model.name,
         "dataset": config.dataset.name,
@@ -349,9 +358,17 @@ def assemble(root: str, seeds: Sequence[int], config: Config) -> dict | None:
     }
 
 
+def _natural(text: str) -> list:
+    """`block 2` before `block 10`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
 def _seconds(values: Sequence[float]) -> str:
     t = float(np.mean(values))
-    return f"{t:.1f} s" if t < 60 else f"{int(t // 60)} min {int(round(t % 60))} s"
+    if t < 60:
+        return f"{t:.1f} s"
+    t = round(t)
+    return f"{t // 60} min {t % 60} s"
 
 
 def _ppl(x: float | None) -> str:
