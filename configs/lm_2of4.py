@@ -4,7 +4,7 @@ r"""2:4 masks for a language model against the one-shot baselines: MaskLLM's tab
 
 The job of `configs/lm_smollm2.py` (the packaged SmolLM2-135M-Instruct GGUF, CPython's help
 topics in 128-token windows, every q/k/v/o and MLP kernel masked, the weights frozen) with the
-rows of MaskLLM's table (Fang et al. 2024), all at 2:4:
+rows of MaskLLM's table (Fang et al. 2024), at 2:4 (and unstructured 50% in `both` and `full`):
 
 * dense; one-shot magnitude pruning; Wanda; SparseGPT's mask over the frozen weights; SparseGPT
   with its updated weights (the only row that changes weights);
