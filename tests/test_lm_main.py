@@ -493,6 +493,21 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
     assert partial["missing_seeds"] == [2] and partial["tables"] == study["tables"]
     assert "Not finished: seeds [2]" in (root / "report.md").read_text()
     assert not (root / "seed_2").exists()
+    # A finished seed is not run under another config: refused, naming the fields, nothing run.
+    proc = run_main(
+        "lm_2of4.py:quick",
+        workdir,
+        *_args(tiny_lm, cache),
+        "--config.search.max_steps=4",
+        "--config.studies.seeds=(1,)",
+        timeout=900,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "seed 1 of this study finished under another config" in proc.stderr
+    assert "`search.max_steps`: 8 -> 4" in proc.stderr and "Traceback" not in proc.stderr
+    assert "by_block" not in proc.stderr  # seed 1 first now: the loss by block is not a change
+    assert results(root / "seed_1") == per_seed[1]
+    assert results(root / "seed_0") == per_seed[0]
 
 
 def test_lm_studies_config_errors(tiny_lm, tmp_path):

@@ -13,8 +13,9 @@ mask over frozen weights and dense that it closes (per seed), the training token
 wall time; the device; the validation perplexity of every search against the tokens searched
 (mean over seeds); the loss by block of the first seed.
 
-A finished seed (`finished.json`, written last) is not run again by the same command; a seed cut
-short resumes its searches from their checkpoints. A finished seed's search checkpoints are
+A finished seed (`finished.json`, written last) is not run again by the same command, and
+another config (but for `eval.by_block`) is refused before any compute, naming what differs; a
+seed cut short resumes its searches from their checkpoints. A finished seed's search checkpoints are
 deleted unless `studies.keep_checkpoints` (on SmolLM2-135M each is 1.1 GB; the exported jackpots
 stay). `studies.report_only` writes the report from
 the seeds finished so far and runs nothing.
@@ -128,6 +129,26 @@ def device() -> dict[str, Any]:
     }
 
 
+def _identity(config: Mapping[str, Any]) -> dict:
+    """A seed's config without `eval.by_block`, which adds a table but changes no row (it is on
+    for the first seed of `studies.seeds`, whichever that is)."""
+    out = dict(config)
+    out["eval"] = {k: v for k, v in out.get("eval", {}).items() if k != "by_block"}
+    return out
+
+
+def _differences(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list:
+    """`field: before -> now` for every config field that differs (nested groups dotted)."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"`{prefix}{key}`: {a!r} -> {b!r}")
+    return out
+
+
 def _describe(d: Mapping[str, Any]) -> str:
     kind = d["device_kind"] if d["platform"] != "cpu" else "CPU"
     return (
@@ -148,17 +169,29 @@ def run(ctx: Context, config: Config) -> dict:
     """Every seed's job (unless finished or `report_only`), then the report (process 0)."""
     plan = read_plan(config)
     root = os.path.join(ctx.workdir, "studies")
-    for i, seed in enumerate(plan.seeds):
+    jobs = {s: seed_config(config, s, first=i == 0) for i, s in enumerate(plan.seeds)}
+    finished = {}  # the seeds finished before, checked against this config before any compute
+    for seed, job in jobs.items():
+        path = os.path.join(root, f"seed_{seed}", "finished.json")
+        if plan.report_only or not os.path.exists(path):
+            continue
+        done = _identity(read_json_file(path, "a finished seed's record").get("config") or {})
+        now = _identity(json_round_trip(job.to_dict(), "config"))
+        if done != now:
+            raise ConfigError(
+                f"seed {seed} of this study finished under another config "
+                f"({', '.join(_differences(done, now))}) in {os.path.dirname(path)}; allowed: "
+                "the config it ran with, or another --workdir (or delete that folder to run the "
+                "seed again)"
+            )
+        finished[seed] = path
+    for seed, job in jobs.items():
         if plan.report_only:
             break
         directory = os.path.join(root, f"seed_{seed}")
-        job = seed_config(config, seed, first=i == 0)
-        finished = os.path.join(directory, "finished.json")
-        if os.path.exists(finished):
-            done = read_json_file(finished, "a finished seed's record")
-            if done.get("config") == json_round_trip(job.to_dict(), "config"):
-                logging.info("studies: seed %d finished before, not run again", seed)
-                continue
+        if seed in finished:
+            logging.info("studies: seed %d finished before, not run again", seed)
+            continue
         logging.info("studies: seed %d in %s", seed, directory)
         os.makedirs(directory, exist_ok=True)
         start = time.perf_counter()
@@ -180,7 +213,7 @@ def run(ctx: Context, config: Config) -> dict:
                 "device": device(),
                 **calibration,
             }
-            write_json(finished, record, "a finished seed's record")
+            write_json(os.path.join(directory, "finished.json"), record, "a finished seed's record")
             if not plan.keep_checkpoints:
                 for folder in glob.glob(os.path.join(directory, "search_*", "checkpoints")):
                     shutil.rmtree(folder)
