@@ -15,10 +15,10 @@ wall time; the device; the validation perplexity of every search against the tok
 
 A finished seed (`finished.json`, written last) is not run again by the same command, and
 another config (but for `eval.by_block`) is refused before any compute, naming what differs; a
-seed cut short resumes its searches from their checkpoints. A finished seed's search checkpoints are
-deleted unless `studies.keep_checkpoints` (on SmolLM2-135M each is 1.1 GB; the exported jackpots
-stay). `studies.report_only` writes the report from
-the seeds finished so far and runs nothing.
+seed cut short resumes its searches from their checkpoints. A finished seed's search checkpoints
+are deleted unless `studies.keep_checkpoints` (on SmolLM2-135M each is 1.1 GB; the exported
+jackpots stay). `studies.report_only` writes the report from the seeds finished so far and runs
+nothing.
 """
 
 from __future__ import annotations
