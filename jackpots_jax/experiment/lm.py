@@ -163,6 +163,11 @@ def _masked(budget: PyTree) -> set[str]:
     return {n for n, b in named_leaves(budget) if b is not None}
 
 
+def natural_key(text: str) -> list:
+    """Sorts `block 2` before `block 10`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
 def block_losses(
     ctx: Context, params: PyTree, masks: Mapping[str, PyTree]
 ) -> dict[str, dict[str, float]]:
@@ -183,10 +188,7 @@ def block_losses(
         return {}
     shapes = {n: np.shape(m) for n, m in named_leaves(first) if m is not None}
     block_of = layer_groups(ctx.network.spec, shapes).get("block", {})
-    blocks = sorted(  # "block 2" before "block 10"
-        set(block_of.values()),
-        key=lambda b: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", b)],
-    )
+    blocks = sorted(set(block_of.values()), key=natural_key)
     out = {}
     for label, tree in host.items():
         out[label] = {}

@@ -27,10 +27,7 @@ import dataclasses
 import glob
 import os
 import platform
-import re
-import shlex
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jackpots_jax.experiment import lm, phases, report
+from jackpots_jax.experiment import lm, phases, report, studies
 from jackpots_jax.experiment.config import ConfigError
 from jackpots_jax.experiment.context import Context
 from jackpots_jax.experiment.logs import MetricsLog
@@ -157,14 +154,6 @@ def _describe(d: Mapping[str, Any]) -> str:
     )
 
 
-def _command(workdir: str) -> str:
-    """The command that reruns this study: the command line's own, overrides included."""
-    if sys.argv and os.path.basename(sys.argv[0]) == "main.py":
-        args = [a for a in sys.argv[1:] if not a.startswith("--config.studies.report_only")]
-        return shlex.join(["python", "-m", "jackpots_jax.main", *args])
-    return f"python -m jackpots_jax.main --config configs/lm_2of4.py --workdir {workdir}"
-
-
 def run(ctx: Context, config: Config) -> dict:
     """Every seed's job (unless finished or `report_only`), then the report (process 0)."""
     plan = read_plan(config)
@@ -223,7 +212,7 @@ def run(ctx: Context, config: Config) -> dict:
     if results is None:
         print("studies: no seed finished yet, no report")
         return {}
-    results["command"] = _command(ctx.workdir)
+    results["command"] = studies.command(ctx.workdir, "configs/lm_2of4.py")
     write_json(os.path.join(root, "results.json"), results, "the study's results")
     path = os.path.join(root, "report.md")
     write_text(path, render(results))
@@ -252,6 +241,7 @@ def _curves(
     initial mask, the prior's row)."""
     path = os.path.join(directory, "metrics.jsonl")
     records = report.read_metrics(path) if os.path.exists(path) else []
+    by_model = {r["model"]: r for r in rows}
     out = {}
     for row in rows:
         name = row["model"]
@@ -274,7 +264,6 @@ def _curves(
             "wanda": f"Wanda ({pattern})",
             "sparsegpt": f"SparseGPT mask, weights frozen ({pattern})",
         }.get(init or "magnitude")
-        by_model = {r["model"]: r for r in rows}
         if prior in by_model:
             curve = {0: by_model[prior]["perplexity"], **curve}
         out[name] = curve
@@ -351,7 +340,9 @@ def assemble(root: str, seeds: Sequence[int], config: Config) -> dict | None:
         order = [r["model"] for r in runs[done[0]]["rows"]]
         labels = sorted(losses["masks"], key=lambda x: order.index(x) if x in order else len(order))
         masks = {
-            label: dict(sorted(losses["masks"][label].items(), key=lambda kv: _natural(kv[0])))
+            label: dict(
+                sorted(losses["masks"][label].items(), key=lambda kv: lm.natural_key(kv[0]))
+            )
             for label in labels
         }
         by_block = {"seed": done[0], "dense": losses["dense"], "masks": masks}
@@ -389,11 +380,6 @@ def assemble(root: str, seeds: Sequence[int], config: Config) -> dict | None:
         "block_losses": by_block,
         "first_seed_rows": runs[done[0]]["rows"],
     }
-
-
-def _natural(text: str) -> list:
-    """`block 2` before `block 10`."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def _seconds(values: Sequence[float]) -> str:

@@ -794,13 +794,14 @@ class Studies:
                 self.finetune(sparsity, seed)
 
 
-def _command(workdir: str) -> str:
-    """The command that reruns this study: the command line's own, overrides included."""
+def command(workdir: str, config_file: str = "configs/studies.py") -> str:
+    """The command that reruns a study: the command line's own, overrides included (outside
+    the command line: `config_file` in `workdir`)."""
     if sys.argv and os.path.basename(sys.argv[0]) == "main.py":
         # Without report_only: the command is the one that runs the cells.
         args = [a for a in sys.argv[1:] if not a.startswith("--config.studies.report_only")]
         return shlex.join(["python", "-m", "jackpots_jax.main", *args])
-    return f"python -m jackpots_jax.main --config configs/studies.py --workdir {workdir}"
+    return f"python -m jackpots_jax.main --config {config_file} --workdir {workdir}"
 
 
 def run(ctx: Context, config: Config) -> dict:
@@ -847,7 +848,7 @@ def run(ctx: Context, config: Config) -> dict:
             "cpus": os.cpu_count(),
             "wall_seconds": time.perf_counter() - started,
             "missing_cells": missing,
-            "command": _command(ctx.workdir),
+            "command": command(ctx.workdir),
         }
         groups = layer_groups(ctx.network.spec, shapes)
         results = study_report.assemble(dataclasses.asdict(plan), cells, meta, groups)
