@@ -294,7 +294,11 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
     def one(x):
         if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-            return x  # already placed (on several hosts it could not be read back here)
+            if x.sharding == sharding or not x.is_fully_addressable:
+                return x  # already placed (on several hosts it could not be read back here)
+            # Committed to the mesh as a step's outputs are: a jitted step met by the same
+            # values uncommitted (on one device) would compile a second program for them.
+            return jax.device_put(x, sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

@@ -278,7 +278,7 @@ def _torch_wanda(lm, cache, *, seed, windows):
 
 
 @pytest.mark.slow
-def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
+def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path, monkeypatch):
     """`configs/lm_2of4.py:quick` as one plain job (`mode=jackpot`, 2:4 only): Wanda and
     SparseGPT rows beside magnitude pruning, and searches from magnitude's, Wanda's and
     SparseGPT's masks, on the KL divergence to the dense model (`search.loss=kl`). The Wanda row
@@ -292,8 +292,14 @@ def test_one_shot_baselines_and_a_search_from_a_prior(tiny_lm, tmp_path):
         "--config.mode=jackpot",
         "--config.search.patterns=('2:4',)",
     )
+    monkeypatch.setenv("JAX_LOG_COMPILES", "1")  # each trace of a jitted function is logged
     proc = run_main("lm_2of4.py:quick", workdir, *args, timeout=900)
     check_ok(proc)
+    # The three searches differ only in their initial scores: one compiled step serves them
+    # all, and its first call compiles the program every later one runs (the state is placed
+    # where the step's outputs are), so the step is compiled once in the whole job.
+    log = proc.stdout + proc.stderr
+    assert log.count("Compiling jit(search_step)") == 1, log.count("Compiling jit(search_step)")
     rows = results(workdir)
     # The searches minimised the KL (positive: the masked model is not the dense one), and
     # logged the next-token NLL beside it; the rows say which loss.

@@ -209,10 +209,12 @@ class Devices:
     def place_state(self, state: Any) -> Any:
         """A `SearchState` / `TrainState` laid out for the steps (sharded over 'fsdp' under jit).
 
-        Batch statistics, the step count and the PRNG key stay whole on every device.
+        Batch statistics, the step count and the PRNG key stay whole on every device. Placed
+        where the step's outputs are, so that its first call compiles the same program as every
+        later one (a state left uncommitted made the first step compile twice).
         """
         if self.backend != "jit":
-            return state
+            return self.replicate(state)
         return parallel.place_state(state, self.mesh, self.rules)
 
     def layout(self, scores: PyTree):

@@ -280,24 +280,31 @@ def search(
         )
     else:
         scores = scores_from_masks(prior, budget, gap=recipe.gap)
-    tx = _optimizer(ctx, recipe, budget, scores, total_steps)
+
+    def compile_step():
+        tx = _optimizer(ctx, recipe, budget, scores, total_steps)
+        if recipe.loss == "kl":  # to the dense model's outputs, which the step computes
+            loss_fn = losses.kl_to_dense()
+        else:
+            loss_fn = ctx.data.loss_fn(recipe.label_smoothing)
+        run = ctx.devices.run(
+            search_step,
+            donate_state=True,
+            apply_fn=ctx.network.apply_fn,
+            tx=tx,
+            loss_fn=loss_fn,
+            inputs=ctx.data.inputs,
+        )
+        return tx, run
+
+    # Searches of one run that differ only in their initial scores (a language model's searches
+    # from magnitude's, Wanda's and SparseGPT's masks) share one optimiser and compiled step.
+    tx, run = ctx.compiled(_step_name(recipe, total_steps), compile_step)
     state = create_search_state(
         scores, tx, batch_stats=batch_stats, rng=jax.random.key_data(key_state)
     )
     state = ctx.devices.place_state(state)
     params = ctx.devices.weights(params)
-    if recipe.loss == "kl":  # to the dense model's outputs, which the step computes
-        loss_fn = losses.kl_to_dense()
-    else:
-        loss_fn = ctx.data.loss_fn(recipe.label_smoothing)
-    run = ctx.devices.run(
-        search_step,
-        donate_state=True,
-        apply_fn=ctx.network.apply_fn,
-        tx=tx,
-        loss_fn=loss_fn,
-        inputs=ctx.data.inputs,
-    )
     kept = sum(int(np.size(w)) - int(b) for (_, w), (_, b) in _masked(params, budget))
     hooks = [
         TrainLog(
@@ -333,6 +340,13 @@ def search(
             hooks=hooks,
         )
     return state, budget
+
+
+def _step_name(recipe: SearchRecipe, total_steps: int) -> str:
+    """The search step's name in `Context.compiled`: every recipe field but the initial scores'
+    (`init`, `gap`), which the step does not see."""
+    fields = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("init", "gap")}
+    return f"search_step:{total_steps}:{sorted(fields.items())!r}"
 
 
 def restored_search(
