@@ -478,6 +478,7 @@ def search_optimizer(
     rank_by: str = "score",
     selection: str = "auto",
     layout: Any = None,
+    optimizer: str = "sgd",
 ) -> optax.GradientTransformation:
     """The paper's search optimiser of the scores, ending in the short restriction.
 
@@ -497,6 +498,9 @@ def search_optimizer(
       rank_by: `'score'` (signed) or `'abs'`.
       selection, layout: how the restriction selects (see `short_restriction`); the same masks
         whatever they are.
+      optimizer: `'sgd'` (the paper's) or `'adam'` (`optax.adam` with `b1=momentum`, the same
+        schedule and coupled decay): each score moves by about the learning rate per step
+        whatever its gradient's scale, faster where the gradient's sign holds from step to step.
 
     Returns:
       An `optax.GradientTransformation`; call `update(grads, state, scores)`.
@@ -505,15 +509,18 @@ def search_optimizer(
       >>> tx = search_optimizer(budget, learning_rate=0.1, total_steps=1000)
       >>> opt_state = tx.init(scores)
     """
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer is {optimizer!r}; allowed: 'sgd', 'adam'")
     links = [abs_rank_gradients()] if rank_by == "abs" else []
+    lr = optax.cosine_decay_schedule(learning_rate, total_steps)
+    if optimizer == "adam":
+        step = optax.adam(lr, b1=momentum)
+    else:
+        step = optax.sgd(lr, momentum=momentum, nesterov=False)
     return optax.chain(
         *links,
         optax.add_decayed_weights(weight_decay),
-        optax.sgd(
-            optax.cosine_decay_schedule(learning_rate, total_steps),
-            momentum=momentum,
-            nesterov=False,
-        ),
+        step,
         short_restriction(
             budget,
             rate=1.0 if rate is None else rate,

@@ -491,6 +491,7 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
         (["--config.search.init=sparsegpt"], "a language model also takes 'wanda'"),
         (["--config.search.inits=('magnitude',)"], "`search.inits` is ('magnitude',)"),
         (["--config.search.loss=kl"], "a language model also takes 'kl'"),
+        (["--config.search.optimizer=adamw"], "`search.optimizer` is 'adamw'"),
         (["--config.eval.by_block=True"], "unless the job is a language model's `jackpot`"),
     ],
 )

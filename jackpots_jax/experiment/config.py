@@ -81,7 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         `cross_entropy` (the task's: of the labels, or a language model's next-token negative
         log-likelihood) or, for a language model, `kl` (the KL divergence from the dense
         model's next-token distribution, `jj.losses.kl_to_dense()`; one more forward pass per
-        step). Evaluation always reports the task's loss (perplexity for text).
+        step). Evaluation always reports the task's loss (perplexity for text). `optimizer`:
+        of the scores, `sgd` (the paper's) or `adam` (`momentum` is its b1; each score moves by
+        about the learning rate per step, whatever its gradient's scale).
       prune: `reestimate_bn` (also evaluate after re-estimating BN statistics), `bn_batches`;
         for a language model, `baselines` (one-shot rows besides magnitude pruning: `wanda`,
         `sparsegpt`, the latter as two rows, its mask over the frozen weights and its updated
@@ -172,6 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.search.patterns = ()
     c.search.inits = ()
     c.search.loss = "cross_entropy"
+    c.search.optimizer = "sgd"
 
     c.prune = ml_collections.ConfigDict()
     c.prune.reestimate_bn = True
@@ -298,6 +301,7 @@ def check(
     if s.loss == "kl" and not text:
         _fail("search.loss", s.loss, "'cross_entropy' (a language model also takes 'kl')")
     _choice("search.loss", s.loss, ("cross_entropy", "kl"))
+    _choice("search.optimizer", s.optimizer, ("sgd", "adam"))
     _int("prune.calibration_windows", c.prune.calibration_windows, 1)
     _int("prune.calibration_batch", c.prune.calibration_batch, 1)
     _int("prune.sparsegpt_blocksize", c.prune.sparsegpt_blocksize, 1)

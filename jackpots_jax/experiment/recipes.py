@@ -129,6 +129,7 @@ class SearchRecipe:
     pattern: str = "unstructured"
     indivisible: str = "error"
     loss: str = "cross_entropy"
+    optimizer_kind: str = "sgd"  # the config's `search.optimizer` (`optimizer()` builds it)
 
     def check_dense(self, params: PyTree) -> None:
         """Every pattern of `dense` must name a kernel of `params`: a typo would prune it."""
@@ -206,6 +207,7 @@ class SearchRecipe:
             rank_by=self.rank_by,
             selection=selection,
             layout=layout,
+            optimizer=self.optimizer_kind,
         )
 
 
@@ -259,7 +261,12 @@ def search_recipe(config: Config) -> SearchRecipe:
     """The config's `search` group."""
     s = config.search
     rate = RateRecipe(s.rate.schedule, s.rate.value, s.rate.power)
-    fields = {f.name: s[f.name] for f in dataclasses.fields(SearchRecipe) if f.name != "rate"}
+    named = {"optimizer_kind": "optimizer"}
+    fields = {
+        f.name: s[named.get(f.name, f.name)]
+        for f in dataclasses.fields(SearchRecipe)
+        if f.name != "rate"
+    }
     # An N:M pattern's sparsity as printed (0.666667 for 1:3) means the pattern's exact 1 - N/M.
     fields["sparsity"] = pattern_sparsity(s.pattern, s.sparsity)
     return SearchRecipe(**fields, rate=rate)
