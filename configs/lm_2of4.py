@@ -30,9 +30,9 @@ plain job (results in the workdir itself): `--config.mode=jackpot --config.seed=
 
 Variants:
 
-* default: 2:4, the short CPU schedule of `lm_smollm2.py`: 64 search steps of 2 windows at
-  learning rate 0.0005 (`docs/results/lm_2of4_lr_probe_2026-12-04/`), the validation perplexity
-  every 16 steps;
+* default: 2:4, the CPU schedule of `lm_smollm2.py` searched twice as long: 128 search steps
+  of 2 windows (32,768 tokens), Adam on the scores at learning rate 0.0003
+  (`docs/results/lm_2of4_adam_probe_2026-12-05/`), the validation perplexity every 16 steps;
 * `both`: also unstructured 50% (a second table);
 * `full`: for an accelerator: every validation token, 256-token windows, 128 calibration
   windows, 2 epochs of the training windows at batch 16, both patterns;
@@ -73,6 +73,8 @@ def get_config(arg: str | None = None):
     config.studies.seeds = (0, 1, 2)
     config.studies.report_only = False  # True: the report of the seeds finished so far, no run
     config.studies.keep_checkpoints = False  # a finished seed's search checkpoints are deleted
+    if arg != "full":  # the accelerator's schedule is 2 epochs (`max_steps` 0)
+        config.search.max_steps = 128  # the perplexity still fell at 64 (the Adam probe)
     if arg == "full":
         config.prune.calibration_windows = 128
     if arg == "quick":
