@@ -415,6 +415,8 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
     for name in ("dense", "magnitude pruning (2:4)", "magnitude pruning (unstructured)"):
         assert per_seed[0][name]["loss"] == per_seed[1][name]["loss"], name
     assert "the same NLL in every seed" in report
+    # The search as configured (the quick variant: Adam on the scores at 0.003, b1 0.9).
+    assert "Adam on the scores at learning rate 0.003 (b1 0.9), gap 0.01" in report
 
     # Every table row against numpy over the two seeds' results.
     frozen = ("magnitude pruning", "Wanda", "SparseGPT mask, weights frozen")

@@ -366,6 +366,7 @@ def assemble(root: str, seeds: Sequence[int], config: Config) -> dict | None:
                 "batch_size",
                 "max_steps",
                 "epochs",
+                "optimizer",
                 "learning_rate",
                 "momentum",
                 "gap",
@@ -398,6 +399,14 @@ def _share(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
+def _optimizer(search: Mapping[str, Any]) -> str:
+    """How the scores were optimised, in words (a study from before `search.optimizer`: SGD)."""
+    lr, momentum = search["learning_rate"], search["momentum"]
+    if search.get("optimizer", "sgd") == "adam":
+        return f"Adam on the scores at learning rate {lr:g} (b1 {momentum:g})"
+    return f"SGD at learning rate {lr:g}, momentum {momentum:g}"
+
+
 def render(results: Mapping[str, Any]) -> str:
     """`report.md` of `assemble`'s results."""
     seeds = results["finished_seeds"]
@@ -420,8 +429,8 @@ def render(results: Mapping[str, Any]) -> str:
         + f"; calibration of Wanda and SparseGPT: {results['calibration']['windows']} training "
         f"windows drawn with the seed ({results['calibration']['tokens']:,} tokens, "
         f"{_seconds(results['calibration']['seconds'])} on average); each search: {steps} of "
-        f"{s['batch_size']} windows, learning rate {s['learning_rate']:g}, momentum "
-        f"{s['momentum']:g}, gap {s['gap']:g}, loss: {loss}, the weights frozen.",
+        f"{s['batch_size']} windows, {_optimizer(s)}, gap {s['gap']:g}, loss: {loss}, the "
+        "weights frozen.",
     ]
     if results["missing_seeds"]:
         lines += ["", f"Not finished: seeds {results['missing_seeds']} (not in the tables)."]
