@@ -1,6 +1,6 @@
 """The probes' validation perplexity every 16 steps and the mask entries flipped.
 
-    python docs/results/lm_2of4_adam_probe_2026-12-05/summary.py > .../summary.txt
+python docs/results/lm_2of4_adam_probe_2026-12-05/summary.py > .../summary.txt
 """
 
 import json
@@ -26,6 +26,7 @@ def main(root=HERE):
             curve = " / ".join(f"{r['perplexity']:.2f}" for r in mine if r["kind"] == "eval")
             churn = sum(r["churn"] for r in mine if r["kind"] == "churn")
             print(f"{name} | {overrides} | {phase} | {curve} | {churn:,}")
+
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
