@@ -11,6 +11,10 @@ rows of MaskLLM's table (Fang et al. 2024), at 2:4 (and unstructured 50% in `bot
 * a jackpot search from each of three initial masks: magnitude's (the paper's init), Wanda's and
   SparseGPT's (the "prior" of MaskLLM), each kept / pruned at scores 1 / 1 - gap.
 
+Every row is also evaluated on two corpora no mask saw (`eval.also_on`: Debian's fortunes and
+the standard library's source, the first `dataset.num_eval` validation windows of each): a mask
+searched on one text fits that text (`docs/lm_runner.md`), and these columns say how much.
+
 The report adds the loss by block: every mask over the frozen weights evaluated with one block
 pruned at a time (the rest dense), which blocks lose most under each method (`eval.by_block`;
 on SmolLM2 one evaluation of the validation text per block and mask, 30 x 6).
@@ -68,6 +72,8 @@ def get_config(arg: str | None = None):
     config.search.inits = ("magnitude", "wanda", "sparsegpt")
     config.prune.baselines = ("wanda", "sparsegpt")
     config.eval.by_block = True  # the loss by block (first seed): one evaluation per block and mask
+    # Every row also on texts no mask saw: the first `dataset.num_eval` validation windows of each.
+    config.eval.also_on = ("fortunes", "python_stdlib")
     config.unlock()
     config.studies = ml_collections.ConfigDict()
     config.studies.seeds = (0, 1, 2)
@@ -78,6 +84,7 @@ def get_config(arg: str | None = None):
     if arg == "full":
         config.prune.calibration_windows = 128
     if arg == "quick":
+        config.eval.also_on = ("pydoc_topics",)  # the test's corpus is a fortunes folder
         config.studies.seeds = (0, 1)
         config.prune.calibration_windows = 6
         config.prune.calibration_batch = 4  # a last batch of 2

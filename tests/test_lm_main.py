@@ -396,7 +396,8 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
     reference exists (seed 1's Wanda row against Wanda on PyTorch activations of seed 1's
     windows), and the report's aggregates against numpy over the seeds' own results files."""
     workdir, cache = tmp_path / "run", tmp_path / "cache"
-    proc = run_main("lm_2of4.py:quick", workdir, *_args(tiny_lm, cache), timeout=900)
+    also_on = "--config.eval.also_on=('pydoc_topics',)"  # every row on a text not searched
+    proc = run_main("lm_2of4.py:quick", workdir, *_args(tiny_lm, cache), also_on, timeout=900)
     check_ok(proc)
     root = workdir / "studies"
     study = json.loads((root / "results.json").read_text())
@@ -411,6 +412,16 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
     got = per_seed[1]["Wanda (2:4)"]["perplexity"]
     np.testing.assert_allclose(got, np.exp(nll / count), rtol=1e-4)
     assert per_seed[0]["Wanda (2:4)"]["loss"] != per_seed[1]["Wanda (2:4)"]["loss"]
+    # The same masks on CPython's help topics (`eval.also_on`): their validation stream as the
+    # run cached it, cut into windows by hand and scored by PyTorch.
+    (cache_file,) = glob.glob(str(cache / "pydoc_topics-*.npz"))
+    with np.load(cache_file) as f:
+        topics = _validation_windows(f["validation_tokens"], SEQ_LEN, bos=256)
+    nll, count = _torch_nll(_masked_model(tiny_lm["model"], wanda), *topics)
+    assert per_seed[1]["Wanda (2:4)"]["pydoc_topics count"] == count
+    got = per_seed[1]["Wanda (2:4)"]["pydoc_topics perplexity"]
+    np.testing.assert_allclose(got, np.exp(nll / count), rtol=1e-4)
+    assert not np.isclose(got, per_seed[1]["Wanda (2:4)"]["perplexity"])  # another text
     # Dense and magnitude pruning do not depend on the seed, and the report says so.
     for name in ("dense", "magnitude pruning (2:4)", "magnitude pruning (unstructured)"):
         assert per_seed[0][name]["loss"] == per_seed[1][name]["loss"], name
@@ -431,6 +442,13 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
             assert row["perplexity_mean"] == pytest.approx(ppl.mean(), rel=1e-12)
             assert row["perplexity_sd"] == pytest.approx(ppl.std(ddof=1), rel=1e-9)
             assert row["tokens"] == [r["tokens"] for r in runs]
+            topics = np.array([r["pydoc_topics perplexity"] for r in runs])
+            assert row["also_on"]["pydoc_topics"]["perplexity"] == list(topics)
+            mean = row["also_on"]["pydoc_topics"]["perplexity_mean"]
+            assert mean == pytest.approx(topics.mean(), rel=1e-12)
+            lines = [x for x in report.splitlines() if x.startswith(f"| {row['model']} |")]
+            want = " / ".join(f"{x:,.2f}" for x in topics) + f" (mean {mean:,.2f})"
+            assert any(x == f"| {row['model']} | {want} |" for x in lines), row["model"]
             if not row["model"].startswith("jackpot"):
                 assert row["gap_closed"] == [None, None]
                 continue
@@ -481,7 +499,7 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
 
     # The same command again runs nothing: both seeds are finished.
     logs = {s: (root / f"seed_{s}" / "metrics.jsonl").read_text() for s in (0, 1)}
-    proc = run_main("lm_2of4.py:quick", workdir, *_args(tiny_lm, cache), timeout=900)
+    proc = run_main("lm_2of4.py:quick", workdir, *_args(tiny_lm, cache), also_on, timeout=900)
     check_ok(proc)
     assert proc.stderr.count("finished before, not run again") == 2
     assert {s: (root / f"seed_{s}" / "metrics.jsonl").read_text() for s in (0, 1)} == logs
@@ -492,6 +510,7 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
         "lm_2of4.py:quick",
         workdir,
         *_args(tiny_lm, cache),
+        also_on,
         "--config.studies.report_only=True",
         "--config.studies.seeds=(0, 1, 2)",
         timeout=900,
@@ -506,6 +525,7 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
         "lm_2of4.py:quick",
         workdir,
         *_args(tiny_lm, cache),
+        also_on,
         "--config.search.max_steps=4",
         "--config.studies.seeds=(1,)",
         timeout=900,
@@ -533,6 +553,20 @@ def test_lm_studies_config_errors(tiny_lm, tmp_path):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert words in proc.stderr and "allowed: a non-empty tuple" in proc.stderr
         assert "Traceback" not in proc.stderr
+    # `eval.also_on` names other corpora than the one searched, each once.
+    for value, words in (
+        ("('fortunes',)", "`eval.also_on` is 'fortunes'; allowed: 'pydoc_topics', 'python_stdlib'"),
+        ("('pydoc_topics','pydoc_topics')", "a tuple of distinct corpora"),
+        ("('wikitext',)", "`eval.also_on` is 'wikitext'"),
+    ):
+        proc = run_here(
+            "lm_2of4.py:quick",
+            tmp_path / "run",
+            *_args(tiny_lm, tmp_path / "cache"),
+            f"--config.eval.also_on={value}",
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert words in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_processor_a_study_names(tmp_path):

@@ -492,6 +492,7 @@ def test_tiny_config_end_to_end(tmp_path, tfds_dir, config, full):
         (["--config.search.inits=('magnitude',)"], "`search.inits` is ('magnitude',)"),
         (["--config.search.loss=kl"], "a language model also takes 'kl'"),
         (["--config.search.optimizer=adamw"], "`search.optimizer` is 'adamw'"),
+        (["--config.eval.also_on=('fortunes',)"], "() unless the job is a language model's"),
         (["--config.eval.by_block=True"], "unless the job is a language model's `jackpot`"),
     ],
 )

@@ -93,7 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
         many steps, for a curve of the validation figures against the examples or tokens seen;
         0: never), `by_block` (a language model's jackpot job also evaluates every mask over
         the frozen weights with one block pruned at a time, the rest dense: the report's "loss
-        by block" and `<workdir>/block_losses.json`; one evaluation per block and mask).
+        by block" and `<workdir>/block_losses.json`; one evaluation per block and mask),
+        `also_on` (a language model's jackpot job also evaluates every row on the validation
+        windows of these other corpora, the first `dataset.num_eval` of each, read from their
+        default places: what a mask chosen on one text does on texts it never saw; each row
+        gains `<corpus> perplexity`, `<corpus> loss` and `<corpus> count`).
       checkpoint: `every_steps`, `keep`, `allow_schedule_change` (resuming a phase whose
         schedule fields changed since its checkpoint, e.g. `search.epochs` or
         `search.learning_rate`, is an error unless this is True; then it continues under the new
@@ -190,6 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_epochs = 1
     c.eval.every_steps = 0
     c.eval.by_block = False
+    c.eval.also_on = ()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
@@ -334,6 +339,18 @@ def check(
             "False unless the job is a language model's `jackpot` or `studies` mode (a text "
             "corpus)",
         )
+    also_on = c.eval.also_on
+    others = tuple(n for n in data.text.CORPORA if n != c.dataset.name)
+    if also_on and not lm_mode:
+        _fail(
+            "eval.also_on",
+            also_on,
+            "() unless the job is a language model's `jackpot` or `studies` mode (a text corpus)",
+        )
+    if not isinstance(also_on, tuple) or len(set(also_on)) != len(also_on):
+        _fail("eval.also_on", also_on, f"a tuple of distinct corpora among {others}")
+    for corpus in also_on:
+        _choice("eval.also_on", corpus, others)
     _int("checkpoint.every_steps", c.checkpoint.every_steps, 1)
     _int("checkpoint.keep", c.checkpoint.keep, 1)
     _choice("parallel.backend", c.parallel.backend, ("auto", *BACKENDS))

@@ -96,6 +96,35 @@ def text_tokens(config: Config):
         ) from None
 
 
+def also_on(ctx: Context, config: Config) -> dict[str, Context]:
+    """A context per corpus of `eval.also_on`: this run's, reading that corpus's validation
+    windows (the first `dataset.num_eval`; the corpus from its default place, tokenized by the
+    same tokenizer) to evaluate the same masks on."""
+    out = {}
+    for corpus in config.eval.also_on:
+        other = config.copy_and_resolve_references()
+        other.dataset.name, other.dataset.source_dir = corpus, ""
+        text = context.text_data(
+            text_tokens(other),
+            seq_len=ctx.data.seq_len,
+            num_train=None,
+            num_eval=config.dataset.num_eval or None,
+            local_device_count=ctx.data.local_device_count,
+        )
+        out[corpus] = dataclasses.replace(ctx, data=text)
+    return out
+
+
+def evaluate_also_on(others: Mapping[str, Context], params, masks) -> dict[str, Any]:
+    """`<corpus> perplexity`, `<corpus> loss` (mean NLL) and `<corpus> count` of each context."""
+    row = {}
+    for corpus, other in others.items():
+        result = phases.evaluate(other, params, {}, masks)
+        for key in ("perplexity", "loss", "count"):
+            row[f"{corpus} {key}"] = result[key]
+    return row
+
+
 def weights_recipe(ctx: Context, config: Config) -> recipes.WeightsRecipe:
     """The config's `weights` group; a language model's default is its packaged GGUF."""
     weights = recipes.weights_recipe(config, ctx.workdir)
@@ -223,6 +252,10 @@ def run_jackpot(ctx: Context, config: Config) -> dict[str, Any]:
     `_<init>` is appended); `report.md` gathers the rows and the sparsity of every search by
     block and by kind (attention, MLP).
 
+    With `eval.also_on`, every row is also evaluated on those corpora's validation windows
+    (`<corpus> perplexity`, `<corpus> loss`, `<corpus> count`): the same masks on texts that
+    neither the calibration nor the searches read.
+
     Every row records `tokens`, the training tokens its method ran through the model
     (calibration windows, search steps; a search from a calibrated prior counts both), and
     `seconds`, the wall time of its own work in this run (pruning or searching, then evaluating;
@@ -232,6 +265,7 @@ def run_jackpot(ctx: Context, config: Config) -> dict[str, Any]:
     Returns:
       `{"calibration_tokens", "calibration_seconds"}` (0 without calibration).
     """
+    others = also_on(ctx, config)  # a corpus that is not there: an error before any compute
     variables, _, weights_fingerprint = context.pretrained(ctx, weights_recipe(ctx, config))
     params = variables["params"]
     base = recipes.search_recipe(config)
@@ -271,6 +305,7 @@ def run_jackpot(ctx: Context, config: Config) -> dict[str, Any]:
             **dense,
             "tokens": 0,
             "seconds": time.perf_counter() - start,
+            **evaluate_also_on(others, params, None),
         },
     )
     searched, magnitude, frozen = {}, {}, {}
@@ -316,6 +351,7 @@ def run_jackpot(ctx: Context, config: Config) -> dict[str, Any]:
                     "sparsity": phases.masks_sparsity(masks, params),
                     **row,
                     **cost,
+                    **evaluate_also_on(others, weights, masks),
                 },
             )
         for init in inits:
@@ -349,6 +385,7 @@ def run_jackpot(ctx: Context, config: Config) -> dict[str, Any]:
                     search_tokens=steps * recipe.batch_size * ctx.data.seq_len,
                 )
             )
+            row.update(evaluate_also_on(others, params, state.masks))
             phases.record_jackpot(
                 ctx,
                 params,

@@ -316,6 +316,15 @@ def assemble(root: str, seeds: Sequence[int], config: Config) -> dict | None:
         }
         closed = [g for g in row["gap_closed"] if g is not None]
         row["gap_closed_mean"] = float(np.mean(closed)) if closed else None
+        row["also_on"] = {}
+        for corpus in first["eval"].get("also_on", ()):
+            ppl = [by_seed[s][name].get(f"{corpus} perplexity") for s in present]
+            if None not in ppl:
+                row["also_on"][corpus] = {
+                    "perplexity": ppl,
+                    "perplexity_mean": float(np.mean(ppl)),
+                    "count": [by_seed[s][name][f"{corpus} count"] for s in present],
+                }
         pattern = _pattern_of(name)
         for p in (pattern,) if pattern else lm._patterns(config):
             tables.setdefault(p, []).append(row)
@@ -456,6 +465,27 @@ def render(results: Mapping[str, Any]) -> str:
                 + " or ".join(f"{t:,}" for t in tokens)
                 + f" | {_seconds(r['seconds'])} |"
             )
+        corpora = list(dict.fromkeys(c for r in rows for c in r.get("also_on", {})))
+        if corpora:
+            lines += [
+                "",
+                f"On texts the masks never saw (`eval.also_on`): perplexity on the first "
+                f"validation windows of each, seeds {per_seed}, and the mean.",
+                "",
+                "| row | " + " | ".join(corpora) + " |",
+                "|---|" + "---:|" * len(corpora),
+            ]
+            for r in rows:
+                cells = []
+                for c in corpora:
+                    v = r["also_on"].get(c)
+                    cells.append(
+                        " / ".join(_ppl(x) for x in v["perplexity"])
+                        + f" (mean {_ppl(v['perplexity_mean'])})"
+                        if v
+                        else ""
+                    )
+                lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     best = {
         g
         for rows in results["tables"].values()
