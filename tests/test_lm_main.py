@@ -539,31 +539,22 @@ def test_lm_2of4_studies_over_seeds(tiny_lm, tmp_path):
 
 
 def test_lm_studies_config_errors(tiny_lm, tmp_path):
-    for value, words in (
-        ("()", "`studies.seeds` is ()"),
-        ("(1,1)", "`studies.seeds` is (1, 1)"),
-        ("(-1,)", "`studies.seeds` is (-1,)"),
-    ):
+    # `studies.seeds`: distinct integers >= 0; `eval.also_on`: other corpora than the one
+    # searched, each once.
+    for field, value, words in (
+        ("studies.seeds", "()", "`studies.seeds` is (); allowed: a non-empty tuple"),
+        ("studies.seeds", "(1,1)", "`studies.seeds` is (1, 1); allowed: a non-empty tuple"),
+        ("studies.seeds", "(-1,)", "`studies.seeds` is (-1,); allowed: a non-empty tuple"),
+        ("eval.also_on", "('fortunes',)", "`eval.also_on` is 'fortunes'; allowed: "
+         "'pydoc_topics', 'python_stdlib'"),
+        ("eval.also_on", "('pydoc_topics','pydoc_topics')", "a tuple of distinct corpora"),
+        ("eval.also_on", "('wikitext',)", "`eval.also_on` is 'wikitext'"),
+    ):  # fmt: skip
         proc = run_here(
             "lm_2of4.py:quick",
             tmp_path / "run",
             *_args(tiny_lm, tmp_path / "cache"),
-            f"--config.studies.seeds={value}",
-        )
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        assert words in proc.stderr and "allowed: a non-empty tuple" in proc.stderr
-        assert "Traceback" not in proc.stderr
-    # `eval.also_on` names other corpora than the one searched, each once.
-    for value, words in (
-        ("('fortunes',)", "`eval.also_on` is 'fortunes'; allowed: 'pydoc_topics', 'python_stdlib'"),
-        ("('pydoc_topics','pydoc_topics')", "a tuple of distinct corpora"),
-        ("('wikitext',)", "`eval.also_on` is 'wikitext'"),
-    ):
-        proc = run_here(
-            "lm_2of4.py:quick",
-            tmp_path / "run",
-            *_args(tiny_lm, tmp_path / "cache"),
-            f"--config.eval.also_on={value}",
+            f"--config.{field}={value}",
         )
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert words in proc.stderr and "Traceback" not in proc.stderr

@@ -299,7 +299,7 @@ def search(
 
     # Searches of one run that differ only in their initial scores (a language model's searches
     # from magnitude's, Wanda's and SparseGPT's masks) share one optimiser and compiled step.
-    tx, run = ctx.compiled(_step_name(recipe, total_steps), compile_step)
+    tx, run = ctx.compiled(_step_name(recipe, total_steps, budget), compile_step)
     state = create_search_state(
         scores, tx, batch_stats=batch_stats, rng=jax.random.key_data(key_state)
     )
@@ -342,11 +342,12 @@ def search(
     return state, budget
 
 
-def _step_name(recipe: SearchRecipe, total_steps: int) -> str:
+def _step_name(recipe: SearchRecipe, total_steps: int, budget: PyTree) -> str:
     """The search step's name in `Context.compiled`: every recipe field but the initial scores'
-    (`init`, `gap`), which the step does not see."""
+    (`init`, `gap`), which the step does not see, and the budget its optimiser holds (a budget
+    rule such as `global_magnitude` reads the weights)."""
     fields = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("init", "gap")}
-    return f"search_step:{total_steps}:{sorted(fields.items())!r}"
+    return f"search_step:{total_steps}:{sorted(fields.items())!r}:{_budget_identity(budget)!r}"
 
 
 def restored_search(
